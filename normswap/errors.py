@@ -1,0 +1,32 @@
+"""The errors a user can cause.
+
+Every failure that the user can fix (a bad file, a wrong architecture, an indivisible channel count, an empty
+loader...) raises :class:`NormswapError` or one of its subclasses, with one sentence that says what is wrong and,
+where it helps, what to do. The CLI prints that sentence and exits non-zero; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class NormswapError(Exception):
+    """Base class of every error normswap raises for a problem in the user's input."""
+
+
+class PlanError(NormswapError):
+    """A conversion cannot be planned or applied (indivisible channels, unknown layer class, ...)."""
+
+
+class CheckpointError(NormswapError):
+    """A checkpoint cannot be read, or does not fit the architecture."""
+
+
+class ArchitectureError(NormswapError):
+    """An architecture spec cannot be resolved or built."""
+
+
+class OutputError(NormswapError):
+    """An output file cannot be written (it exists, or its folder is not writable)."""
+
+
+class CalibrationError(NormswapError):
+    """Calibration data is missing, malformed, or gives non-finite statistics."""

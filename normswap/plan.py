@@ -1,0 +1,434 @@
+"""Conversion plans: what will change, computed before anything changes.
+
+:func:`plan` walks a model and returns a :class:`Plan`: one :class:`PlanRow` per norm layer that changes (all its
+names, source and target class, channels, groups, what happens to its affine weights and statistics) and one
+:class:`SkippedLayer` per norm layer left alone, with the reason. A plan is plain data: it prints as a table
+(``--dry-run``), round-trips through JSON (checkpoints store it), and is exactly what :meth:`Plan.apply` performs.
+
+Example::
+
+    >>> import timm, normswap
+    >>> model = timm.create_model("resnet18")
+    >>> p = normswap.plan(model, "gn", groups=32)
+    >>> len(p)
+    20
+    >>> model = p.apply(model)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from torch import nn
+
+from . import targets
+from .errors import PlanError
+from .history import get_arch, get_history, record_step, set_arch, set_history
+from .walk import find_modules, get_module, replace_module
+
+__all__ = ["Plan", "PlanRow", "SkippedLayer", "choose_groups", "convert", "freeze", "plan"]
+
+log = logging.getLogger("normswap")
+
+GROUP_POLICIES = ("divisor", "exact")
+AFFINE_MODES = ("copy", "reset", "fit")
+UNKNOWN_MODES = ("error", "skip", "convert")
+DEFAULT_EPS = 1e-5
+
+Patterns = Union[str, Sequence[str], None]
+
+_ALREADY = {"gn": "gn", "ln": "gn", "in": "gn", "frozen": "frozen", "sync": "sync", "bn": "bn"}
+_KIND_NAMES = {"bn": "BatchNorm", "sync": "SyncBatchNorm", "frozen": "frozen", "gn": "GroupNorm"}
+
+
+@dataclass
+class PlanRow:
+    """One layer that changes. ``names`` lists every qualified name of the (possibly shared) module."""
+
+    names: list[str]
+    source: str
+    target: str
+    target_class: str
+    channels: int
+    groups: Optional[int]
+    rank: Optional[int]
+    eps: float
+    affine: str
+    stats: str
+    act: Optional[str] = None
+    trainable_affine: bool = False
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass
+class SkippedLayer:
+    """One norm layer the plan leaves as it is, and why."""
+
+    names: list[str]
+    source: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What a conversion changes. ``len(plan)`` counts the layers that change; ``str(plan)`` is a table."""
+
+    target: str
+    rows: list[PlanRow] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[PlanRow]:
+        return iter(self.rows)
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; :meth:`from_dict` reads it back."""
+        return {
+            "target": self.target,
+            "options": dict(self.options),
+            "rows": [asdict(row) for row in self.rows],
+            "skipped": [asdict(skip) for skip in self.skipped],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """The plan ``to_dict`` wrote."""
+        try:
+            return cls(
+                target=data["target"],
+                rows=[PlanRow(**row) for row in data["rows"]],
+                skipped=[SkippedLayer(**skip) for skip in data.get("skipped", [])],
+                options=dict(data.get("options", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"not a normswap plan: {exc}") from None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Replace every planned layer of ``model`` (in place) and return the model.
+
+        All replacements are built before the first one is put in, so a plan that does not fit the model raises
+        :class:`PlanError` and leaves the model as it was. If the model itself is a norm layer, the new layer is
+        returned. The plan is recorded in the model's history (see :mod:`normswap.history`).
+        """
+        built = []
+        for row in self.rows:
+            try:
+                module = get_module(model, row.name)
+            except KeyError:
+                raise PlanError(f"the plan does not fit this model: it has no layer '{row.name}'") from None
+            found = targets.class_path(type(module))
+            if found != row.source:
+                raise PlanError(
+                    f"the plan does not fit this model: layer '{row.name}' is a {found}, the plan expects {row.source}"
+                )
+            built.append((row.names, targets.build(module, row)))
+        steps, arch = get_history(model), get_arch(model)
+        for names, new in built:
+            model = replace_module(model, names, new)
+        set_history(model, steps)
+        set_arch(model, arch)
+        record_step(model, {"op": "plan", "plan": self.to_dict()})
+        log.info("converted %d layer(s) to %s", len(self.rows), self.target)
+        return model
+
+
+def choose_groups(
+    channels: int,
+    groups: int = 32,
+    *,
+    channels_per_group: Optional[int] = None,
+    policy: str = "divisor",
+    layer: str = "",
+) -> int:
+    """The GroupNorm group count for a layer of ``channels`` channels.
+
+    ``policy="divisor"``: the largest divisor of ``channels`` not above ``groups``; with ``channels_per_group=K``,
+    the divisor of ``channels`` nearest to ``channels / K`` (ties go to more groups). ``policy="exact"``: ``groups``
+    (or ``channels / K``) must divide evenly, else :class:`PlanError` naming the layer.
+
+    >>> choose_groups(96, 32), choose_groups(100, 32), choose_groups(64, channels_per_group=16)
+    (32, 25, 4)
+    """
+    where = f"layer '{layer}' has" if layer else "got"
+    if channels_per_group is not None:
+        if channels % channels_per_group == 0:
+            return channels // channels_per_group
+        if policy == "exact":
+            raise PlanError(
+                f"{where} {channels} channels, not divisible by channels_per_group={channels_per_group} "
+                "(use group_policy='divisor' to take the nearest divisor)"
+            )
+        wanted = channels / channels_per_group
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        return min(divisors, key=lambda d: (abs(d - wanted), -d))
+    if channels % groups == 0:
+        return groups
+    if policy == "exact":
+        raise PlanError(
+            f"{where} {channels} channels, not divisible by {groups} groups "
+            "(use group_policy='divisor' to take the largest divisor below it)"
+        )
+    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+
+
+def _as_list(patterns: Patterns) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _filter_reason(names: list[str], include: list[str], exclude: list[str]) -> Optional[str]:
+    """Why include/exclude leave this layer out, or ``None``. A shared layer matches if any of its names does."""
+    for pattern in exclude:
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return f"excluded by '{pattern}'"
+    if include and not any(fnmatch.fnmatchcase(name, p) for name in names for p in include):
+        return "not matched by include"
+    return None
+
+
+def _validate(to: str, groups: int, channels_per_group: Optional[int], group_policy: str, affine: str,
+              unknown: str) -> None:
+    if to not in targets.TARGETS:
+        raise PlanError(f"unknown target '{to}': choose one of {', '.join(targets.TARGETS)}")
+    if group_policy not in GROUP_POLICIES:
+        raise PlanError(f"unknown group policy '{group_policy}': choose divisor or exact")
+    if affine not in AFFINE_MODES:
+        raise PlanError(f"unknown affine mode '{affine}': choose copy, reset or fit")
+    if unknown not in UNKNOWN_MODES:
+        raise PlanError(f"unknown value '{unknown}' for unknown=: choose error, skip or convert")
+    if groups < 1:
+        raise PlanError(f"groups must be at least 1, got {groups}")
+    if channels_per_group is not None and channels_per_group < 1:
+        raise PlanError(f"channels_per_group must be at least 1, got {channels_per_group}")
+
+
+def plan(
+    model: nn.Module,
+    to: str,
+    *,
+    groups: int = 32,
+    channels_per_group: Optional[int] = None,
+    group_policy: str = "divisor",
+    affine: str = "copy",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    trainable_affine: bool = False,
+    unknown: str = "error",
+) -> Plan:
+    """Plan converting the norm layers of ``model`` to ``to``; the model is not changed.
+
+    Args:
+        to: ``"gn"`` (GroupNorm), ``"ln"`` (GroupNorm, 1 group), ``"in"`` (GroupNorm, one group per channel),
+            ``"frozen"`` (:class:`~normswap.layers.FrozenBatchNorm`), ``"sync"`` (``nn.SyncBatchNorm``) or
+            ``"bn"`` (plain BatchNorm of the original rank, from SyncBatchNorm or any frozen BatchNorm).
+        groups, channels_per_group, group_policy: GroupNorm group count, see :func:`choose_groups`.
+        affine: for gn/ln/in: ``"copy"`` the BatchNorm weight and bias, ``"reset"`` them to 1 and 0, or ``"fit"``
+            them to data (``convert(..., data=...)``). Other targets always keep the affine values.
+        include, exclude: glob patterns over qualified module names; exclude wins.
+        trainable_affine: for ``"frozen"``: keep weight and bias as trainable parameters.
+        unknown: what to do with a BatchNorm subclass normswap does not know: ``"error"``, ``"skip"``, or
+            ``"convert"`` it as its nearest known base class (its own forward is then lost).
+
+    Raises:
+        PlanError: a layer cannot be converted (the message names it), or an option is invalid.
+
+    >>> import torch
+    >>> p = plan(torch.nn.Sequential(torch.nn.Conv2d(3, 48, 3), torch.nn.BatchNorm2d(48)), "gn", groups=32)
+    >>> p.rows[0].groups
+    24
+    """
+    _validate(to, groups, channels_per_group, group_policy, affine, unknown)
+    include_list, exclude_list = _as_list(include), _as_list(exclude)
+    options = {
+        "groups": groups,
+        "channels_per_group": channels_per_group,
+        "group_policy": group_policy,
+        "affine": affine,
+        "include": include_list,
+        "exclude": exclude_list,
+        "trainable_affine": trainable_affine,
+        "unknown": unknown,
+    }
+    result = Plan(target=to, options=options)
+    for found in find_modules(model, targets.is_norm_layer):
+        module, names = found.module, found.names
+        path = targets.class_path(type(module))
+        kind = targets.classify(module)
+        if kind == "lazy":
+            raise PlanError(
+                f"layer '{names[0]}' is an uninitialized {type(module).__name__}: run one forward pass first"
+            )
+        reason = _filter_reason(names, include_list, exclude_list)
+        if reason is None and kind == "unknown":
+            if unknown == "error":
+                raise PlanError(
+                    f"layer '{names[0]}' is a {path}, a BatchNorm subclass normswap does not know (its forward may "
+                    "differ from BatchNorm's): exclude it, or pass unknown='skip' or unknown='convert'"
+                )
+            if unknown == "skip":
+                reason = "unknown BatchNorm subclass"
+            kind = targets.fallback_kind(module)
+        if reason is None:
+            reason = _skip_reason(kind, to)
+        if reason is not None:
+            result.skipped.append(SkippedLayer(names, path, reason))
+            continue
+        result.rows.append(_plan_row(module, names, path, to, options))
+    return result
+
+
+def _skip_reason(kind: str, to: str) -> Optional[str]:
+    family = kind.removesuffix("_act")
+    if family == _ALREADY[to]:
+        return f"already {_KIND_NAMES[family]}"
+    if family == "gn":
+        return "GroupNorm has no running statistics to convert"
+    return None
+
+
+def _plan_row(module: nn.Module, names: list[str], path: str, to: str, options: dict[str, Any]) -> PlanRow:
+    src = targets.SourceLayer.read(module)
+    name, channels = names[0], src.num_features
+    note = []
+    eps = src.eps
+    if eps <= 0:
+        eps = DEFAULT_EPS
+        note.append(f"eps {src.eps:g} -> {DEFAULT_EPS:g}")
+    has_affine = src.weight is not None
+    groups = None
+    if to in ("gn", "ln", "in"):
+        if to == "gn":
+            groups = choose_groups(
+                channels,
+                options["groups"],
+                channels_per_group=options["channels_per_group"],
+                policy=options["group_policy"],
+                layer=name,
+            )
+            if options["channels_per_group"] is None and groups != options["groups"]:
+                note.append(f"{options['groups']} groups do not divide {channels}")
+        else:
+            groups = 1 if to == "ln" else channels
+        if channels // groups == 1 and src.rank == 1:
+            raise PlanError(
+                f"layer '{name}' ({type(module).__name__}, {channels} channels) would get one channel per group: "
+                "on (N, C) input GroupNorm normalizes single values and outputs only its bias; "
+                "exclude it or use fewer groups"
+            )
+        affine = options["affine"] if has_affine else "none"
+        stats = "drop" if src.has_stats else "none"
+    else:
+        if to == "frozen" and not src.has_stats:
+            raise PlanError(
+                f"layer '{name}' ({type(module).__name__}) has no running statistics (track_running_stats=False), "
+                "so it cannot be frozen: exclude it, or recalibrate it first"
+            )
+        affine = "copy" if has_affine else "none"
+        stats = "copy" if src.has_stats else "none"
+    act = type(src.act).__name__ if src.act is not None and not isinstance(src.act, nn.Identity) else None
+    cls = targets.target_class(to, src.rank, src.act is not None)
+    return PlanRow(
+        names=list(names),
+        source=path,
+        target=to,
+        target_class=targets.class_path(cls),
+        channels=channels,
+        groups=groups,
+        rank=src.rank,
+        eps=eps,
+        affine=affine,
+        stats=stats,
+        act=act,
+        trainable_affine=bool(options["trainable_affine"]) and to == "frozen",
+        note="; ".join(note),
+    )
+
+
+def format_plan(p: Plan, max_rows: Optional[int] = None) -> str:
+    """The plan as a text table followed by the skipped layers and their reasons."""
+    header = ("layer", "from", "to", "C", "G", "affine", "stats", "note")
+    lines = []
+    rows = p.rows if max_rows is None else p.rows[:max_rows]
+    for row in rows:
+        label = row.name if len(row.names) == 1 else f"{row.name} (+{len(row.names) - 1} more)"
+        note = "; ".join(filter(None, [f"keeps {row.act}" if row.act else "", row.note]))
+        lines.append((
+            label,
+            row.source.rsplit(".", 1)[-1],
+            row.target_class.rsplit(".", 1)[-1],
+            str(row.channels),
+            "-" if row.groups is None else str(row.groups),
+            row.affine + (" (trainable)" if row.trainable_affine else ""),
+            row.stats,
+            note,
+        ))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = [f"plan: {len(p)} layer(s) to {p.target}, {len(p.skipped)} skipped"]
+    if lines:
+        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        if max_rows is not None and len(p.rows) > max_rows:
+            out.append(f"... {len(p.rows) - max_rows} more")
+    reasons: dict[str, list[str]] = {}
+    for skip in p.skipped:
+        reasons.setdefault(skip.reason, []).append(skip.names[0])
+    for reason, names in reasons.items():
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        out.append(f"skipped ({reason}): {shown}")
+    return "\n".join(out)
+
+
+def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
+    """Plan and apply a conversion of ``model``'s norm layers; returns the converted model.
+
+    The model is converted **in place** (like ``nn.SyncBatchNorm.convert_sync_batchnorm``): pass a
+    ``copy.deepcopy`` to keep the original. Options are those of :func:`plan`; with ``affine="fit"`` also pass
+    ``data=`` (and optionally the options of :func:`normswap.fit.fit_affine`).
+
+    >>> import timm, normswap
+    >>> model = normswap.convert(timm.create_model("resnet18"), "gn", groups=32)
+    >>> type(model.bn1).__name__
+    'GroupNormAct'
+    """
+    fit_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS}
+    p = plan(model, to, **options)
+    if p.options["affine"] != "fit":
+        if fit_options:
+            raise PlanError(f"{', '.join(fit_options)} only apply with affine='fit'")
+        return p.apply(model)
+    from .fit import fit_affine
+
+    if fit_options.get("data") is None:
+        raise PlanError("affine='fit' needs calibration data: pass data=")
+    return fit_affine(model, p, **fit_options)
+
+
+_FIT_OPTIONS = ("data", "batches", "target", "device", "input_fn", "input_key", "progress")
+
+
+def freeze(model: nn.Module, *, trainable_affine: bool = False, **options: Any) -> nn.Module:
+    """Convert every BatchNorm of ``model`` to :class:`~normswap.layers.FrozenBatchNorm` (in place).
+
+    ``trainable_affine=True`` keeps weight and bias trainable while the statistics stay fixed. Other options are
+    those of :func:`plan` (``include``, ``exclude``, ...).
+
+    >>> import timm, normswap
+    >>> model = normswap.freeze(timm.create_model("resnet18"), exclude="layer4.*")
+    >>> type(model.layer4[0].bn1).__name__, type(model.bn1).__name__
+    ('BatchNormAct2d', 'FrozenBatchNormAct')
+    """
+    return convert(model, "frozen", trainable_affine=trainable_affine, **options)

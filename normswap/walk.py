@@ -1,0 +1,76 @@
+"""Walking a model's module tree: finding modules under *all* their names, and replacing them everywhere.
+
+A module object can be reachable under several qualified names (a shared norm layer, or the same object assigned to
+two attributes of one parent). ``nn.Module.named_modules()`` reports it once; converting only that name would leave
+the old object in the other places. Here every module comes with every name it has, and replacement puts one new
+object at each of them.
+
+Example::
+
+    >>> from torch import nn
+    >>> bn = nn.BatchNorm2d(4)
+    >>> model = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.Conv2d(4, 4, 1), bn)
+    >>> [(type(f.module).__name__, f.names) for f in find_modules(model, lambda m: isinstance(m, nn.BatchNorm2d))]
+    [('BatchNorm2d', ['1', '3'])]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["FoundModule", "find_modules", "get_module", "replace_module"]
+
+
+@dataclass
+class FoundModule:
+    """One module object and every qualified name it is reachable under, in first-seen order."""
+
+    module: nn.Module
+    names: list[str]
+
+
+def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> list[FoundModule]:
+    """Every module for which ``predicate`` is true, once per object, in forward-definition order, with all names.
+
+    Children of a matching module are not searched (the fused activation of a norm layer is part of that layer).
+    """
+    found: dict[int, FoundModule] = {}
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        if not predicate(module):
+            continue
+        entry = found.get(id(module))
+        if entry is None:
+            found[id(module)] = FoundModule(module, [name])
+        elif name not in entry.names:
+            entry.names.append(name)
+        skip_prefixes.append(name + "." if name else "")
+    return list(found.values())
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The module at qualified ``name`` (``""`` is the model itself); ``KeyError`` if there is none."""
+    module = model
+    for part in name.split(".") if name else []:
+        children = module._modules
+        if part not in children or children[part] is None:
+            raise KeyError(name)
+        module = children[part]
+    return module
+
+
+def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at every qualified name in ``names``; returns the model (``new`` itself if a name is ``""``)."""
+    root = model
+    for name in names:
+        if not name:
+            root = new
+            continue
+        parent_name, _, child = name.rpartition(".")
+        get_module(model, parent_name)._modules[child] = new
+    return root
