@@ -18,13 +18,13 @@ Example::
     True
 """
 
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import NormswapError
 
 __all__ = ["BatchNorm", "FrozenBatchNorm", "FrozenBatchNormAct"]
 
@@ -36,8 +36,10 @@ class FrozenBatchNorm(nn.Module):
     ``trainable_affine=True`` the affine ``weight`` and ``bias`` are parameters (the usual "freeze the statistics,
     fine-tune everything else" setup for small batches); otherwise they are buffers too.
 
-    fp32/fp64 inputs run BatchNorm's own eval kernel (as fast as ``nn.BatchNorm2d.eval()``); fp16/bf16 inputs are
-    scaled by a per-channel scale and shift computed in fp32, so ``running_var + eps`` never rounds in half precision.
+    Every input runs BatchNorm's own eval kernel (as fast as ``nn.BatchNorm2d.eval()``). fp16/bf16 inputs get the
+    statistics and affine values in fp32 (a half-precision model's are upcast), so the kernel computes the per-channel
+    scale and the result in fp32 and rounds once: ``running_var + eps`` never rounds, underflows or overflows in half
+    precision, and ``(x - mean)`` does not cancel in it.
 
     Args:
         num_features: channels ``C`` of the ``(N, C, ...)`` input.
@@ -60,7 +62,7 @@ class FrozenBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+            raise NormswapError(f"eps must be positive, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -93,18 +95,23 @@ class FrozenBatchNorm(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"expected an (N, C, ...) input, got {x.dim()}D")
-        dtype = self.running_var.dtype
-        if x.dtype == dtype and (dtype == torch.float32 or dtype == torch.float64):
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        scale = self.weight.to(compute) * torch.rsqrt(self.running_var.to(compute) + self.eps)
-        shift = self.bias.to(compute) - self.running_mean.to(compute) * scale
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return x * scale.to(x.dtype).reshape(shape) + shift.to(x.dtype).reshape(shape)
+        half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+        dtype = torch.float32 if half else x.dtype
+        return F.batch_norm(
+            x,
+            self.running_mean.to(dtype),
+            self.running_var.to(dtype),
+            self.weight.to(dtype),
+            self.bias.to(dtype),
+            False,
+            0.0,
+            self.eps,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}"
@@ -146,7 +153,7 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
+        return self.act(self.drop(self._normalize(x)))
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -107,7 +107,7 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         """The plan ``to_dict`` wrote."""
         try:
-            return cls(
+            result = cls(
                 target=data["target"],
                 rows=[PlanRow(**row) for row in data["rows"]],
                 skipped=[SkippedLayer(**skip) for skip in data.get("skipped", [])],
@@ -115,6 +115,12 @@ class Plan:
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(f"not a normswap plan: {exc}") from None
+        for row in result.rows:
+            if row.target not in targets.TARGETS or not row.eps > 0 or not row.names:
+                raise PlanError(
+                    f"not a normswap plan: row {row.names} needs a known target, a positive eps and at least one name"
+                )
+        return result
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Replace every planned layer of ``model`` (in place) and return the model.
@@ -123,18 +129,7 @@ class Plan:
         :class:`PlanError` and leaves the model as it was. If the model itself is a norm layer, the new layer is
         returned. The plan is recorded in the model's history (see :mod:`normswap.history`).
         """
-        built = []
-        for row in self.rows:
-            try:
-                module = get_module(model, row.name)
-            except KeyError:
-                raise PlanError(f"the plan does not fit this model: it has no layer '{row.name}'") from None
-            found = targets.class_path(type(module))
-            if found != row.source:
-                raise PlanError(
-                    f"the plan does not fit this model: layer '{row.name}' is a {found}, the plan expects {row.source}"
-                )
-            built.append((row.names, targets.build(module, row)))
+        built = [(row.names, targets.build(_planned_layer(model, row), row)) for row in self.rows]
         steps, arch = get_history(model), get_arch(model)
         for names, new in built:
             model = replace_module(model, names, new)
@@ -143,6 +138,28 @@ class Plan:
         record_step(model, {"op": "plan", "plan": self.to_dict()})
         log.info("converted %d layer(s) to %s", len(self.rows), self.target)
         return model
+
+
+def _planned_layer(model: nn.Module, row: PlanRow) -> nn.Module:
+    """The layer of ``model`` that ``row`` converts; :class:`PlanError` if the model does not match the row."""
+    misfit = "the plan does not fit this model:"
+    layers = []
+    for name in row.names:
+        try:
+            layers.append(get_module(model, name))
+        except KeyError:
+            raise PlanError(f"{misfit} it has no layer '{name}'") from None
+    layer = layers[0]
+    for name, other in zip(row.names[1:], layers[1:]):
+        if other is not layer:
+            raise PlanError(f"{misfit} '{row.name}' and '{name}' are different layers, the plan expects one shared one")
+    found = targets.class_path(type(layer))
+    if found != row.source:
+        raise PlanError(f"{misfit} layer '{row.name}' is a {found}, the plan expects {row.source}")
+    channels = targets.SourceLayer.read(layer).num_features
+    if channels != row.channels:
+        raise PlanError(f"{misfit} layer '{row.name}' has {channels} channels, the plan expects {row.channels}")
+    return layer
 
 
 def choose_groups(
@@ -239,7 +256,7 @@ def plan(
         affine: for gn/ln/in: ``"copy"`` the BatchNorm weight and bias, ``"reset"`` them to 1 and 0, or ``"fit"``
             them to data (``convert(..., data=...)``). Other targets always keep the affine values.
         include, exclude: glob patterns over qualified module names; exclude wins.
-        trainable_affine: for ``"frozen"``: keep weight and bias as trainable parameters.
+        trainable_affine: for ``"frozen"``: keep weight and bias as trainable parameters (of layers that have them).
         unknown: what to do with a BatchNorm subclass normswap does not know: ``"error"``, ``"skip"``, or
             ``"convert"`` it as its nearest known base class (its own forward is then lost).
 
@@ -353,7 +370,7 @@ def _plan_row(module: nn.Module, names: list[str], path: str, to: str, options: 
         affine=affine,
         stats=stats,
         act=act,
-        trainable_affine=bool(options["trainable_affine"]) and to == "frozen",
+        trainable_affine=bool(options["trainable_affine"]) and to == "frozen" and has_affine,
         note="; ".join(note),
     )
 
@@ -402,7 +419,7 @@ def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
     >>> import timm, normswap
     >>> model = normswap.convert(timm.create_model("resnet18"), "gn", groups=32)
     >>> type(model.bn1).__name__
-    'GroupNormAct'
+    'GroupNorm'
     """
     fit_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS}
     p = plan(model, to, **options)
@@ -429,6 +446,6 @@ def freeze(model: nn.Module, *, trainable_affine: bool = False, **options: Any) 
     >>> import timm, normswap
     >>> model = normswap.freeze(timm.create_model("resnet18"), exclude="layer4.*")
     >>> type(model.layer4[0].bn1).__name__, type(model.bn1).__name__
-    ('BatchNormAct2d', 'FrozenBatchNormAct')
+    ('BatchNorm2d', 'FrozenBatchNorm')
     """
     return convert(model, "frozen", trainable_affine=trainable_affine, **options)

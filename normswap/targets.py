@@ -13,6 +13,9 @@ sync      ``nn.SyncBatchNorm``                        timm ``SyncBatchNormAct``
 bn        ``nn.BatchNorm{1,2,3}d`` by original rank   timm ``BatchNormAct2d``
 ========  ==========================================  ==============================================
 
+A source built with ``bias=False`` gives a target without bias (frozen layers keep a zero bias buffer, or a fixed
+one with ``trainable_affine``; ``affine="fit"`` fits a shift, so it keeps a bias).
+
 Affine parameters and statistics tensors are moved, not copied, where the target keeps them unchanged: an optimizer
 built before a ``sync``/``bn``/``gn`` conversion still points at the live parameters, and a 1 GB model is not
 duplicated in memory.
@@ -68,6 +71,14 @@ _RANKS: dict[type, int] = {
     FrozenBatchNormAct2d: 2,
 }
 
+_BATCH_NORM_BASES = (
+    nn.modules.batchnorm._BatchNorm,
+    FrozenBatchNorm,
+    TorchvisionFrozenBatchNorm2d,
+    FrozenBatchNormAct2d,
+)
+"""Every class whose unrecognised subclasses are reported as ``"unknown"`` rather than ignored."""
+
 _BN_BY_RANK: dict[Optional[int], type] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: BatchNorm}
 
 
@@ -77,14 +88,18 @@ def class_path(cls: type) -> str:
 
 
 def classify(module: nn.Module) -> Optional[str]:
-    """The source kind of a module: one of the kinds above, ``"lazy"``, ``"unknown"`` (an unrecognised BatchNorm
-    subclass), or ``None`` for a module that is not a normalization layer."""
+    """The source kind of a module: one of the kinds above, ``"lazy"``, ``"unknown"`` (an unrecognised subclass of a
+    BatchNorm or frozen BatchNorm class), or ``None`` for a module that is not a BatchNorm-like layer.
+
+    >>> classify(nn.BatchNorm2d(4)), classify(nn.InstanceNorm2d(4)), classify(nn.LazyBatchNorm2d())
+    ('bn', None, 'lazy')
+    """
     kind = _KINDS.get(type(module))
     if kind is not None:
         return kind
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, nn.modules.batchnorm._NormBase):
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "lazy"
-    if isinstance(module, nn.modules.batchnorm._NormBase):
+    if isinstance(module, _BATCH_NORM_BASES):
         return "unknown"
     return None
 
@@ -95,12 +110,11 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 
 def fallback_kind(module: nn.Module) -> str:
-    """The kind an unknown BatchNorm subclass is converted as, when the user opts in: its nearest known base."""
-    if isinstance(module, SyncBatchNormAct):
-        return "sync_act"
-    if isinstance(module, nn.SyncBatchNorm):
-        return "sync"
-    return "bn_act" if isinstance(module, BatchNormAct2d) else "bn"
+    """The kind an unknown subclass is converted as, when the user opts in: that of its nearest known base class."""
+    for base in type(module).__mro__:
+        if base in _KINDS:
+            return _KINDS[base]
+    return "bn"
 
 
 @dataclass
@@ -158,12 +172,12 @@ class SourceLayer:
 
 
 def source_rank(module: nn.Module) -> Optional[int]:
-    """The input rank (1, 2, 3) a norm layer was made for, or ``None`` if the class does not say."""
-    rank = _RANKS.get(type(module))
-    if rank is not None:
-        return rank
+    """The input rank (1, 2, 3) a norm layer was made for (also for subclasses), or ``None`` if nothing says."""
     if isinstance(module, FrozenBatchNorm):
         return module.rank
+    for cls, rank in _RANKS.items():
+        if isinstance(module, cls):
+            return rank
     return getattr(module, RANK_ATTR, None)
 
 
@@ -196,6 +210,8 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
     if affine and row.affine in ("copy", "fit"):
         new.weight = _as_parameter(src.weight, 1.0, src)
         new.bias = _as_parameter(src.bias, 0.0, src)
+    if affine and src.bias is None and row.affine != "fit":
+        new.bias = None
     return new
 
 
@@ -211,7 +227,7 @@ def _build_frozen(src: SourceLayer, row: "PlanRow") -> nn.Module:
                 getattr(new, name).copy_(value.detach())
     if trainable and isinstance(src.weight, nn.Parameter):
         new.weight.requires_grad_(src.weight.requires_grad)
-        new.bias.requires_grad_(src.bias.requires_grad)
+        new.bias.requires_grad_(src.bias is not None and src.bias.requires_grad)
     return new
 
 
@@ -222,7 +238,7 @@ def _build_batch_norm(src: SourceLayer, row: "PlanRow", cls: type) -> nn.Module:
     _fused(new, src)
     if affine:
         new.weight = _as_parameter(src.weight, 1.0, src)
-        new.bias = _as_parameter(src.bias, 0.0, src)
+        new.bias = None if src.bias is None and src.weight is not None else _as_parameter(src.bias, 0.0, src)
     if src.has_stats:
         new.running_mean = src.running_mean
         new.running_var = src.running_var
