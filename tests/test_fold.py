@@ -1,0 +1,403 @@
+"""Folding BatchNorm into the layer before it: the folded model computes the original's eval output, and every
+pair that cannot be folded safely is left alone with a reason."""
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.layers import Conv2dSame, StdConv2d
+from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, convert_sync_batchnorm
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+from normswap.errors import CheckpointError, PlanError
+from normswap.fold import FoldedAct, fold, plan_fold, replay_fold
+from normswap.history import get_history
+from normswap.layers import FrozenBatchNorm, FrozenBatchNormAct
+from tests.helpers import randomize_norm_layers
+
+
+def eval_output(model, x):
+    """The model's eval-mode output, leaving its training flags as they were."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    for m, training in modes:
+        m.training = training
+    return out
+
+
+def assert_same_output(model, x, expected, rtol=1e-5):
+    out = eval_output(model, x)
+    scale = expected.abs().max().item()
+    assert (out - expected).abs().max().item() <= rtol * scale, "folded model's output differs"
+
+
+def fold_and_check(model, x, **options):
+    """Fold ``model`` (randomized, in place) and check its output against the original eval output."""
+    randomize_norm_layers(model, seed=1)
+    expected = eval_output(model, x)
+    p = plan_fold(model, **options)
+    model = p.apply(model)
+    assert_same_output(model, x, expected)
+    return model, p
+
+
+class Residual(nn.Module):
+    """conv -> bn, plus the conv output added again: a fan-out that must block folding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class ReusedConv(nn.Module):
+    """One conv called twice, followed by two different BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv(self.bn1(self.conv(x))))
+
+
+class LoopedBatchNorm(nn.Module):
+    """One BatchNorm applied after two different convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv2(self.bn(self.conv1(x))))
+
+
+class Untraceable(nn.Module):
+    """A model whose forward branches on tensor values, around a traceable backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.backbone(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.head(y)
+
+
+class ReadsRunningVar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.running_var.mean()
+
+
+class WeightStandardized(nn.Module):
+    """timm's weight-standardized conv rescales its weight on every call: folding into it would be undone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class BatchNormSubclass(nn.BatchNorm2d):
+    pass
+
+
+def frozen_act_timm(channels):
+    return FrozenBatchNormAct2d(channels, act_layer=nn.ReLU)
+
+
+def sync_act(channels):
+    return convert_sync_batchnorm(BatchNormAct2d(channels, act_layer=nn.ReLU))
+
+
+# (conv layer, norm layer factory, input shape)
+FOLDABLE = {
+    "conv2d without bias": (lambda: nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d, (2, 3, 9, 9)),
+    "conv2d with bias": (lambda: nn.Conv2d(3, 8, 3), nn.BatchNorm2d, (2, 3, 9, 9)),
+    "depthwise conv": (lambda: nn.Conv2d(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d, (2, 8, 9, 9)),
+    "grouped conv": (lambda: nn.Conv2d(8, 12, 3, groups=4), nn.BatchNorm2d, (2, 8, 9, 9)),
+    "timm Conv2dSame": (lambda: Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d, (2, 3, 9, 9)),
+    "conv1d": (lambda: nn.Conv1d(3, 8, 3), nn.BatchNorm1d, (2, 3, 11)),
+    "conv3d": (lambda: nn.Conv3d(3, 8, 3, bias=False), nn.BatchNorm3d, (2, 3, 5, 5, 5)),
+    "transposed conv2d, grouped": (lambda: nn.ConvTranspose2d(6, 9, 3, stride=2, groups=3), nn.BatchNorm2d,
+                                   (2, 6, 5, 5)),
+    "transposed conv1d without bias": (lambda: nn.ConvTranspose1d(4, 6, 3, bias=False), nn.BatchNorm1d, (2, 4, 7)),
+    "transposed conv3d": (lambda: nn.ConvTranspose3d(3, 4, 2, stride=2), nn.BatchNorm3d, (2, 3, 3, 3, 3)),
+    "BatchNorm without affine": (lambda: nn.Conv2d(3, 8, 3), lambda c: nn.BatchNorm2d(c, affine=False),
+                                 (2, 3, 9, 9)),
+    "timm BatchNormAct2d": (lambda: nn.Conv2d(3, 8, 3), lambda c: BatchNormAct2d(c, act_layer=nn.SiLU),
+                            (2, 3, 9, 9)),
+    "timm SyncBatchNormAct": (lambda: nn.Conv2d(3, 8, 3), sync_act, (2, 3, 9, 9)),
+    "SyncBatchNorm": (lambda: nn.Conv2d(3, 8, 3), nn.SyncBatchNorm, (2, 3, 9, 9)),
+    "normswap FrozenBatchNorm": (lambda: nn.Conv2d(3, 8, 3), lambda c: FrozenBatchNorm(c, rank=2), (2, 3, 9, 9)),
+    "normswap FrozenBatchNormAct": (lambda: nn.Conv2d(3, 8, 3), lambda c: FrozenBatchNormAct(c, act=nn.ReLU()),
+                                    (2, 3, 9, 9)),
+    "torchvision FrozenBatchNorm2d": (lambda: nn.Conv2d(3, 8, 3), TorchvisionFrozenBatchNorm2d, (2, 3, 9, 9)),
+    "timm FrozenBatchNormAct2d": (lambda: nn.Conv2d(3, 8, 3), frozen_act_timm, (2, 3, 9, 9)),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDABLE))
+def test_each_layer_kind_folds_to_the_same_eval_output(case):
+    make_conv, make_norm, shape = FOLDABLE[case]
+    conv = make_conv()
+    channels = conv.out_channels
+    model = nn.Sequential(conv, make_norm(channels), nn.Tanh())
+    model, p = fold_and_check(model, torch.randn(*shape))
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("0", "1")]
+    assert not p.left
+    assert isinstance(model[1], (nn.Identity, FoldedAct))
+
+
+def test_a_fused_activation_stays_in_the_norm_layers_place():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.PReLU))
+    model, p = fold_and_check(model, torch.randn(2, 3, 9, 9))
+    assert isinstance(model[1], FoldedAct) and isinstance(model[1].act, nn.PReLU)
+    assert p.pairs[0].keeps == "PReLU"
+    assert "1.act.weight" in model.state_dict()
+
+
+def test_linear_then_batchnorm1d_folds_when_the_graph_shows_two_dims():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(),
+                          nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8))
+    model, p = fold_and_check(model, torch.randn(4, 3, 4, 4))
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("1", "2"), ("5", "6")]
+
+
+def test_linear_on_unknown_input_rank_needs_an_example_input():
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    p = plan_fold(model)
+    assert not p.pairs and "example_input" in p.left[0].reason
+    fold_and_check(model, torch.randn(4, 6), example_input=torch.randn(2, 6))
+    assert isinstance(model[1], nn.Identity)
+
+
+def test_linear_on_sequences_is_not_folded_even_when_lengths_match_features():
+    # BatchNorm1d on (N, L, C) normalizes dim 1, the L positions: folding it into the features would be wrong.
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    model, p = fold_and_check(model, torch.randn(3, 5, 6), example_input=torch.randn(2, 5, 6))
+    assert not p.pairs and "3-D" in p.left[0].reason
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
+def test_a_conv_without_bias_gets_one_trainable_like_its_weight():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    model[2].weight.requires_grad_(False)
+    weight = model[0].weight
+    model, p = fold_and_check(model, torch.randn(2, 3, 5, 5))
+    assert [pair.new_bias for pair in p.pairs] == [True, True]
+    assert model[0].bias.requires_grad and not model[2].bias.requires_grad
+    assert model[0].weight is weight, "the weight parameter an optimizer holds is kept"
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_the_fold_matches_a_float64_reference():
+    model = randomize_norm_layers(nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.BatchNorm2d(8)), seed=3).eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    expected = copy.deepcopy(model).double()(x)
+    fold(model)
+    out = model.double()(x)
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_class, reason", [
+    (Residual, "also feeds other operations"),
+    (WeightStandardized, "it comes from conv2d"),
+    (ReusedConv, "called 2 times"),
+    (LoopedBatchNorm, "called 2 times"),
+    (ReadsRunningVar, "read directly"),
+])
+def test_unsafe_pairs_are_left_with_a_reason(model_class, reason):
+    model, p = fold_and_check(model_class(), torch.randn(2, 3 if model_class is ReadsRunningVar else 4, 6, 6))
+    assert not p.pairs
+    assert all(reason in layer.reason for layer in p.left)
+    assert all(isinstance(m, nn.BatchNorm2d) for name, m in model.named_children() if name.startswith("bn"))
+
+
+def test_a_batchnorm_shared_between_two_places_is_not_folded():
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.Conv2d(4, 4, 1), bn)
+    model, p = fold_and_check(model, torch.randn(2, 4, 5, 5))
+    assert not p.pairs
+    assert p.left[0].names == ["1", "3"] and p.left[0].reason.startswith("shared")
+
+
+def test_a_conv_shared_between_two_places_is_not_folded():
+    conv = nn.Conv2d(4, 4, 1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4), conv, nn.BatchNorm2d(4))
+    _, p = fold_and_check(model, torch.randn(2, 4, 5, 5))
+    assert not p.pairs
+
+
+def test_tied_weights_hooks_and_unknown_subclasses_block_folding():
+    tied = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    _, p = fold_and_check(tied, torch.randn(3, 4), example_input=torch.randn(2, 4))
+    assert not p.pairs and "shares its weight" in p.left[0].reason
+
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda m, args, out: None)
+    _, p = fold_and_check(hooked, torch.randn(2, 3, 4, 4))
+    assert not p.pairs and "hooks" in p.left[0].reason
+
+    subclass = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormSubclass(4))
+    _, p = fold_and_check(subclass, torch.randn(2, 3, 4, 4))
+    assert not p.pairs and "does not know" in p.left[0].reason
+
+
+def test_batchnorm_without_running_statistics_stays_and_is_not_frozen():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 4, 4)
+    model, p = fold_and_check(model, x, freeze_rest=True)
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("3", "4")]
+    reasons = {layer.names[0]: (layer.reason, layer.frozen) for layer in p.left}
+    assert reasons["1"] == ("no running statistics (track_running_stats=False)", False)
+    assert reasons["2"][1] is True
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is FrozenBatchNorm
+    assert [step["op"] for step in get_history(model)] == ["fold", "plan"]
+    assert "1 frozen" in str(p)
+
+
+def test_an_untraceable_model_is_left_unchanged_unless_a_traceable_part_is_named():
+    model, p = fold_and_check(Untraceable(), torch.randn(2, 3, 6, 6))
+    assert not p.traced and not p.pairs
+    assert "could not be traced" in str(p)
+    assert isinstance(model.backbone[1], nn.BatchNorm2d)
+
+    model = Untraceable()
+    model.head = nn.Sequential(nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
+    model, p = fold_and_check(model, torch.randn(2, 3, 6, 6), within="backbone")
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("backbone.0", "backbone.1")]
+    assert p.left[0].names == ["head.1"] and p.left[0].reason == "outside backbone"
+    with pytest.raises(PlanError, match="no submodule 'neck'"):
+        plan_fold(model, within="neck")
+
+
+def test_tracing_keeps_training_flags_and_the_fold_equals_the_eval_output():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).train()
+    model.layer1.eval()
+    plan_fold(model)
+    assert model.training and not model.layer1.training and model.layer2.training
+    fold_and_check(model, torch.randn(2, 3, 32, 32))
+
+
+def test_a_failing_freeze_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.LazyBatchNorm2d())
+    weight = model[0].weight.detach().clone()
+    with pytest.raises(PlanError, match="uninitialized"):
+        fold(model, freeze_rest=True)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None
+    assert torch.equal(model[0].weight, weight) and not get_history(model)
+
+
+def test_a_plan_for_another_model_is_refused_before_any_change():
+    p = plan_fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    other = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4))
+    weight = other[0].weight.detach().clone()
+    with pytest.raises(PlanError, match="does not fit"):
+        p.apply(other)
+    assert torch.equal(other[0].weight, weight) and isinstance(other[1], nn.BatchNorm2d)
+
+
+def test_the_plan_reads_as_a_table_and_serialises_to_json():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), BatchNormAct2d(4), nn.BatchNorm2d(4))
+    p = plan_fold(model)
+    text = str(p)
+    assert text.splitlines()[0] == "fold: 1 BatchNorm layer(s) folded, 1 left"
+    assert "0 (Conv2d)" in text and "new" in text and "ReLU" in text
+    assert "left (its input comes from 1 (BatchNormAct2d), not a Conv, ConvTranspose or Linear layer): 2" in text
+    assert json.loads(json.dumps(p.to_dict()))["pairs"][0]["bn"] == "1"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050", "efficientnet_b0"])
+def test_timm_models_fold_every_batchnorm(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    norms = sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    _, p = fold_and_check(model, torch.randn(2, 3, 32, 32))
+    assert len(p) == norms and not p.left
+
+
+def test_densenet_folds_only_the_batchnorms_that_follow_a_conv():
+    model = timm.create_model("densenet121", pretrained=False, num_classes=10)
+    model, p = fold_and_check(model, torch.randn(2, 3, 32, 32), freeze_rest=True)
+    assert len(p) > 0 and len(p.left) > 0
+    assert all(layer.frozen for layer in p.left)
+    assert not any(type(m) is BatchNormAct2d for m in model.modules())
+
+
+def test_torchvision_vgg11_bn_features_fold_every_batchnorm():
+    vgg = torchvision.models.vgg
+    model = nn.Sequential(vgg.make_layers(vgg.cfgs["A"], batch_norm=True), nn.Flatten(), nn.Linear(512, 10))
+    _, p = fold_and_check(model, torch.randn(2, 3, 32, 32))
+    assert len(p) == 8 and not p.left
+
+
+def test_convnext_has_nothing_to_fold():
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+    _, p = fold_and_check(model, torch.randn(2, 3, 32, 32))
+    assert not p.pairs and not p.left
+
+
+def test_replaying_the_fold_lets_a_fresh_model_load_the_folded_weights_strictly():
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    model, _ = fold_and_check(model, x)
+    (step,) = get_history(model)
+    fresh = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    replay_fold(fresh, step)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(eval_output(fresh, x), eval_output(model, x))
+    assert get_history(fresh) == [step]
+
+
+def test_replaying_a_fold_that_does_not_fit_raises():
+    with pytest.raises(CheckpointError, match="no layer 'conv9'"):
+        replay_fold(nn.Sequential(nn.Conv2d(3, 4, 1)), {"op": "fold", "pairs": [["conv9", "bn9"]]})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        replay_fold(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)), {"op": "fold", "pairs": [["0", "1"]]})
+
+
+@pytest.mark.cuda
+def test_folding_a_model_on_cuda():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).cuda()
+    model, p = fold_and_check(model, torch.randn(2, 3, 32, 32, device="cuda"))
+    assert len(p) == 20 and model.conv1.bias.is_cuda
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "resnet26d", "regnetx_002", "regnety_002", "mobilenetv2_050",
+                                  "mobilenetv3_large_100", "efficientnet_b1", "densenet121", "dla34", "dpn48b",
+                                  "ghostnet_100", "hrnet_w18_small", "rexnet_100", "repvgg_a0", "cspresnet50",
+                                  "tf_efficientnet_b0", "ese_vovnet19b_dw", "res2net50_14w_8s"])
+def test_timm_sweep_folded_output_equals_eval_output(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    _, p = fold_and_check(model, torch.randn(2, 3, 64, 64))
+    assert len(p) > 0
