@@ -1,0 +1,479 @@
+"""Fitted GroupNorm affine weights: converting BatchNorm to GroupNorm without ruining a trained model.
+
+Copying a BatchNorm's weight and bias into a GroupNorm keeps the parameters but not the function: BatchNorm
+normalizes with fixed dataset statistics, GroupNorm with each sample's own, so the copied model usually drops to
+chance accuracy. :func:`fit_affine` instead chooses, for every converted layer in forward order and for every channel,
+the ``a`` and ``b`` for which ``a * x̂ + b`` (``x̂`` the GroupNorm-normalized input of the converted model) best
+matches the original BatchNorm's eval output on calibration data: ordinary least squares, in closed form, from float64
+sums of ``x̂``, ``x̂²``, ``t``, ``x̂·t`` and ``t²`` per channel.
+
+``x̂`` comes from the converted model itself, with every earlier layer already fitted, so later layers compensate
+what earlier ones could not match. The target ``t`` of each layer is either
+
+- ``"global"`` (the default): the original model's BatchNorm output at that layer, which pulls the converted model
+  back to the original's activations, or
+- ``"local"``: the original BatchNorm applied to the converted model's own input at that layer, which makes each
+  layer mimic its BatchNorm;
+
+``"auto"`` fits the whole model both ways and keeps the fit whose final output is closer to the original's on the
+calibration data. (Choosing per layer by each fit's own R² is not a good rule: the local target is always the easier
+one to fit, yet on the models measured the global fit gives far higher accuracy.)
+
+The result of a fit, with the R² of every layer and the relative output error of each target tried, is recorded in
+the model's history; :func:`fit_report` returns it as a :class:`FitReport`.
+
+Example::
+
+    >>> import torch, normswap
+    >>> from normswap.fit import fit_report
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    >>> images = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    >>> model = normswap.convert(model, "gn", groups=4, affine="fit", data=images)
+    >>> report = fit_report(model)
+    >>> len(report.layers), report.chosen
+    (1, 'global')
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import call_model, iter_inputs, move_input
+from .errors import CalibrationError, NormswapError, PlanError
+from .history import get_history, record_step, set_history
+from .plan import Plan, PlanRow
+from .targets import SourceLayer
+from .walk import get_module, replace_module
+
+__all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_affine", "fit_report"]
+
+log = logging.getLogger("normswap")
+
+FIT_TARGETS = ("global", "local", "auto")
+"""Every value ``target=`` accepts."""
+
+Device = Union[str, torch.device, None]
+
+
+@dataclass
+class LayerFit:
+    """How well one converted layer's fitted affine reproduces its target.
+
+    ``r2`` is the coefficient of determination pooled over channels (1: a perfect match, 0: no better than each
+    channel's mean). ``r2`` is ``None`` and ``note`` says why when the layer was not fitted.
+    """
+
+    names: list[str]
+    channels: int
+    groups: int
+    r2: Optional[float]
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass
+class FitReport:
+    """The result of one :func:`fit_affine` run.
+
+    ``target`` is what was asked for, ``chosen`` the target whose fit the model kept, ``output_error`` the
+    relative output error ``‖y - y_original‖² / ‖y_original‖²`` on the calibration data of each target fitted,
+    ``batches`` how many calibration batches were used, and ``layers`` one :class:`LayerFit` per converted layer.
+    """
+
+    target: str
+    chosen: str
+    batches: int
+    output_error: dict[str, Optional[float]] = field(default_factory=dict)
+    layers: list[LayerFit] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        errors = ", ".join(f"{name} {_number(error)}" for name, error in self.output_error.items())
+        out = [f"fit: {len(self.layers)} layer(s), {self.batches} batch(es), target {self.target} -> {self.chosen}; "
+               f"relative output error: {errors}"]
+        header = ("layer", "C", "G", "R2", "note")
+        lines = [(layer.name, str(layer.channels), str(layer.groups), _number(layer.r2), layer.note)
+                 for layer in self.layers]
+        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        return "\n".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what the model's history stores); :meth:`from_dict` reads it back."""
+        return {
+            "target": self.target,
+            "chosen": self.chosen,
+            "batches": self.batches,
+            "output_error": dict(self.output_error),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FitReport":
+        """The report ``to_dict`` wrote."""
+        layers = [LayerFit(**layer) for layer in data["layers"]]
+        return cls(data["target"], data["chosen"], data["batches"], dict(data["output_error"]), layers)
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def fit_report(model: nn.Module) -> FitReport:
+    """The report of the last :func:`fit_affine` run on ``model``, read from its history.
+
+    >>> import torch, normswap
+    >>> model = normswap.convert(torch.nn.BatchNorm2d(4), "ln", affine="fit", data=[torch.randn(2, 4, 3, 3)])
+    >>> fit_report(model).layers[0].channels
+    4
+    """
+    for step in reversed(get_history(model)):
+        if step.get("op") == "fit":
+            return FitReport.from_dict(step)
+    raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
+
+
+def fit_affine(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    data: Iterable[Any],
+    batches: Optional[int] = None,
+    target: str = "global",
+    device: Device = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> nn.Module:
+    """Apply ``plan`` (made with ``affine="fit"``) to ``model`` in place and fit its GroupNorm affine weights.
+
+    ``normswap.convert(model, "gn", affine="fit", data=...)`` calls this; the keyword arguments below can be passed
+    to ``convert`` as well.
+
+    Args:
+        model: the original model with its trained BatchNorm layers; its eval-mode output is what the fit matches.
+        plan: a plan for ``gn``, ``ln`` or ``in`` made with ``affine="fit"``.
+        data: calibration batches (see :mod:`normswap.data`), read once and held in memory: bound them with
+            ``batches``. A few dozen images usually suffice.
+        batches: use at most this many batches of ``data``.
+        target: ``"global"``, ``"local"`` or ``"auto"`` (see the module documentation).
+        device: where to run the calibration (the model is moved there and back); default: where the model is.
+        input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
+        progress: ``True`` shows a progress bar over the layers.
+
+    Returns:
+        The converted model (a new object only if ``model`` itself was a norm layer). The fit is recorded in its
+        history; :func:`fit_report` returns the per-layer fit quality.
+
+    Raises:
+        PlanError: the plan was not made with ``affine="fit"``, or does not fit the model.
+        CalibrationError: the data is empty or malformed, or gives non-finite activations. The model is then
+            left exactly as it was.
+
+    >>> import torch
+    >>> from normswap.plan import plan as make_plan
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    >>> p = make_plan(model, "in", affine="fit")
+    >>> model = fit_affine(model, p, data=[torch.randn(2, 1, 8, 8)], target="local")
+    >>> fit_report(model).chosen
+    'local'
+    """
+    if target not in FIT_TARGETS:
+        raise PlanError(f"unknown fit target '{target}': choose global, local or auto")
+    if plan.options.get("affine") != "fit":
+        raise PlanError("fit_affine needs a plan made with affine='fit'")
+    inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
+    if not inputs:
+        raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")
+    originals = [(row.names, get_module(model, row.name)) for row in plan.rows if _has_module(model, row.name)]
+    steps = get_history(model)
+    reference = copy.deepcopy(model)
+    converted = plan.apply(model)
+    fitted = [row for row in plan.rows if row.affine == "fit"]
+    initial = _affine_values(converted, fitted)
+    modes = {module: module.training for module in converted.modules()}
+    home = _model_device(converted)
+    run_device = torch.device(device) if device is not None else home
+    try:
+        converted.to(run_device).eval()
+        reference.to(run_device).eval()
+        on_device = [move_input(x, run_device) for x in inputs]
+        report = _fit(converted, reference, plan.rows, on_device, target, progress)
+    except BaseException:
+        _set_affine_values(converted, initial)
+        for names, module in originals:
+            converted = replace_module(converted, names, module)
+        set_history(model, steps)
+        raise
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        converted.to(home)
+    record_step(converted, {"op": "fit", **report.to_dict()})
+    log.info("fitted the affine weights of %d layer(s) on %d batch(es) (target %s)", len(fitted), len(inputs),
+             report.chosen)
+    return converted
+
+
+def _fit(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
+         progress: Optional[bool]) -> FitReport:
+    """Fit every layer for each target tried and keep the fit with the smallest output error."""
+    fitted = [row for row in rows if row.affine == "fit"]
+    initial = _affine_values(converted, fitted)
+    layers = [get_module(converted, row.name) for row in fitted]
+    calls = _count_calls(converted, layers, inputs[0])
+    candidates = ("global", "local") if target == "auto" else (target,)
+    results = {}
+    for name in candidates:
+        _set_affine_values(converted, initial)
+        layer_fits = _fit_layers(converted, reference, rows, calls, inputs, name, progress)
+        error = _output_error(converted, reference, inputs)
+        results[name] = (layer_fits, error, _affine_values(converted, fitted))
+    chosen = min(candidates, key=lambda name: (results[name][1] is None, results[name][1] or 0.0))
+    _set_affine_values(converted, results[chosen][2])
+    return FitReport(
+        target=target,
+        chosen=chosen,
+        batches=len(inputs),
+        output_error={name: results[name][1] for name in candidates},
+        layers=results[chosen][0],
+    )
+
+
+def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], calls: dict[nn.Module, int],
+                inputs: list[Any], target: str, progress: Optional[bool]) -> list[LayerFit]:
+    """Fit the layers the data runs through, in the order they run, and report every row of the plan."""
+    position = {module: index for index, module in enumerate(calls)}
+    layer_of = {row.name: get_module(converted, row.name) for row in rows}
+    runnable = [row for row in rows if row.affine == "fit" and layer_of[row.name] in calls]
+    runnable.sort(key=lambda row: position[layer_of[row.name]])
+    fits = {}
+    for row in tqdm(runnable, desc=f"fit ({target})", unit="layer", disable=not progress):
+        layer = layer_of[row.name]
+        fits[row.name] = _fit_layer(converted, reference, row, layer, calls[layer], inputs, target)
+    report = []
+    for row in rows:
+        if row.name in fits:
+            report.append(LayerFit(list(row.names), row.channels, row.groups, fits[row.name]))
+        elif row.affine != "fit":
+            report.append(LayerFit(list(row.names), row.channels, row.groups, None,
+                                   "the BatchNorm has no affine weights: nothing to fit"))
+        else:
+            report.append(LayerFit(list(row.names), row.channels, row.groups, None,
+                                   "not run by the calibration data: affine copied"))
+            log.warning("layer '%s' did not run on the calibration data: its affine weights were copied", row.name)
+    return report
+
+
+class _Moments:
+    """Per-channel float64 sums for the least-squares fit of ``t ≈ a * x̂ + b``."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.count = 0
+        self.sum_x, self.sum_xx, self.sum_t, self.sum_xt, self.sum_tt = (
+            torch.zeros(channels, dtype=torch.float64, device=device) for _ in range(5)
+        )
+
+    def add(self, normalized: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch; both tensors are ``(N, C, ...)`` float64."""
+        x = normalized.transpose(0, 1).reshape(normalized.shape[1], -1)
+        t = target.transpose(0, 1).reshape(target.shape[1], -1)
+        self.count += x.shape[1]
+        self.sum_x += x.sum(1)
+        self.sum_xx += (x * x).sum(1)
+        self.sum_t += t.sum(1)
+        self.sum_xt += (x * t).sum(1)
+        self.sum_tt += (t * t).sum(1)
+
+    def solve(self, fallback_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per-channel ``(a, b)`` and the pooled R². Where ``x̂`` is constant, ``a`` keeps ``fallback_scale``."""
+        n = self.count
+        mean_x, mean_t = self.sum_x / n, self.sum_t / n
+        var_x = (self.sum_xx / n - mean_x * mean_x).clamp_min(0)
+        cov = self.sum_xt / n - mean_x * mean_t
+        var_t = (self.sum_tt / n - mean_t * mean_t).clamp_min(0)
+        varies = var_x > 1e-12
+        scale = torch.where(varies, cov / torch.where(varies, var_x, 1.0), fallback_scale.to(torch.float64))
+        shift = mean_t - scale * mean_x
+        residual = (var_t - 2 * scale * cov + scale * scale * var_x).clamp_min(0)
+        total = var_t.sum().item()
+        r2 = 1.0 - residual.sum().item() / total if total > 0 else 1.0
+        return scale, shift, r2
+
+
+class _StopForward(BaseException):
+    """Raised by a hook to end a forward pass once the layer being fitted has seen all its inputs."""
+
+
+@torch.no_grad()
+def _fit_layer(converted: nn.Module, reference: nn.Module, row: PlanRow, layer: nn.Module, expected_calls: int,
+               inputs: list[Any], target: str) -> float:
+    """Fit one layer over all inputs, write its affine weights, and return the fit's R²."""
+    reference_layer = get_module(reference, row.name)
+    source = SourceLayer.read(reference_layer)
+    moments = _Moments(row.channels, layer.weight.device)
+    reference_inputs: list[torch.Tensor] = []
+    seen = [0]
+
+    def capture_reference(module: nn.Module, args: Any) -> None:
+        reference_inputs.append(args[0].detach().clone())
+        if len(reference_inputs) == expected_calls:
+            raise _StopForward
+
+    def accumulate(module: nn.Module, args: Any) -> None:
+        x = args[0].detach()
+        index = seen[0]
+        seen[0] += 1
+        if target == "local":
+            moments.add(_group_normalized(layer, x), _batch_norm_eval(source, x))
+        elif index < len(reference_inputs):
+            moments.add(_group_normalized(layer, x), _batch_norm_eval(source, reference_inputs[index]))
+        if seen[0] == expected_calls:
+            raise _StopForward
+
+    for model_input in inputs:
+        reference_inputs.clear()
+        seen[0] = 0
+        if target == "global":
+            with _pre_hook(reference_layer, capture_reference):
+                _forward(reference, model_input)
+        with _pre_hook(layer, accumulate):
+            _forward(converted, model_input)
+    if moments.count == 0:
+        raise CalibrationError(f"layer '{row.name}' saw no calibration values to fit")
+    scale, shift, r2 = moments.solve(layer.weight.detach())
+    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+        raise CalibrationError(
+            f"layer '{row.name}' got non-finite fitted weights: the calibration data gives non-finite activations"
+        )
+    layer.weight.copy_(scale.to(layer.weight.dtype))
+    layer.bias.copy_(shift.to(layer.bias.dtype))
+    return r2
+
+
+def _group_normalized(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x̂``: the layer's GroupNorm normalization of ``x`` without its affine, in float64."""
+    return F.group_norm(x.to(torch.float64), layer.num_groups, eps=layer.eps)
+
+
+def _batch_norm_eval(source: SourceLayer, x: torch.Tensor) -> torch.Tensor:
+    """The original BatchNorm's eval-mode output before any fused activation, in float64."""
+    x = x.to(torch.float64)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if source.has_stats:
+        mean = source.running_mean.to(torch.float64).view(shape)
+        var = source.running_var.to(torch.float64).view(shape)
+    else:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+    out = (x - mean) / torch.sqrt(var + source.eps)
+    return out * source.weight.to(torch.float64).view(shape) + source.bias.to(torch.float64).view(shape)
+
+
+class _pre_hook:
+    """A forward pre-hook on ``module`` for the duration of a ``with`` block."""
+
+    def __init__(self, module: nn.Module, hook: Callable[[nn.Module, Any], None]) -> None:
+        self.module, self.hook = module, hook
+
+    def __enter__(self) -> None:
+        self.handle = self.module.register_forward_pre_hook(self.hook)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def _forward(model: nn.Module, model_input: Any) -> Any:
+    """One forward pass (see :func:`normswap.data.call_model`); ``None`` if a hook stopped it."""
+    try:
+        return call_model(model, model_input)
+    except _StopForward:
+        return None
+
+
+@torch.no_grad()
+def _count_calls(model: nn.Module, layers: list[nn.Module], first_input: Any) -> dict[nn.Module, int]:
+    """How many times each layer runs in one forward pass, keyed in the order the layers first run."""
+    calls: dict[nn.Module, int] = {}
+
+    def count(module: nn.Module, args: Any) -> None:
+        calls[module] = calls.get(module, 0) + 1
+
+    handles = [layer.register_forward_pre_hook(count) for layer in layers]
+    try:
+        _forward(model, first_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@torch.no_grad()
+def _output_error(converted: nn.Module, reference: nn.Module, inputs: list[Any]) -> Optional[float]:
+    """``‖y - y_ref‖² / ‖y_ref‖²`` over the calibration inputs and every float tensor in the outputs.
+
+    ``None`` if the outputs hold no floating-point tensor.
+    """
+    squared_error = squared_reference = 0.0
+    for model_input in inputs:
+        outputs = _tensors(_forward(converted, model_input))
+        expected = _tensors(_forward(reference, model_input))
+        for y, y_ref in zip(outputs, expected):
+            y, y_ref = y.to(torch.float64), y_ref.to(torch.float64)
+            squared_error += (y - y_ref).pow(2).sum().item()
+            squared_reference += y_ref.pow(2).sum().item()
+    return squared_error / squared_reference if squared_reference > 0 else None
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a model output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, Mapping):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+def _affine_values(model: nn.Module, rows: list[PlanRow]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of the weight and bias of each row's layer."""
+    layers = {row.name: get_module(model, row.name) for row in rows}
+    return {name: (layer.weight.detach().clone(), layer.bias.detach().clone()) for name, layer in layers.items()}
+
+
+@torch.no_grad()
+def _set_affine_values(model: nn.Module, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write weights and biases saved by :func:`_affine_values` back into the same parameter objects."""
+    for name, (weight, bias) in values.items():
+        layer = get_module(model, name)
+        layer.weight.copy_(weight.to(layer.weight.device))
+        layer.bias.copy_(bias.to(layer.bias.device))
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        get_module(model, name)
+    except KeyError:
+        return False
+    return True
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    """The device of the model's first parameter or buffer, or ``None`` if it has none."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return None
