@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["get_arch", "get_history", "record_step", "set_arch", "set_history"]
+__all__ = ["get_arch", "get_history", "get_source", "record_step", "set_arch", "set_history", "set_source"]
 
 _HISTORY = "_normswap_history"
 _ARCH = "_normswap_arch"
+_SOURCE = "_normswap_source"
 
 
 def get_history(model: nn.Module) -> list[dict[str, Any]]:
@@ -49,3 +50,14 @@ def get_arch(model: nn.Module) -> Optional[dict[str, Any]]:
 def set_arch(model: nn.Module, arch: Optional[dict[str, Any]]) -> None:
     """Remember the architecture spec the model was built from."""
     model.__dict__[_ARCH] = copy.deepcopy(arch)
+
+
+def get_source(model: nn.Module) -> Optional[dict[str, Any]]:
+    """The checkpoint file the model was loaded from (``{"file": name, "sha256": hex}``), if known."""
+    source = model.__dict__.get(_SOURCE)
+    return copy.deepcopy(source) if source is not None else None
+
+
+def set_source(model: nn.Module, source: Optional[dict[str, Any]]) -> None:
+    """Remember the checkpoint file the model was loaded from."""
+    model.__dict__[_SOURCE] = copy.deepcopy(source)

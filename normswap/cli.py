@@ -1,0 +1,492 @@
+"""The ``normswap`` command (also ``python -m normswap``): a thin shell over the Python API.
+
+Each command is one small function: parse options, call the API, print. What commands share lives here once:
+option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_option`), opening a checkpoint
+(:func:`open_checkpoint`), choosing and checking the output path (:func:`output_path`), writing a model
+(:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
+``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130; ``--debug`` shows
+the traceback instead. Heavy modules (timm, torchvision) are imported only by the commands that need them.
+
+Example::
+
+    $ normswap inspect resnet50.pt --arch resnet50
+    $ normswap convert resnet50.pt --arch resnet50 --to gn --groups 32     # writes resnet50-gn.safetensors
+    $ normswap freeze detector.pth --arch torchvision.models:resnet50 --exclude 'layer4.*' --dry-run
+    $ normswap fold resnet50.pt --arch resnet50                            # writes resnet50-folded.safetensors
+    $ normswap recalibrate resnet50.pt --arch resnet50 --data calib/       # writes resnet50-recalibrated.safetensors
+    $ normswap verify resnet50.pt resnet50-gn.safetensors --arch resnet50 --data calib/
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from .errors import CheckpointError, NormswapError
+
+__all__ = [
+    "TARGET_CHOICES",
+    "checkpoint_options",
+    "json_option",
+    "main",
+    "open_checkpoint",
+    "output_options",
+    "output_path",
+    "write_model",
+]
+
+TARGET_CHOICES = ("gn", "ln", "in", "frozen", "sync", "bn")
+"""Values of ``convert --to`` (the same as :data:`normswap.targets.TARGETS`, kept here so ``--help`` is fast)."""
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("normswap")
+
+
+class _EchoHandler(logging.Handler):
+    """Log records as lines on stderr: ``warning: ...`` for warnings, the bare message below that."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        click.echo(prefix + record.getMessage(), err=True)
+
+
+class NormswapGroup(click.Group):
+    """The command group: turns user errors into one line and an exit status, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except NormswapError as error:
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except Exception as error:
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo(f"error: internal error ({type(error).__name__}: {error}); run with --debug for the traceback",
+                       err=True)
+            ctx.exit(EXIT_ERROR)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Run the command line; with ``standalone_mode`` (the default), exit with the command's status."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            status = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            click.echo(f"error: {error.format_message()}{where}", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+def _configure_logging(ctx: click.Context, level: int) -> None:
+    """Show normswap's log records on stderr for this command; restore the logger afterwards."""
+    handler = _EchoHandler()
+    previous = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+
+    def restore() -> None:
+        log.removeHandler(handler)
+        log.setLevel(previous)
+
+    ctx.call_on_close(restore)
+
+
+@click.group("normswap", cls=NormswapGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Say more (which checkpoint entry was used, prefixes stripped).")
+@click.option("-q", "--quiet", is_flag=True, help="Show errors only (no warnings).")
+@click.version_option(package_name="normswap", prog_name="normswap")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
+    """Swap, freeze and inspect the normalization layers of PyTorch checkpoints."""
+    ctx.meta["normswap.debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    _configure_logging(ctx, level)
+
+
+def _parse_arch_kwargs(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[dict]:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(f"not valid JSON ({error.msg}): write a JSON object like '{{\"num_classes\": 10}}'")
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object like '{\"num_classes\": 10}'")
+    return parsed
+
+
+def checkpoint_options(command: Callable) -> Callable:
+    """The options that say how to read a checkpoint: ``--arch``, ``--arch-kwargs``, ``--key``, ``--trust-pickle``."""
+    options = [
+        click.option("--arch", metavar="A",
+                     help="Architecture: a timm name (resnet50) or package.module:callable "
+                          "(torchvision.models:resnet50). Not needed for files normswap wrote."),
+        click.option("--arch-kwargs", metavar="JSON", callback=_parse_arch_kwargs,
+                     help="Keyword arguments for the architecture, as a JSON object: '{\"num_classes\": 10}'."),
+        click.option("--key", metavar="ENTRY",
+                     help="Entry of a training checkpoint holding the weights (default: the first of state_dict, "
+                          "model, module, ema, state_dict_ema)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow unpickling Python objects (a whole saved model). This can run code: trusted files "
+                          "only."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def output_options(command: Callable) -> Callable:
+    """The options that say where to write: ``-o/--output`` and ``--force``."""
+    options = [
+        click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+                     help="Output file (default: beside the input, <stem>-<suffix>.safetensors)."),
+        click.option("--force", is_flag=True, help="Replace the output file if it exists."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def json_option(command: Callable) -> Callable:
+    """``--json``: print machine-readable JSON on stdout instead of text (the parameter is ``as_json``)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(command)
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout."""
+    click.echo(json.dumps(data, indent=2))
+
+
+def open_checkpoint(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
+                    trust_pickle: bool) -> Any:
+    """The checkpoint's model, built as ``--arch``/``--arch-kwargs`` or its own metadata say."""
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, key=key)
+
+
+def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bool) -> Path:
+    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability before any work.
+
+    >>> output_path(Path("/tmp/resnet50.pt"), None, "gn", force=True)
+    PosixPath('/tmp/resnet50-gn.safetensors')
+    """
+    from .checkpoint import check_output
+
+    path = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}-{suffix}.safetensors")
+    return check_output(path, overwrite=force)
+
+
+def write_model(model: Any, path: Path, force: bool) -> int:
+    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes."""
+    from .checkpoint import save
+
+    return save(model, path, overwrite=force).stat().st_size
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def _check_statistics(model: Any, strict: bool) -> list[str]:
+    """Warn about NaN/infinite or negative running statistics, naming each layer; refuse them under ``--strict``."""
+    from .inspection import BAD_STATS, inspect_model
+
+    problems = [f"layer '{report.name}': {report.warnings[code]}"
+                for report in inspect_model(model) for code in BAD_STATS if code in report.warnings]
+    if problems and strict:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"refusing to convert under --strict: {problems[0]}{more}")
+    for problem in problems:
+        log.warning(problem)
+    return problems
+
+
+def _groups_summary(plan: Any) -> dict[str, int]:
+    counts = Counter(row.groups for row in plan.rows if row.groups is not None)
+    return {str(groups): n for groups, n in sorted(counts.items(), key=lambda item: -item[1])}
+
+
+def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, suffix: str, arch: Optional[str],
+                    arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, output: Optional[Path],
+                    force: bool, dry_run: bool, strict: bool, as_json: bool) -> None:
+    """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply and write, summarise."""
+    from .plan import plan
+
+    from .checkpoint import check_input
+
+    check_input(checkpoint)
+    out = None if dry_run else output_path(checkpoint, output, suffix, force)
+    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    problems = _check_statistics(model, strict)
+    conversion = plan(model, to, **plan_options)
+    if dry_run:
+        if as_json:
+            emit_json(conversion.to_dict())
+        else:
+            click.echo(str(conversion))
+        return
+    model = conversion.apply(model)
+    n_bytes = write_model(model, out, force)
+    groups = _groups_summary(conversion)
+    if as_json:
+        emit_json({"output": str(out), "bytes": n_bytes, "layers": len(conversion),
+                   "skipped": len(conversion.skipped), "groups": groups, "warnings": problems,
+                   "plan": conversion.to_dict()})
+        return
+    chosen = ", ".join(f"{g} x{n}" for g, n in groups.items())
+    click.echo(f"converted {len(conversion)} layer(s) to {to}" + (f" (groups: {chosen})" if chosen else "")
+               + (f", {len(conversion.skipped)} skipped" if conversion.skipped else ""))
+    click.echo(f"wrote {out} ({_size(n_bytes)})")
+
+
+def _conversion_options(command: Callable) -> Callable:
+    options = [
+        click.option("--include", multiple=True, metavar="PAT", help="Only layers whose name matches (glob)."),
+        click.option("--exclude", multiple=True, metavar="PAT", help="Leave layers whose name matches (glob)."),
+        click.option("--unknown", type=click.Choice(["error", "skip", "convert"]), default="error",
+                     show_default=True, help="What to do with BatchNorm subclasses normswap does not know."),
+        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+        click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(TARGET_CHOICES), required=True,
+              help="gn, ln, in: GroupNorm; frozen: FrozenBatchNorm; sync: SyncBatchNorm; bn: plain BatchNorm.")
+@click.option("--groups", type=click.IntRange(min=1), metavar="G", help="GroupNorm groups (default 32).")
+@click.option("--channels-per-group", type=click.IntRange(min=1), metavar="K",
+              help="GroupNorm channels per group, instead of --groups.")
+@click.option("--group-policy", type=click.Choice(["divisor", "exact"]), default="divisor", show_default=True,
+              help="divisor: largest divisor of C not above G; exact: refuse layers G does not divide.")
+@click.option("--affine", type=click.Choice(["copy", "reset"]), default="copy", show_default=True,
+              help="GroupNorm weight and bias: copied from BatchNorm, or reset to 1 and 0.")
+@_conversion_options
+@checkpoint_options
+@output_options
+@json_option
+def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str,
+            affine: str, include: tuple[str, ...], exclude: tuple[str, ...], unknown: str, dry_run: bool,
+            strict: bool, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
+            output: Optional[Path], force: bool, as_json: bool) -> None:
+    """Convert the norm layers of CHECKPOINT and write <stem>-<target>.safetensors."""
+    if groups is not None and channels_per_group is not None:
+        raise click.UsageError("give --groups or --channels-per-group, not both")
+    options = {"groups": 32 if groups is None else groups, "channels_per_group": channels_per_group,
+               "group_policy": group_policy, "affine": affine, "include": list(include),
+               "exclude": list(exclude), "unknown": unknown}
+    _run_conversion(checkpoint, to, options, suffix=to, arch=arch, arch_kwargs=arch_kwargs, key=key,
+                    trust_pickle=trust_pickle, output=output, force=force, dry_run=dry_run, strict=strict,
+                    as_json=as_json)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--trainable-affine", is_flag=True, help="Keep weight and bias trainable (statistics stay fixed).")
+@_conversion_options
+@checkpoint_options
+@output_options
+@json_option
+def freeze(checkpoint: Path, trainable_affine: bool, include: tuple[str, ...], exclude: tuple[str, ...],
+           unknown: str, dry_run: bool, strict: bool, arch: Optional[str], arch_kwargs: Optional[dict],
+           key: Optional[str], trust_pickle: bool, output: Optional[Path], force: bool, as_json: bool) -> None:
+    """Freeze the BatchNorm layers of CHECKPOINT (convert --to frozen); writes <stem>-frozen.safetensors."""
+    options = {"include": list(include), "exclude": list(exclude), "unknown": unknown,
+               "trainable_affine": trainable_affine}
+    _run_conversion(checkpoint, "frozen", options, suffix="frozen", arch=arch, arch_kwargs=arch_kwargs, key=key,
+                    trust_pickle=trust_pickle, output=output, force=force, dry_run=dry_run, strict=strict,
+                    as_json=as_json)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--freeze-rest", is_flag=True, help="Freeze the BatchNorm layers that cannot be folded.")
+@click.option("--within", metavar="NAME",
+              help="Fold inside this submodule only, for a model whose own forward cannot be traced.")
+@click.option("--dry-run", is_flag=True, help="Print what would be folded and why the rest is not; write nothing.")
+@click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics.")
+@checkpoint_options
+@output_options
+@json_option
+def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bool, strict: bool,
+         arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
+         output: Optional[Path], force: bool, as_json: bool) -> None:
+    """Fold the BatchNorm layers of CHECKPOINT into the layers before them; writes <stem>-folded.safetensors.
+
+    The folded model computes the original's eval-mode output. Layers that cannot be folded safely stay, and the
+    table says why.
+    """
+    from .fold import plan_fold
+
+    out = None if dry_run else output_path(checkpoint, output, "folded", force)
+    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    problems = _check_statistics(model, strict)
+    folding = plan_fold(model, freeze_rest=freeze_rest, within=within)
+    if dry_run:
+        emit_json(folding.to_dict()) if as_json else click.echo(str(folding))
+        return
+    model = folding.apply(model)
+    n_bytes = write_model(model, out, force)
+    if as_json:
+        emit_json({"output": str(out), "bytes": n_bytes, "folded": len(folding), "left": len(folding.left),
+                   "warnings": problems, "fold": folding.to_dict()})
+        return
+    click.echo(str(folding))
+    click.echo(f"wrote {out} ({_size(n_bytes)})")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", "data_source", required=True, metavar="PATH",
+              help="Calibration data: a folder of images, a tensor file (.pt, .npy, .safetensors) or "
+                   "package.module:callable.")
+@click.option("--batches", type=click.IntRange(min=1), metavar="N", help="Use the first N batches only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per batch.")
+@click.option("--method", type=click.Choice(["exact", "sequential"]), default="exact", show_default=True,
+              help="exact: the statistics each layer sees normalizing with batch statistics, as in training; "
+                   "sequential: eval-consistent, layer after layer, at any batch size.")
+@click.option("--device", metavar="DEV", help="Run on this device (cpu, cuda, cuda:1).")
+@click.option("--amp", is_flag=True, help="Run the forward under bfloat16/float16 autocast (statistics stay float64).")
+@click.option("--channels-last", is_flag=True, help="Run with weights and images in channels-last layout.")
+@click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal, for runs longer than two seconds).")
+@checkpoint_options
+@output_options
+@json_option
+def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batch_size: int, method: str,
+                device: Optional[str], amp: bool, channels_last: bool, input_key: Optional[str],
+                progress: Optional[bool], arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
+                trust_pickle: bool, output: Optional[Path], force: bool, as_json: bool) -> None:
+    """Recompute the BatchNorm running statistics of CHECKPOINT on unlabeled data; writes
+    <stem>-recalibrated.safetensors."""
+    from .data import open_data
+    from .recalibrate import calibration_report
+    from .recalibrate import recalibrate as recalibrate_model
+
+    out = output_path(checkpoint, output, "recalibrated", force)
+    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    data = open_data(data_source, model=model, batch_size=batch_size)
+    model = recalibrate_model(model, data, batches=batches, method=method, device=device, amp=amp,
+                              channels_last=channels_last, input_key=input_key, progress=progress)
+    n_bytes = write_model(model, out, force)
+    report = calibration_report(model)
+    if as_json:
+        emit_json({"output": str(out), "bytes": n_bytes, **report.to_dict()})
+        return
+    click.echo(str(report))
+    click.echo(f"wrote {out} ({_size(n_bytes)})")
+
+
+def _open_for_comparison(path: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
+                         trust_pickle: bool) -> Any:
+    """A checkpoint's model for ``verify``: built as the file records (``--arch`` naming that architecture
+    confirms it), or as ``--arch`` says for a file that records none."""
+    from .checkpoint import read_checkpoint
+
+    contents = read_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    recorded = contents.arch
+    if recorded is not None:
+        return contents.to_model(recorded if arch == recorded.name else None, arch_kwargs=arch_kwargs)
+    return contents.to_model(arch, arch_kwargs=arch_kwargs)
+
+
+@main.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option("--data", "data_source", required=True, metavar="PATH",
+              help="Data: a folder of images, a tensor file (.pt, .npy, .safetensors) or package.module:callable.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per batch.")
+@click.option("--batches", type=click.IntRange(min=1), metavar="N", help="Compare on the first N batches only.")
+@click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
+@click.option("--device", metavar="DEV", help="Run both models on this device (cpu, cuda, cuda:1).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Relative difference above which a layer counts as diverged.")
+@click.option("--no-layers", is_flag=True, help="Compare outputs only, without the per-layer table.")
+@checkpoint_options
+@json_option
+def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
+           input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool, arch: Optional[str],
+           arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, as_json: bool) -> None:
+    """Compare CONVERTED with ORIGINAL on data: output agreement, accuracy where the data has labels, and the
+    layer where the two models part ways. --arch and the other checkpoint options apply to a file that does not
+    record its architecture."""
+    from .compare import compare
+    from .data import open_data
+
+    model_a = _open_for_comparison(original, arch, arch_kwargs, key, trust_pickle)
+    model_b = _open_for_comparison(converted, arch, arch_kwargs, key, trust_pickle)
+    data = open_data(data_source, model=model_a, batch_size=batch_size)
+    report = compare(model_a, model_b, data, batches=batches, input_key=input_key, device=device,
+                     layers=not no_layers, tolerance=tolerance)
+    if as_json:
+        emit_json({"original": str(original), "converted": str(converted), **report.to_dict()})
+        return
+    click.echo(f"original: {original}\nconverted: {converted}")
+    click.echo(str(report))
+
+
+def _describe_history(steps: list[dict[str, Any]]) -> str:
+    parts = []
+    for step in steps:
+        if step.get("op") == "plan":
+            plan = step.get("plan", {})
+            parts.append(f"plan to {plan.get('target')} ({len(plan.get('rows', []))} layers)")
+        else:
+            parts.append(str(step.get("op")))
+    return ", then ".join(parts) if parts else "none"
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@checkpoint_options
+@json_option
+def inspect(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
+            trust_pickle: bool, as_json: bool) -> None:
+    """List the norm layers of CHECKPOINT with their statistics, and the warnings worth acting on."""
+    from .checkpoint import read_checkpoint
+    from .history import get_arch, get_history
+    from .inspection import format_reports, inspect_model, inspect_state_dict
+
+    contents = read_checkpoint(checkpoint, key=key, trust_pickle=trust_pickle)
+    if arch is None and contents.arch is None and contents.model is None:
+        reports, spec, steps = inspect_state_dict(contents.tensors), None, []
+    else:
+        model = contents.to_model(arch, arch_kwargs=arch_kwargs)
+        reports, spec, steps = inspect_model(model), get_arch(model), get_history(model)
+    if as_json:
+        emit_json({"file": str(checkpoint), "source": contents.source, "arch": spec, "history": steps,
+                   "layers": [report.to_dict() for report in reports],
+                   "warnings": [f"{report.name}: {text}" for report in reports for text in report.warnings.values()]})
+        return
+    source = contents.source
+    entry = f", entry '{source['entry']}'" if "entry" in source else ""
+    click.echo(f"file: {checkpoint} (sha256 {source['sha256'][:16]}{entry})")
+    if spec is None:
+        click.echo("arch: unknown (layers found by their running statistics; pass --arch for classes and eps)")
+    else:
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+        click.echo(f"arch: {spec['name']}" + (f" ({kwargs})" if kwargs else ""))
+        click.echo(f"history: {_describe_history(steps)}")
+    click.echo(format_reports(reports))
