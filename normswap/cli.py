@@ -228,8 +228,10 @@ def _groups_summary(plan: Any) -> dict[str, int]:
 
 def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, suffix: str, arch: Optional[str],
                     arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, output: Optional[Path],
-                    force: bool, dry_run: bool, strict: bool, as_json: bool) -> None:
-    """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply and write, summarise."""
+                    force: bool, dry_run: bool, strict: bool, as_json: bool,
+                    fit_options: Optional[dict[str, Any]] = None) -> None:
+    """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply (and fit) and write,
+    summarise. ``fit_options`` (``data``, ``batch_size``, ``batches``, ``target``) fit GroupNorm affine weights."""
     from .plan import plan
 
     from .checkpoint import check_input
@@ -245,14 +247,26 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
         else:
             click.echo(str(conversion))
         return
-    model = conversion.apply(model)
+    fit_summary = None
+    if plan_options.get("affine") == "fit":
+        from .data import open_data
+        from .fit import fit_affine, fit_report
+
+        options = dict(fit_options or {})
+        data = open_data(options.pop("data"), model=model, batch_size=options.pop("batch_size"))
+        model = fit_affine(model, conversion, data=data, **options)
+        fit_summary = fit_report(model)
+    else:
+        model = conversion.apply(model)
     n_bytes = write_model(model, out, force)
     groups = _groups_summary(conversion)
     if as_json:
         emit_json({"output": str(out), "bytes": n_bytes, "layers": len(conversion),
                    "skipped": len(conversion.skipped), "groups": groups, "warnings": problems,
-                   "plan": conversion.to_dict()})
+                   "plan": conversion.to_dict(), "fit": fit_summary.to_dict() if fit_summary else None})
         return
+    if fit_summary is not None:
+        click.echo(str(fit_summary))
     chosen = ", ".join(f"{g} x{n}" for g, n in groups.items())
     click.echo(f"converted {len(conversion)} layer(s) to {to}" + (f" (groups: {chosen})" if chosen else "")
                + (f", {len(conversion.skipped)} skipped" if conversion.skipped else ""))
@@ -280,25 +294,38 @@ def _conversion_options(command: Callable) -> Callable:
               help="GroupNorm channels per group, instead of --groups.")
 @click.option("--group-policy", type=click.Choice(["divisor", "exact"]), default="divisor", show_default=True,
               help="divisor: largest divisor of C not above G; exact: refuse layers G does not divide.")
-@click.option("--affine", type=click.Choice(["copy", "reset"]), default="copy", show_default=True,
-              help="GroupNorm weight and bias: copied from BatchNorm, or reset to 1 and 0.")
+@click.option("--affine", type=click.Choice(["copy", "reset", "fit"]), default="copy", show_default=True,
+              help="GroupNorm weight and bias: copied from BatchNorm, reset to 1 and 0, or fitted on --data so "
+                   "the converted model behaves like the original.")
+@click.option("--data", "data_source", metavar="PATH",
+              help="With --affine fit: calibration data (a folder of images, a tensor file or package.module:callable).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --affine fit: samples per calibration batch.")
+@click.option("--batches", type=click.IntRange(min=1), metavar="N", help="With --affine fit: use the first N batches.")
+@click.option("--fit-target", type=click.Choice(["global", "local", "auto"]), default="global", show_default=True,
+              help="With --affine fit: match the original's output at each layer (global), the original layer "
+                   "applied to the converted model's input (local), or try both and keep the closer model (auto).")
 @_conversion_options
 @checkpoint_options
 @output_options
 @json_option
 def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str,
-            affine: str, include: tuple[str, ...], exclude: tuple[str, ...], unknown: str, dry_run: bool,
+            affine: str, data_source: Optional[str], batch_size: int, batches: Optional[int], fit_target: str,
+            include: tuple[str, ...], exclude: tuple[str, ...], unknown: str, dry_run: bool,
             strict: bool, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
             output: Optional[Path], force: bool, as_json: bool) -> None:
     """Convert the norm layers of CHECKPOINT and write <stem>-<target>.safetensors."""
     if groups is not None and channels_per_group is not None:
         raise click.UsageError("give --groups or --channels-per-group, not both")
+    if (affine == "fit") != (data_source is not None):
+        raise click.UsageError("--affine fit needs --data, and --data is only used by --affine fit")
     options = {"groups": 32 if groups is None else groups, "channels_per_group": channels_per_group,
                "group_policy": group_policy, "affine": affine, "include": list(include),
                "exclude": list(exclude), "unknown": unknown}
+    fit_options = {"data": data_source, "batch_size": batch_size, "batches": batches, "target": fit_target}
     _run_conversion(checkpoint, to, options, suffix=to, arch=arch, arch_kwargs=arch_kwargs, key=key,
                     trust_pickle=trust_pickle, output=output, force=force, dry_run=dry_run, strict=strict,
-                    as_json=as_json)
+                    as_json=as_json, fit_options=fit_options)
 
 
 @main.command()
@@ -490,3 +517,75 @@ def inspect(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], 
         click.echo(f"arch: {spec['name']}" + (f" ({kwargs})" if kwargs else ""))
         click.echo(f"history: {_describe_history(steps)}")
     click.echo(format_reports(reports))
+
+
+@main.command("apply")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--dry-run", is_flag=True, help="Print the plan of every rule; write nothing.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars for the recipe's calibration steps.")
+@checkpoint_options
+@output_options
+@json_option
+def apply_recipe(recipe: Path, checkpoint: Optional[Path], dry_run: bool, progress: Optional[bool],
+                 arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
+                 output: Optional[Path], force: bool, as_json: bool) -> None:
+    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors (the suffix comes from the recipe).
+
+    Without CHECKPOINT, the recipe's architecture is built with fresh weights (a converted model to train from
+    scratch) and written to <arch>-<suffix>.safetensors in the current folder.
+    """
+    from .recipe import Recipe
+
+    spec = Recipe.load(recipe)
+    arch = arch or spec.arch
+    arch_kwargs = arch_kwargs if arch_kwargs is not None else spec.arch_kwargs or None
+    if checkpoint is None:
+        from .arch import ArchSpec
+        from .history import set_arch
+
+        if arch is None:
+            raise click.UsageError("give a CHECKPOINT, or an architecture (--arch, or 'arch' in the recipe)")
+        built = ArchSpec.parse(arch, arch_kwargs)
+        source = Path(built.name.replace(":", "-").rsplit(".", 1)[-1] + ".safetensors")
+        out = None if dry_run else output_path(source, output, spec.suffix, force)
+        model = built.build()
+        set_arch(model, built.to_dict())
+    else:
+        out = None if dry_run else output_path(checkpoint, output, spec.suffix, force)
+        model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    plans = spec.plans(model)
+    if dry_run:
+        if as_json:
+            emit_json([p.to_dict() for p in plans])
+        else:
+            click.echo("\n\n".join(str(p) for p in plans))
+        return
+    for p in plans:
+        model = p.apply(model)
+    model = spec.run_steps(model, progress=progress)
+    n_bytes = write_model(model, out, force)
+    if as_json:
+        emit_json({"output": str(out), "bytes": n_bytes, "layers": sum(len(p) for p in plans),
+                   "plans": [p.to_dict() for p in plans], "steps": [step["op"] for step in spec.steps]})
+        return
+    for p in plans:
+        click.echo(f"rule {', '.join(p.options['include'])} -> {p.target}: {len(p)} layer(s)")
+    for step in spec.steps:
+        click.echo(f"step: {step['op']}")
+    click.echo(f"wrote {out} ({_size(n_bytes)})")
+
+
+@main.command()
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="GroupNorm groups.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Unlabeled images used to fit GroupNorm and to recalibrate.")
+def demo(groups: int, calibration_images: int) -> None:
+    """Tell the whole story on the bundled digits model: GroupNorm with copied, reset and fitted weights, frozen,
+    folded, and recalibration after a domain shift. Writes nothing."""
+    import torch
+
+    from .demo import run_demo
+
+    torch.set_num_threads(1)  # a small model: one thread is fastest, and immune to a busy second core
+    run_demo(groups=groups, calibration_images=calibration_images, echo=click.echo)

@@ -241,7 +241,8 @@ def run_demo(
     add("FrozenBatchNorm", frozen, f"max abs diff {exact:.1e}")
     folded = fold(copy.deepcopy(original))
     exact = compare(original, folded, [clean], layers=False).max_abs
-    ratio = _latency(folded, clean[:32]) / _latency(original, clean[:32])
+    timings = [(_latency(folded, clean[:32]), _latency(original, clean[:32])) for _ in range(3)]
+    ratio = min(t for t, _ in timings) / min(t for _, t in timings)
     add("BatchNorm folded into convs", folded, f"max abs diff {exact:.1e}, batch-1 forward time {ratio:.2f}x")
     shifted = shift_domain(clean)
     add("BatchNorm, shifted domain", original, "test images at low contrast on a bright background", shifted)

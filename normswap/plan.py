@@ -225,6 +225,8 @@ def _validate(to: str, groups: int, channels_per_group: Optional[int], group_pol
         raise PlanError(f"unknown group policy '{group_policy}': choose divisor or exact")
     if affine not in AFFINE_MODES:
         raise PlanError(f"unknown affine mode '{affine}': choose copy, reset or fit")
+    if affine != "copy" and to not in ("gn", "ln", "in"):
+        raise PlanError(f"affine='{affine}' applies to gn, ln and in; '{to}' always keeps the affine values")
     if unknown not in UNKNOWN_MODES:
         raise PlanError(f"unknown value '{unknown}' for unknown=: choose error, skip or convert")
     if groups < 1:
