@@ -1,8 +1,15 @@
-"""Calibration data: turning whatever the user iterates over into model inputs.
+"""Calibration data: turning whatever the user iterates over, or names on the command line, into model inputs.
 
 Every operation that runs a model over data (recalibrate, fit, compare) takes ``data`` as any iterable of batches,
 where a batch is a tensor, a tuple/list whose first element is the input (``(images, labels)``), a dict (the input
-under ``input_key``), or anything ``input_fn(batch)`` turns into the model input.
+under ``input_key``), or anything ``input_fn(batch)`` turns into the model input. A model input that is a tuple is
+passed as positional arguments, a dict as keyword arguments (:func:`call_model`).
+
+:func:`open_data` turns a path or an import path into such an iterable, for the command line and recipes:
+
+- a folder of images (class subfolders or flat), transformed by the model's timm data config;
+- a tensor file (``.pt``/``.pth``, ``.npy``, ``.safetensors``) holding the whole calibration set, cut into batches;
+- ``"package.module:callable"``: the callable is called and must return an iterable of batches.
 
 Example::
 
@@ -14,17 +21,44 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Iterable as IterableABC
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
+from torch import nn
 
 from .errors import CalibrationError
 
-__all__ = ["DEFAULT_INPUT_KEYS", "batch_input", "iter_inputs"]
+__all__ = [
+    "DEFAULT_INPUT_KEYS",
+    "IMAGE_EXTENSIONS",
+    "TENSOR_EXTENSIONS",
+    "ImageFiles",
+    "TensorBatches",
+    "batch_input",
+    "call_model",
+    "iter_inputs",
+    "move_input",
+    "open_data",
+]
 
 DEFAULT_INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "pixel_values")
 """Keys tried, in order, for a dict batch when no ``input_key`` is given."""
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+"""File suffixes :func:`open_data` reads as images in a folder (case-insensitive)."""
+
+TENSOR_EXTENSIONS = (".npy", ".pt", ".pth", ".safetensors")
+"""File suffixes :func:`open_data` reads as a tensor file."""
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def batch_input(
@@ -67,7 +101,266 @@ def iter_inputs(
     """``(index, model_input)`` for each batch of ``data``, stopping after ``batches`` batches if given."""
     if batches is not None and batches < 1:
         raise CalibrationError(f"batches must be at least 1, got {batches}")
+    if isinstance(data, torch.Tensor):
+        raise CalibrationError("the calibration data is a single tensor: pass an iterable of batches, such as "
+                               "[x], x.split(batch_size) or a DataLoader")
+    if not isinstance(data, IterableABC) and not hasattr(data, "__getitem__"):
+        raise CalibrationError(f"the calibration data is a {type(data).__name__}: expected an iterable of batches")
     for index, batch in enumerate(data):
         if batches is not None and index >= batches:
             break
         yield index, batch_input(batch, index, input_fn=input_fn, input_key=input_key)
+
+
+def move_input(
+    value: Any,
+    device: Union[str, torch.device, None],
+    *,
+    channels_last: bool = False,
+    non_blocking: bool = False,
+) -> Any:
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device`` and, if asked, 4-D tensors in
+    channels-last layout. CPU tensors bound for a GPU go through pinned memory and, with ``non_blocking=True``, are
+    copied asynchronously. Anything that is not a tensor is returned as it is.
+
+    >>> move_input((torch.zeros(1, 3, 2, 2), "meta"), "cpu", channels_last=True)[0].is_contiguous(
+    ...     memory_format=torch.channels_last)
+    True
+    """
+    if isinstance(value, torch.Tensor):
+        target = torch.device(device) if device is not None else value.device
+        if target != value.device:
+            if value.device.type == "cpu" and target.type == "cuda" and non_blocking and not value.is_pinned():
+                value = value.pin_memory()
+            value = value.to(target, non_blocking=non_blocking)
+        if channels_last and value.dim() == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
+    if isinstance(value, tuple):
+        return tuple(move_input(item, device, channels_last=channels_last, non_blocking=non_blocking)
+                     for item in value)
+    if isinstance(value, list):
+        return [move_input(item, device, channels_last=channels_last, non_blocking=non_blocking) for item in value]
+    if isinstance(value, Mapping):
+        return {key: move_input(item, device, channels_last=channels_last, non_blocking=non_blocking)
+                for key, item in value.items()}
+    return value
+
+
+def call_model(model: nn.Module, model_input: Any) -> Any:
+    """Run ``model`` on one model input: a tuple is unpacked into positional arguments, a dict into keyword
+    arguments, anything else is the single argument.
+
+    >>> call_model(torch.nn.Identity(), torch.ones(1)).tolist()
+    [1.0]
+    """
+    if isinstance(model_input, tuple):
+        return model(*model_input)
+    if isinstance(model_input, Mapping):
+        return model(**model_input)
+    return model(model_input)
+
+
+class TensorBatches:
+    """A calibration set held in memory, cut into batches along its first dimension; iterable any number of times.
+
+    ``content`` is a tensor (batches are tensors), a dict of tensors (batches are dicts, pick the input with
+    ``input_key``) or a tuple/list of tensors such as ``(images, labels)`` (batches are tuples), all of one length.
+
+    >>> [b.shape[0] for b in TensorBatches(torch.zeros(5, 3), batch_size=2)]
+    [2, 2, 1]
+    """
+
+    def __init__(self, content: Any, batch_size: int) -> None:
+        if batch_size < 1:
+            raise CalibrationError(f"batch_size must be at least 1, got {batch_size}")
+        tensors = _tensors_of(content)
+        lengths = {tensor.shape[0] if tensor.dim() else -1 for tensor in tensors}
+        if not tensors or len(lengths) != 1 or -1 in lengths:
+            raise CalibrationError(
+                "a tensor file must hold one tensor, or tensors of one length along the first dimension, "
+                f"got {_describe_content(content)}"
+            )
+        self.content = content
+        self.batch_size = batch_size
+        self.length = lengths.pop()
+
+    def __len__(self) -> int:
+        return -(-self.length // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, self.length, self.batch_size):
+            yield _slice(self.content, slice(start, start + self.batch_size))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The image files in a folder (any depth, sorted by path), each read with PIL and transformed.
+
+    ``mode`` is the PIL mode images are converted to (``"RGB"``, or ``"L"`` for one-channel models).
+    """
+
+    def __init__(self, files: list[Path], transform: Callable[[Any], torch.Tensor], mode: str = "RGB") -> None:
+        self.files = files
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert(self.mode))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CalibrationError(f"cannot read image '{path}': {exc}") from None
+
+
+def open_data(
+    source: Union[str, os.PathLike],
+    *,
+    model: Optional[nn.Module] = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    data_config: Optional[dict[str, Any]] = None,
+) -> Iterable[Any]:
+    """Calibration batches from a folder of images, a tensor file, or ``"package.module:callable"``.
+
+    Args:
+        source: a folder of images (class subfolders or flat; files with :data:`IMAGE_EXTENSIONS`), a tensor file
+            (:data:`TENSOR_EXTENSIONS`), or the import path of a callable that returns an iterable of batches. The
+            callable is given ``batch_size=`` and ``model=`` when its signature has parameters of those names.
+        model: for image folders: images are resized, cropped and normalized as timm's
+            ``resolve_data_config(model=model)`` says (the input size, mean and std of its pretrained config, or
+            timm's defaults); also passed to a callable that wants it.
+        batch_size: images or rows per batch (folders and tensor files).
+        num_workers: worker processes reading images.
+        data_config: overrides of the data config for image folders, e.g. ``{"input_size": (1, 8, 8),
+            "mean": (0.5,), "std": (0.5,)}``.
+
+    Returns:
+        A re-iterable of batches: image tensors ``(B, C, H, W)`` for folders, tensors/dicts/tuples for tensor
+        files (see :class:`TensorBatches`), whatever the callable returns otherwise.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "calib.pt")
+    >>> torch.save(torch.randn(10, 3, 8, 8), path)
+    >>> [batch.shape[0] for batch in open_data(path, batch_size=4)]
+    [4, 4, 2]
+    """
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be at least 1, got {batch_size}")
+    text = os.fspath(source)
+    path = Path(text)
+    if not path.exists() and _IMPORT_PATH.match(text):
+        return _call_data_callable(text, model=model, batch_size=batch_size)
+    if path.is_dir():
+        return _image_folder(path, model=model, batch_size=batch_size, num_workers=num_workers,
+                             data_config=data_config)
+    if not path.exists():
+        raise CalibrationError(f"calibration data '{text}' does not exist (expected a folder of images, a tensor "
+                               "file or package.module:callable)")
+    suffix = path.suffix.lower()
+    if suffix not in TENSOR_EXTENSIONS:
+        raise CalibrationError(f"cannot read calibration data from '{path.name}': expected a folder of images or a "
+                               f"tensor file ({', '.join(TENSOR_EXTENSIONS)})")
+    return TensorBatches(_load_tensor_file(path, suffix), batch_size)
+
+
+def _load_tensor_file(path: Path, suffix: str) -> Any:
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            content = load_file(str(path))
+            return next(iter(content.values())) if len(content) == 1 else content
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader has its own error types for a damaged or foreign file
+        raise CalibrationError(f"cannot read tensor file '{path}': {exc}") from None
+
+
+def _tensors_of(content: Any) -> list[torch.Tensor]:
+    if isinstance(content, torch.Tensor):
+        return [content]
+    values = list(content.values()) if isinstance(content, Mapping) else content
+    if isinstance(values, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in values):
+        return list(values)
+    return []
+
+
+def _describe_content(content: Any) -> str:
+    if isinstance(content, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe_content(v)}" for k, v in content.items()) + "}"
+    if isinstance(content, (tuple, list)):
+        return "(" + ", ".join(_describe_content(v) for v in content) + ")"
+    if isinstance(content, torch.Tensor):
+        return f"tensor{list(content.shape)}"
+    return type(content).__name__
+
+
+def _slice(content: Any, rows: slice) -> Any:
+    if isinstance(content, torch.Tensor):
+        return content[rows]
+    if isinstance(content, Mapping):
+        return {key: value[rows] for key, value in content.items()}
+    return tuple(value[rows] for value in content)
+
+
+def _image_folder(path: Path, *, model: Optional[nn.Module], batch_size: int, num_workers: int,
+                  data_config: Optional[dict[str, Any]]) -> Iterable[Any]:
+    from timm.data import create_transform, resolve_data_config
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise CalibrationError(f"the folder '{path}' has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    config = resolve_data_config(dict(data_config or {}), model=model, verbose=False)
+    channels = config["input_size"][0]
+    if channels not in (1, 3) or len(config["mean"]) != channels or len(config["std"]) != channels:
+        raise CalibrationError(
+            f"the data config asks for {channels}-channel images with mean {config['mean']} and std "
+            f"{config['std']}: pass data_config with a 1- or 3-channel input_size and a mean and std per channel"
+        )
+    transform = create_transform(**config, is_training=False)
+    dataset = ImageFiles(files, transform, mode="L" if channels == 1 else "RGB")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _call_data_callable(spec: str, *, model: Optional[nn.Module], batch_size: int) -> Iterable[Any]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = _import(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise CalibrationError(f"cannot import calibration data '{spec}': {exc}") from None
+    if not callable(target):
+        raise CalibrationError(f"calibration data '{spec}' is a {type(target).__name__}, not a callable")
+    offered = {"batch_size": batch_size, "model": model}
+    parameters = inspect.signature(target).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    result = target(**{k: v for k, v in offered.items() if takes_any or k in parameters})
+    if not isinstance(result, IterableABC):
+        raise CalibrationError(f"calibration data '{spec}' returned a {type(result).__name__}: expected an "
+                               "iterable of batches")
+    return result
+
+
+def _import(module_name: str) -> Any:
+    """Import a module, also from the current directory (console scripts do not put it on ``sys.path``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if cwd in sys.path or not (exc.name or "").startswith(module_name.split(".")[0]):
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            sys.path.remove(cwd)
