@@ -19,7 +19,16 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["get_arch", "get_history", "get_source", "record_step", "set_arch", "set_history", "set_source"]
+__all__ = [
+    "carry_memory",
+    "get_arch",
+    "get_history",
+    "get_source",
+    "record_step",
+    "set_arch",
+    "set_history",
+    "set_source",
+]
 
 _HISTORY = "_normswap_history"
 _ARCH = "_normswap_arch"
@@ -61,3 +70,11 @@ def get_source(model: nn.Module) -> Optional[dict[str, Any]]:
 def set_source(model: nn.Module, source: Optional[dict[str, Any]]) -> None:
     """Remember the checkpoint file the model was loaded from."""
     model.__dict__[_SOURCE] = copy.deepcopy(source)
+
+
+def carry_memory(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` everything ``old`` remembers (arch, source, history): for steps that replace the root module."""
+    if new is not old:
+        for attr in (_HISTORY, _ARCH, _SOURCE):
+            if attr in old.__dict__:
+                new.__dict__[attr] = copy.deepcopy(old.__dict__[attr])

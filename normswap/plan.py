@@ -26,7 +26,7 @@ from torch import nn
 
 from . import targets
 from .errors import PlanError
-from .history import get_arch, get_history, record_step, set_arch, set_history
+from .history import carry_memory, record_step
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["Plan", "PlanRow", "SkippedLayer", "choose_groups", "convert", "freeze", "plan"]
@@ -130,11 +130,10 @@ class Plan:
         returned. The plan is recorded in the model's history (see :mod:`normswap.history`).
         """
         built = [(row.names, targets.build(_planned_layer(model, row), row)) for row in self.rows]
-        steps, arch = get_history(model), get_arch(model)
+        root = model
         for names, new in built:
             model = replace_module(model, names, new)
-        set_history(model, steps)
-        set_arch(model, arch)
+        carry_memory(root, model)
         record_step(model, {"op": "plan", "plan": self.to_dict()})
         log.info("converted %d layer(s) to %s", len(self.rows), self.target)
         return model

@@ -21,7 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm
 
 import normswap
 from normswap.errors import NormswapError, PlanError
-from normswap.history import get_history
+from normswap.history import get_history, get_source, set_source
 from normswap.layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from normswap.plan import Plan, choose_groups
 from normswap.targets import TARGETS, classify
@@ -588,6 +588,7 @@ def test_applying_the_same_plan_twice_is_refused():
 @pytest.mark.parametrize("to", TARGETS)
 def test_a_model_that_is_itself_a_norm_layer_is_replaced_and_returned(to):
     bn = randomize_norm_layers(nn.BatchNorm2d(8)).eval()
+    set_source(bn, {"file": "bn.pt", "sha256": "0" * 64})
     x = torch.randn(2, 8, 3, 3)
     expected = bn(x)
     p = normswap.plan(bn, to, groups=4)
@@ -598,6 +599,7 @@ def test_a_model_that_is_itself_a_norm_layer_is_replaced_and_returned(to):
     new = p.apply(bn)
     assert new is not bn and classify(new) is not None
     assert get_history(new)[-1]["op"] == "plan"
+    assert get_source(new) == {"file": "bn.pt", "sha256": "0" * 64}
     if to in STATS_TARGETS:
         torch.testing.assert_close(new(x), expected, rtol=1e-6, atol=1e-6)
 
