@@ -8,6 +8,9 @@ The Python API is the product; the ``normswap`` command is a thin shell over it.
 >>> model = p.apply(model)                      # or: normswap.convert(model, "gn", groups=32)
 """
 
+from .arch import ArchSpec
+from .checkpoint import load, load_checkpoint, read_metadata, save
+from .compare import ComparisonReport, compare
 from .errors import (
     ArchitectureError,
     CalibrationError,
@@ -16,16 +19,25 @@ from .errors import (
     OutputError,
     PlanError,
 )
+from .fit import FitReport, fit_report
+from .fold import FoldPlan, fold, plan_fold
 from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
+from .recalibrate import CalibrationReport, calibration_report, recalibrate
+from .recipe import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArchSpec",
     "ArchitectureError",
     "BatchNorm",
     "CalibrationError",
+    "CalibrationReport",
     "CheckpointError",
+    "ComparisonReport",
+    "FitReport",
+    "FoldPlan",
     "FrozenBatchNorm",
     "FrozenBatchNormAct",
     "NormswapError",
@@ -33,9 +45,20 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanRow",
+    "Recipe",
     "SkippedLayer",
+    "calibration_report",
     "choose_groups",
+    "compare",
     "convert",
+    "fit_report",
+    "fold",
     "freeze",
+    "load",
+    "load_checkpoint",
     "plan",
+    "plan_fold",
+    "read_metadata",
+    "recalibrate",
+    "save",
 ]

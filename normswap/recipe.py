@@ -138,7 +138,7 @@ class Recipe:
         >>> recipe = Recipe([Rule(["layer1.*"], "frozen"), Rule(["*"], "gn", {"groups": 8})])
         >>> model = recipe.apply(timm.create_model("resnet18"))
         >>> type(model.layer1[0].bn1).__name__, type(model.layer2[0].bn1).__name__
-        ('FrozenBatchNormAct', 'GroupNormAct')
+        ('FrozenBatchNorm', 'GroupNorm')
         """
         plans = self.plans(model)
         for p in plans:
