@@ -55,7 +55,17 @@ def tensors_of(model):
 
 
 def assert_same_outputs(model, reference, images):
-    torch.testing.assert_close(model.eval()(images), reference(images), rtol=0, atol=0)
+    """Bit-identical weights and buffers, and the same outputs up to float rounding.
+
+    Outputs are not compared bit for bit: oneDNN may pick a different kernel for differently aligned memory (an
+    mmapped file against a freshly allocated model), which changes the last bits (more after InstanceNorm).
+    """
+    expected_state = reference.state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected_state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, expected_state[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(model.eval()(images), reference(images), rtol=1e-5, atol=1e-5)
 
 
 def test_a_state_dict_loads_into_the_named_architecture(state_file, reference, images):
