@@ -451,14 +451,20 @@ def _open_for_comparison(path: Path, arch: Optional[str], arch_kwargs: Optional[
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Relative difference above which a layer counts as diverged.")
 @click.option("--no-layers", is_flag=True, help="Compare outputs only, without the per-layer table.")
+@click.option("--max-relative", type=click.FloatRange(min=0), metavar="R",
+              help="Fail (exit 1) when the outputs' relative difference exceeds R, e.g. 1e-5 for freeze or fold.")
+@click.option("--min-agreement", type=click.FloatRange(min=0, max=1), metavar="P",
+              help="Fail (exit 1) when top-1 agreement is below P (a fraction, e.g. 0.9).")
 @checkpoint_options
 @json_option
 def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
-           input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool, arch: Optional[str],
+           input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool,
+           max_relative: Optional[float], min_agreement: Optional[float], arch: Optional[str],
            arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, as_json: bool) -> None:
     """Compare CONVERTED with ORIGINAL on data: output agreement, accuracy where the data has labels, and the
     layer where the two models part ways. --arch and the other checkpoint options apply to a file that does not
-    record its architecture."""
+    record its architecture. With --max-relative or --min-agreement the command is a check: it prints the
+    report, then fails if the models are further apart than allowed."""
     from .compare import compare
     from .data import open_data
 
@@ -469,9 +475,19 @@ def verify(original: Path, converted: Path, data_source: str, batch_size: int, b
                      layers=not no_layers, tolerance=tolerance)
     if as_json:
         emit_json({"original": str(original), "converted": str(converted), **report.to_dict()})
-        return
-    click.echo(f"original: {original}\nconverted: {converted}")
-    click.echo(str(report))
+    else:
+        click.echo(f"original: {original}\nconverted: {converted}")
+        click.echo(str(report))
+    if max_relative is not None and not report.relative <= max_relative:
+        raise NormswapError(f"verify failed: the outputs' relative difference {report.relative:.3g} exceeds "
+                            f"--max-relative {max_relative:g}")
+    if min_agreement is not None:
+        if report.top1_agreement is None:
+            raise NormswapError("verify failed: --min-agreement needs class outputs (N, classes), and the model "
+                                "outputs are not")
+        if report.top1_agreement < min_agreement:
+            raise NormswapError(f"verify failed: top-1 agreement {report.top1_agreement:.2%} is below "
+                                f"--min-agreement {min_agreement:.2%}")
 
 
 def _describe_history(steps: list[dict[str, Any]]) -> str:

@@ -102,6 +102,29 @@ def test_verify_json_finds_where_a_groupnorm_conversion_parts_ways(files, tmp_pa
     assert report["accuracy_a"] == pytest.approx(expected)
 
 
+def test_verify_passes_its_gates_when_the_models_agree(files):
+    _, checkpoint, data = files
+    assert run("fold", checkpoint, *ARCH).exit_code == 0
+    folded = checkpoint.with_name("resnet18-folded.safetensors")
+    result = run("verify", checkpoint, folded, *ARCH, "--data", data, "--max-relative", 1e-5,
+                 "--min-agreement", 1.0)
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_fails_with_exit_1_when_a_gate_is_missed(files, tmp_path):
+    model, checkpoint, data = files
+    converted = normswap.convert(copy.deepcopy(model), "gn", groups=8)
+    set_arch(converted, ArchSpec.parse("resnet18", {"num_classes": 10}).to_dict())
+    save(converted, tmp_path / "gn.safetensors")
+    for gate in (["--max-relative", "1e-5"], ["--min-agreement", "1.0"]):
+        result = CliRunner().invoke(main, ["verify", str(checkpoint), str(tmp_path / "gn.safetensors"), *ARCH,
+                                           "--data", str(data), "--no-layers", *gate])
+        assert result.exit_code == 1, result.output
+        assert "compared 6 sample(s)" in result.output, "the report is printed before the verdict"
+        assert result.output.strip().splitlines()[-1].startswith("error: verify failed:")
+        assert "Traceback" not in result.output
+
+
 def test_verify_without_data_is_a_one_line_error(files):
     _, checkpoint, _ = files
     result = CliRunner().invoke(main, ["verify", str(checkpoint), str(checkpoint), *ARCH, "--data",
