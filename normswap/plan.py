@@ -120,6 +120,10 @@ class Plan:
                 raise PlanError(
                     f"not a normswap plan: row {row.names} needs a known target, a positive eps and at least one name"
                 )
+            grouped = row.target in ("gn", "ln", "in")
+            if grouped and not (isinstance(row.groups, int) and row.groups > 0 and row.channels % row.groups == 0):
+                raise PlanError(f"not a normswap plan: row {row.names} has {row.groups} groups for {row.channels} "
+                                "channels; a GroupNorm row needs a group count that divides its channels")
         return result
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -528,9 +528,9 @@ def test_a_dict_that_is_not_a_plan_is_refused(bad):
         Plan.from_dict(bad)
 
 
-def test_a_plan_row_with_zero_eps_or_an_unknown_target_is_refused():
+def test_a_plan_row_with_zero_eps_an_unknown_target_or_indivisible_groups_is_refused():
     data = normswap.plan(net(nn.BatchNorm2d(8)), "gn", groups=4).to_dict()
-    for key, value in (("eps", 0.0), ("target", "xx")):
+    for key, value in (("eps", 0.0), ("target", "xx"), ("groups", 3), ("groups", 0), ("groups", None)):
         bad = copy.deepcopy(data)
         bad["rows"][0][key] = value
         with pytest.raises(PlanError, match="not a normswap plan"):
