@@ -120,7 +120,7 @@ def run_case(title: str, checkpoint: Path, arch: str, workdir: Path, repeats: in
         rss = statistics.median(r for _, r in results[name])
         print(f"  {labels[name]:<44} {wall:7.2f} {rss:12.0f} "
               f"{wall / base_wall:7.2f}x {rss / base_rss:6.2f}x  {wall / plus_wall:7.2f}x {rss / plus_rss:6.2f}x")
-    print(f"  all runs (wall s, RSS MB): " + "; ".join(
+    print("  all runs (wall s, RSS MB): " + "; ".join(
         f"{name} " + ", ".join(f"{w:.2f}/{r:.0f}" for w, r in runs) for name, runs in results.items()))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -28,3 +30,25 @@ def _is_norm(module: nn.Module) -> bool:
     from normswap.targets import is_norm_layer
 
     return is_norm_layer(module)
+
+
+def small_cnn(inplace: bool = True, seed: int = 1) -> nn.Module:
+    """Two conv-BN-ReLU blocks (8 and 16 channels) and a 5-class head, on 3-channel images; eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=inplace),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    return randomize_norm_layers(model, seed=seed).eval()
+
+
+def save_resnet18(folder: Path) -> tuple[nn.Module, Path]:
+    """A 10-class timm resnet18 with non-trivial statistics (eval mode), and its state dict saved in ``folder``."""
+    import timm
+
+    torch.manual_seed(0)
+    model = randomize_norm_layers(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=4).eval()
+    checkpoint = folder / "resnet18.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return model, checkpoint

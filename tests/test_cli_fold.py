@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
 
@@ -14,7 +13,7 @@ from normswap.arch import ArchSpec
 from normswap.checkpoint import load, save
 from normswap.cli import main
 from normswap.history import set_arch
-from tests.helpers import randomize_norm_layers
+from tests.helpers import save_resnet18
 
 ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 
@@ -22,10 +21,7 @@ ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 @pytest.fixture
 def files(tmp_path):
     """A trained-looking resnet18 state dict, its model (eval mode), and a labelled tensor data file."""
-    torch.manual_seed(0)
-    model = randomize_norm_layers(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=4).eval()
-    checkpoint = tmp_path / "resnet18.pt"
-    torch.save(model.state_dict(), checkpoint)
+    model, checkpoint = save_resnet18(tmp_path)
     data = tmp_path / "data.pt"
     torch.save((torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))), data)
     return model, checkpoint, data

@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
 
@@ -12,7 +11,7 @@ from normswap.checkpoint import load
 from normswap.cli import main
 from normswap.history import get_history
 from normswap.recalibrate import recalibrate
-from tests.helpers import randomize_norm_layers
+from tests.helpers import save_resnet18
 
 ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 
@@ -20,10 +19,7 @@ ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 @pytest.fixture
 def files(tmp_path):
     """A resnet18 state dict with stale statistics, its model, and a labelled tensor data file of shifted images."""
-    torch.manual_seed(0)
-    model = randomize_norm_layers(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=4).eval()
-    checkpoint = tmp_path / "resnet18.pt"
-    torch.save(model.state_dict(), checkpoint)
+    model, checkpoint = save_resnet18(tmp_path)
     images = torch.randn(10, 3, 32, 32) * 3 + 1
     data = tmp_path / "data.pt"
     torch.save((images, torch.randint(0, 10, (10,))), data)

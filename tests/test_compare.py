@@ -14,17 +14,7 @@ import normswap
 from normswap.compare import compare
 from normswap.errors import CalibrationError, NormswapError
 from normswap.fold import fold
-from tests.helpers import randomize_norm_layers
-
-
-def small_cnn():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    )
-    return randomize_norm_layers(model, seed=2).eval()
+from tests.helpers import randomize_norm_layers, small_cnn
 
 
 def batches(count=3, size=4, seed=0):

@@ -15,7 +15,7 @@ from normswap.fit import fit_affine, fit_report
 from normswap.history import get_history
 from normswap.plan import plan
 
-from .helpers import randomize_norm_layers
+from .helpers import randomize_norm_layers, small_cnn
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,6 @@ def digits():
 @pytest.fixture(scope="module")
 def demo_model():
     return load_demo_model()
-
-
-def small_cnn(inplace: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=inplace),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    )
-    return randomize_norm_layers(model, seed=1).eval()
 
 
 def images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:
