@@ -121,7 +121,7 @@ def test_models_run_in_eval_mode_and_keep_their_training_flags_and_statistics():
     model_b[1].eval()
     mean = model_a[1].running_mean.clone()
     report = compare(model_a, model_b, batches())
-    assert report.max_abs == 0
+    assert report.max_abs < 1e-6, "both run in eval mode (train-mode BatchNorm would differ by far more)"
     assert model_a.training and model_a[1].training and not model_b[1].training and model_b[4].training
     assert torch.equal(model_a[1].running_mean, mean)
 
