@@ -197,10 +197,16 @@ def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bo
 
 
 def write_model(model: Any, path: Path, force: bool) -> int:
-    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes."""
+    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes. Warns when
+    the model records no architecture (a pickled model read without ``--arch``): the file then cannot rebuild it."""
     from .checkpoint import save
+    from .history import get_arch
 
-    return save(model, path, overwrite=force).stat().st_size
+    n_bytes = save(model, path, overwrite=force).stat().st_size
+    if get_arch(model) is None:
+        log.warning(f"{path.name} records no architecture (the input was a pickled model and --arch was not given): "
+                    "load it with normswap.load_checkpoint(path, arch=...), or convert again with --arch to record it")
+    return n_bytes
 
 
 def _size(n_bytes: int) -> str:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import normswap
 from normswap import checkpoint as checkpoint_module
-from normswap.checkpoint import load, read_metadata
+from normswap.checkpoint import load, load_checkpoint, read_metadata
 from normswap.cli import TARGET_CHOICES, main
 from normswap.targets import TARGETS
 
@@ -281,6 +281,21 @@ def test_a_pickled_model_needs_the_flag(tmp_path, reference):
     assert refused.exit_code == 1 and "--trust-pickle" in refused.stderr
     assert files(tmp_path) == ["whole.pt"]
     assert run("convert", path, "--to", "gn", "--trust-pickle", "--dry-run").exit_code == 0
+
+
+def test_a_pickled_model_converted_without_arch_is_written_with_a_warning_saying_how_to_load_it(tmp_path, reference,
+                                                                                               images):
+    path = tmp_path / "whole.pt"
+    torch.save(reference, path)
+    result = run("convert", path, "--to", "frozen", "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    assert "warning: whole-frozen.safetensors records no architecture" in result.stderr
+    assert "--arch" in result.stderr
+    loaded = load_checkpoint(tmp_path / "whole-frozen.safetensors", "test_resnet", arch_kwargs={"num_classes": 10})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), reference(images), rtol=1e-5, atol=1e-5)
+    recorded = run("convert", path, "--to", "frozen", "--trust-pickle", *ARCH_ARGS, "-o", tmp_path / "b.safetensors")
+    assert recorded.exit_code == 0 and "records no architecture" not in recorded.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):
