@@ -52,11 +52,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
-from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
 from . import targets
@@ -64,7 +64,7 @@ from .data import call_model
 from .errors import CheckpointError, PlanError
 from .history import record_step
 from .plan import Plan, plan as plan_conversion
-from .walk import find_modules, get_module, replace_module
+from .walk import find_modules, get_module, replace_module, timm_untraceable
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold", "replay_fold"]
 
@@ -75,9 +75,19 @@ FOLDABLE_KINDS = ("bn", "bn_act", "sync", "sync_act", "frozen", "frozen_act")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PRODUCERS = (*_CONVS, Conv2dSame, *_CONV_TRANSPOSES, nn.Linear)
-_SPATIAL_RANK = {cls: rank for rank, group in enumerate(zip(_CONVS, _CONV_TRANSPOSES), 1) for cls in group}
-_SPATIAL_RANK[Conv2dSame] = 2
+_SPATIAL_RANK: dict[type, int] = {
+    cls: rank for rank, group in enumerate(zip(_CONVS, _CONV_TRANSPOSES), 1) for cls in group
+}
+"""Every conv class a BatchNorm folds into, with its spatial rank; timm's ``Conv2dSame`` once timm is imported."""
+
+
+def _is_producer(module: nn.Module) -> bool:
+    """True for the exact classes a BatchNorm can fold into: Conv1d/2d/3d, ConvTranspose, Linear, timm Conv2dSame."""
+    timm_convs = sys.modules.get("timm.layers.conv2d_same")
+    if timm_convs is not None and hasattr(timm_convs, "Conv2dSame"):
+        _SPATIAL_RANK.setdefault(timm_convs.Conv2dSame, 2)
+    return type(module) in _SPATIAL_RANK or type(module) is nn.Linear
+
 _SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
                   nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.BatchNorm1d)
 
@@ -215,12 +225,12 @@ class _Tracer(fx.Tracer):
     """Symbolic tracer that keeps norm layers, foldable layers and timm's not-traced modules whole."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        functions, self._notrace = timm_untraceable()
+        super().__init__(autowrap_functions=functions)
         self.proxy_buffer_attributes = True
-        self._notrace = tuple(get_notrace_modules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if targets.is_norm_layer(m) or type(m) in _PRODUCERS or type(m) in self._notrace:
+        if targets.is_norm_layer(m) or _is_producer(m) or type(m) in self._notrace:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -249,7 +259,7 @@ def _output_ranks(model: nn.Module, example_input: Any) -> dict[int, int]:
             ranks.setdefault(id(module), output.dim())
 
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_hook(remember) for m in model.modules() if type(m) in _PRODUCERS]
+    handles = [m.register_forward_hook(remember) for m in model.modules() if _is_producer(m)]
     model.eval()
     try:
         with torch.no_grad():
@@ -480,7 +490,7 @@ def _pair_reason(
     conv = modules[source.target]
     conv_name = prefix + source.target
     label = f"{conv_name} ({type(conv).__name__})"
-    if type(conv) not in _PRODUCERS:
+    if not _is_producer(conv):
         return f"its input comes from {label}, not a Conv, ConvTranspose or Linear layer"
     if _untraced_ancestor(conv_name, prefix, called_names) is not None:
         return f"{label} is inside a module that is not traced through"
@@ -621,7 +631,7 @@ def replay_fold(model: nn.Module, step: dict[str, Any]) -> nn.Module:
             raise CheckpointError(
                 f"the checkpoint's fold step does not fit this architecture: it has no layer '{exc.args[0]}'"
             ) from None
-        if type(conv) not in _PRODUCERS or targets.classify(bn) not in FOLDABLE_KINDS:
+        if not _is_producer(conv) or targets.classify(bn) not in FOLDABLE_KINDS:
             raise CheckpointError(
                 f"the checkpoint's fold step does not fit this architecture: '{conv_name}' is a "
                 f"{type(conv).__name__} and '{bn_name}' a {type(bn).__name__}"

@@ -65,7 +65,7 @@ from .data import call_model, iter_inputs, move_input
 from .errors import CalibrationError, NormswapError
 from .history import get_history, record_step
 from .targets import classify, is_norm_layer
-from .walk import find_modules
+from .walk import find_modules, timm_untraceable
 
 __all__ = ["METHODS", "CalibrationReport", "calibration_report", "recalibrate"]
 
@@ -795,10 +795,8 @@ class _NormLeafTracer(torch.fx.Tracer):
     one opaque call."""
 
     def __init__(self) -> None:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-
-        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
-        self.opaque = tuple(get_notrace_modules())
+        functions, self.opaque = timm_untraceable()
+        super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_norm_layer(m) or isinstance(m, self.opaque) or super().is_leaf_module(m, module_qualified_name)

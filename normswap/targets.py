@@ -16,6 +16,9 @@ bn        ``nn.BatchNorm{1,2,3}d`` by original rank   timm ``BatchNormAct2d``
 A source built with ``bias=False`` gives a target without bias (frozen layers keep a zero bias buffer, or a fixed
 one with ``trainable_affine``; ``affine="fit"`` fits a shift, so it keeps a bias).
 
+timm's and torchvision's classes join the registry once their modules are imported: a model can only hold them then,
+so ``import normswap`` does not import timm or torchvision (and the ``torch._dynamo`` that torchvision imports).
+
 Affine parameters and statistics tensors are moved, not copied, where the target keeps them unchanged: an optimizer
 built before a ``sync``/``bn``/``gn`` conversion still points at the live parameters, and a 1 GB model is not
 duplicated in memory.
@@ -23,13 +26,12 @@ duplicated in memory.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, GroupNormAct, SyncBatchNormAct
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 
@@ -51,33 +53,45 @@ _KINDS: dict[type, str] = {
     nn.BatchNorm2d: "bn",
     nn.BatchNorm3d: "bn",
     BatchNorm: "bn",
-    BatchNormAct2d: "bn_act",
     nn.SyncBatchNorm: "sync",
-    SyncBatchNormAct: "sync_act",
     FrozenBatchNorm: "frozen",
-    TorchvisionFrozenBatchNorm2d: "frozen",
     FrozenBatchNormAct: "frozen_act",
-    FrozenBatchNormAct2d: "frozen_act",
     nn.GroupNorm: "gn",
-    GroupNormAct: "gn_act",
 }
 
-_RANKS: dict[type, int] = {
-    nn.BatchNorm1d: 1,
-    nn.BatchNorm2d: 2,
-    nn.BatchNorm3d: 3,
-    BatchNormAct2d: 2,
-    TorchvisionFrozenBatchNorm2d: 2,
-    FrozenBatchNormAct2d: 2,
-}
+_RANKS: dict[type, int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
-_BATCH_NORM_BASES = (
-    nn.modules.batchnorm._BatchNorm,
-    FrozenBatchNorm,
-    TorchvisionFrozenBatchNorm2d,
-    FrozenBatchNormAct2d,
-)
+_BATCH_NORM_BASES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
 """Every class whose unrecognised subclasses are reported as ``"unknown"`` rather than ignored."""
+
+# Module -> class name -> (kind, rank); registered by _register_imported() once the module is imported.
+_PENDING: dict[str, dict[str, tuple[str, Optional[int]]]] = {
+    "timm.layers.norm_act": {
+        "BatchNormAct2d": ("bn_act", 2),
+        "SyncBatchNormAct": ("sync_act", None),
+        "FrozenBatchNormAct2d": ("frozen_act", 2),
+        "GroupNormAct": ("gn_act", None),
+    },
+    "torchvision.ops.misc": {"FrozenBatchNorm2d": ("frozen", 2)},
+}
+
+
+def _register_imported() -> None:
+    """Add the classes of every pending module that has been imported since the last call."""
+    global _BATCH_NORM_BASES
+    for module_name in [name for name in _PENDING if name in sys.modules]:
+        module = sys.modules[module_name]
+        classes = {name: getattr(module, name, None) for name in _PENDING[module_name]}
+        if any(cls is None for cls in classes.values()):
+            continue  # still being imported
+        for name, cls in classes.items():
+            kind, rank = _PENDING[module_name][name]
+            _KINDS[cls] = kind
+            if rank is not None:
+                _RANKS[cls] = rank
+            if kind.startswith("frozen"):
+                _BATCH_NORM_BASES = (*_BATCH_NORM_BASES, cls)
+        del _PENDING[module_name]
 
 _BN_BY_RANK: dict[Optional[int], type] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: BatchNorm}
 
@@ -94,6 +108,7 @@ def classify(module: nn.Module) -> Optional[str]:
     >>> classify(nn.BatchNorm2d(4)), classify(nn.InstanceNorm2d(4)), classify(nn.LazyBatchNorm2d())
     ('bn', None, 'lazy')
     """
+    _register_imported()
     kind = _KINDS.get(type(module))
     if kind is not None:
         return kind
@@ -111,6 +126,7 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 def fallback_kind(module: nn.Module) -> str:
     """The kind an unknown subclass is converted as, when the user opts in: that of its nearest known base class."""
+    _register_imported()
     for base in type(module).__mro__:
         if base in _KINDS:
             return _KINDS[base]
@@ -175,6 +191,7 @@ def source_rank(module: nn.Module) -> Optional[int]:
     """The input rank (1, 2, 3) a norm layer was made for (also for subclasses), or ``None`` if nothing says."""
     if isinstance(module, FrozenBatchNorm):
         return module.rank
+    _register_imported()
     for cls, rank in _RANKS.items():
         if isinstance(module, cls):
             return rank
@@ -201,7 +218,7 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
     affine = row.affine != "none"
     factory = src.factory()
     if src.act is not None:
-        new = GroupNormAct(
+        new = _timm_class("GroupNormAct")(
             src.num_features, row.groups, eps=row.eps, affine=affine, apply_act=False, **factory
         )
         _fused(new, src)
@@ -248,14 +265,14 @@ def _build_batch_norm(src: SourceLayer, row: "PlanRow", cls: type) -> nn.Module:
 
 
 def _build_sync(src: SourceLayer, row: "PlanRow") -> nn.Module:
-    cls = SyncBatchNormAct if src.act is not None else nn.SyncBatchNorm
+    cls = _timm_class("SyncBatchNormAct") if src.act is not None else nn.SyncBatchNorm
     new = _build_batch_norm(src, row, cls)
     setattr(new, RANK_ATTR, src.rank)
     return new
 
 
 def _build_bn(src: SourceLayer, row: "PlanRow") -> nn.Module:
-    cls = BatchNormAct2d if src.act is not None else _BN_BY_RANK.get(src.rank, BatchNorm)
+    cls = _timm_class("BatchNormAct2d") if src.act is not None else _BN_BY_RANK.get(src.rank, BatchNorm)
     return _build_batch_norm(src, row, cls)
 
 
@@ -268,14 +285,21 @@ _BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
     "bn": _build_bn,
 }
 
-TARGET_CLASSES: dict[tuple[str, bool], type] = {
-    ("gn", False): nn.GroupNorm,
-    ("gn", True): GroupNormAct,
-    ("frozen", False): FrozenBatchNorm,
-    ("frozen", True): FrozenBatchNormAct,
-    ("sync", False): nn.SyncBatchNorm,
-    ("sync", True): SyncBatchNormAct,
-    ("bn", True): BatchNormAct2d,
+def _timm_class(name: str) -> type:
+    """A class of timm's ``norm_act`` module (imported here: a layer with a fused activation needs it)."""
+    from timm.layers import norm_act
+
+    return getattr(norm_act, name)
+
+
+_TARGET_CLASSES: dict[tuple[str, bool], Callable[[], type]] = {
+    ("gn", False): lambda: nn.GroupNorm,
+    ("gn", True): lambda: _timm_class("GroupNormAct"),
+    ("frozen", False): lambda: FrozenBatchNorm,
+    ("frozen", True): lambda: FrozenBatchNormAct,
+    ("sync", False): lambda: nn.SyncBatchNorm,
+    ("sync", True): lambda: _timm_class("SyncBatchNormAct"),
+    ("bn", True): lambda: _timm_class("BatchNormAct2d"),
 }
 
 
@@ -284,7 +308,7 @@ def target_class(target: str, rank: Optional[int], fused: bool) -> type:
     family = "gn" if target in ("gn", "ln", "in") else target
     if family == "bn" and not fused:
         return _BN_BY_RANK.get(rank, BatchNorm)
-    return TARGET_CLASSES[(family, fused)]
+    return _TARGET_CLASSES[(family, fused)]()
 
 
 def build(module: nn.Module, row: "PlanRow") -> nn.Module:
