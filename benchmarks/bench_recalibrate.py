@@ -7,7 +7,9 @@ Three tables, printed as markdown:
    on every BatchNorm input as the other rows, and a forward with BatchNorm in train mode: the floor of every method
    that normalizes with batch statistics. Methods are timed in interleaved rounds; each row gives the best time (the
    least disturbed by other work on the machine) and the throughput ratios to the plain forward and to that floor.
-   On CPU, and on CUDA when there is one.
+   On CPU, normswap's default runs channels-last; the rows "normswap exact, channels_last=False" and "plain no-grad
+   eval forward, channels-last copy" show the same calibration in the model's own layout and a plain forward given
+   the channels-last layout too. On CUDA when there is one.
 2. Exactness: the largest relative error of ``running_var`` against the float64 statistics of everything each layer
    saw with batch statistics (timm resnet18), at calibration batch sizes 1-32, with a stem input mean near 1000 and
    under bfloat16 autocast.
@@ -196,11 +198,26 @@ def bench_throughput(device: torch.device, rounds: int, *, batch: int, size: int
     methods: dict[str, Callable[[], None]] = {
         "plain no-grad eval forward": under_amp(plain),
         "forward with BatchNorm in train mode, nothing accumulated": under_amp(batch_statistics_forward),
-        "normswap exact": lambda: recalibrate(model, batches, amp=amp, channels_last=channels_last, progress=False),
+        "normswap exact": lambda: recalibrate(model, batches, amp=amp, channels_last=channels_last or None,
+                                              progress=False),
         "update_bn": under_amp(lambda: run_update_bn(model, batches)),
         "precise BN (fvcore-style)": under_amp(lambda: precise_bn(model, batches)),
         "float64 hooks on every BN input": under_amp(lambda: float64_hooks(model, batches)),
     }
+    if device.type == "cpu" and not channels_last:
+        # normswap's default on CPU runs in channels-last layout; show it beside the same run in the model's own
+        # layout, and beside a plain forward that is also given channels-last weights and inputs
+        methods["normswap exact, channels_last=False"] = lambda: recalibrate(model, batches, amp=amp,
+                                                                             channels_last=False, progress=False)
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        batches_cl = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+
+        def plain_channels_last() -> None:
+            with torch.no_grad():
+                for x in batches_cl:
+                    model_cl(x)
+
+        methods["plain no-grad eval forward, channels-last copy"] = under_amp(plain_channels_last)
     methods["plain no-grad eval forward"]()
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):

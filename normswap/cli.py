@@ -401,7 +401,9 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bo
                    "sequential: eval-consistent, layer after layer, at any batch size.")
 @click.option("--device", metavar="DEV", help="Run on this device (cpu, cuda, cuda:1).")
 @click.option("--amp", is_flag=True, help="Run the forward under bfloat16/float16 autocast (statistics stay float64).")
-@click.option("--channels-last", is_flag=True, help="Run with weights and images in channels-last layout.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Run with weights and images in channels-last layout. Default: for exact on CPU, if the model has "
+                   "2-D convolutions (faster there).")
 @click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: on a terminal, for runs longer than two seconds).")
@@ -409,7 +411,7 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bo
 @output_options
 @json_option
 def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batch_size: int, method: str,
-                device: Optional[str], amp: bool, channels_last: bool, input_key: Optional[str],
+                device: Optional[str], amp: bool, channels_last: Optional[bool], input_key: Optional[str],
                 progress: Optional[bool], arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
                 trust_pickle: bool, output: Optional[Path], force: bool, as_json: bool) -> None:
     """Recompute the BatchNorm running statistics of CHECKPOINT on unlabeled data; writes

@@ -10,7 +10,11 @@ After a domain shift, pruning, quantization or weight averaging, a model's Batch
   buffers hold that batch's mean and unbiased variance, computed by BatchNorm's own kernel; a forward hook merges
   them with the element count per channel into float64 accumulators (Chan's parallel formula: per-channel work only,
   never ``E[x²] - E[x]²``). A batch in which a layer sees one value per channel has no batch statistics: that is an
-  error that names the layer and suggests ``"sequential"``.
+  error that names the layer and suggests ``"sequential"``. On CPU, a model with 2-D convolutions runs in
+  channels-last layout unless told otherwise (``channels_last=None``): there, PyTorch's train-mode BatchNorm and
+  convolutions are 1.1-1.3x faster than a plain eval forward in the default layout, where they are 0.6-0.97x. A
+  model that fails on the first batch in that layout (a ``view`` that needs contiguous memory) is run again in its
+  own.
 - ``"sequential"`` (eval-consistent): afterwards, running the model in eval mode over the calibration set and
   measuring each layer's input gives exactly that layer's running statistics. Layer ``k`` is measured in eval mode
   with the layers before it already using their new statistics. Layers that do not feed each other share a pass
@@ -50,9 +54,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -150,7 +155,7 @@ def recalibrate(
     method: str = "exact",
     device: Device = None,
     amp: Union[bool, torch.dtype] = False,
-    channels_last: bool = False,
+    channels_last: Optional[bool] = None,
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
     progress: Optional[bool] = None,
@@ -169,7 +174,9 @@ def recalibrate(
             asynchronously) and the model is moved back afterwards. Default: where the model is.
         amp: run the forward under autocast (``True``: bfloat16 where supported, else float16; or a dtype); the
             statistics still accumulate in float64.
-        channels_last: run with 4-D weights and inputs in channels-last layout.
+        channels_last: run with 4-D weights and inputs in channels-last layout (the model is given back in its
+            own layout). ``None``: for ``"exact"`` on CPU in one process, if the model has 2-D convolutions (it is
+            faster there); otherwise not.
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar, ``False`` never; ``None`` shows one on a terminal for runs longer
             than two seconds.
@@ -195,19 +202,29 @@ def recalibrate(
     if not layers:
         reasons = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise CalibrationError(f"the model has no BatchNorm layer with running statistics to recalibrate{reasons}")
-    run = _Run.resolve(root, device, amp, channels_last)
     ranks = _Ranks()
+    if channels_last is None:
+        channels_last = method == "exact" and ranks.size == 1 and _prefers_channels_last(root, device)
+        layout_chosen = channels_last
+    else:
+        layout_chosen = False
+    run = _Run.resolve(root, device, amp, channels_last)
     show = _progress_setting(progress, ranks.rank)
     inputs = iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)
+    first = list(itertools.islice(inputs, 1))
     snapshot = _Snapshot(root, layers)
     try:
-        _place(root, run)
-        root.eval()
-        if method == "exact":
-            totals, order = _exact(root, layers, inputs, run, ranks, dict(show, total=_length(data, batches)))
-            passes = 1
-        else:
-            totals, order, passes = _sequential(root, layers, inputs, run, ranks, show)
+        try:
+            totals, order, passes = _calibrate(root, layers, itertools.chain(first, inputs), method, run, ranks,
+                                               show, _length(data, batches))
+        except _ModelFailure as failure:
+            if not (layout_chosen and first and failure.index == first[0][0]):
+                raise
+            log.debug("the model fails in channels-last layout (%s); calibrating in its own layout", failure)
+            snapshot.restore()
+            run = replace(run, channels_last=False)
+            totals, order, passes = _calibrate(root, layers, itertools.chain(first, inputs), method, run, ranks,
+                                               show, _length(data, batches))
         results = _final_statistics(order)
     finally:
         snapshot.restore()
@@ -229,6 +246,26 @@ def recalibrate(
     record_step(root, {"op": "recalibrate", **report.to_dict()})
     log.info("%s", report)
     return model
+
+
+def _calibrate(model: nn.Module, layers: list[_Layer], inputs: Iterator[tuple[int, Any]], method: str, run: "_Run",
+               ranks: "_Ranks", show: dict[str, Any], length: Optional[int]) -> tuple[list[int], list[_Layer], int]:
+    """One calibration run on a model whose state the caller has snapshotted; returns totals, layers, passes."""
+    _place(model, run)
+    model.eval()
+    if method == "exact":
+        totals, order = _exact(model, layers, inputs, run, ranks, dict(show, total=length))
+        return totals, order, 1
+    return _sequential(model, layers, inputs, run, ranks, show)
+
+
+def _prefers_channels_last(model: nn.Module, device: Device) -> bool:
+    """True on CPU for a model with 2-D convolutions, where channels-last train-mode passes are faster."""
+    home = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    target = torch.device(device) if device is not None else (home.device if home is not None else None)
+    if target is None or target.type != "cpu":
+        return False
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
 class _Moments:
@@ -402,6 +439,14 @@ def _forward(model: nn.Module, model_input: Any, index: int, run: _Run) -> None:
         call_model(model, run.move(model_input))
 
 
+class _ModelFailure(CalibrationError):
+    """The model itself raised on batch ``index`` (not a problem normswap found in the data or statistics)."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 @contextlib.contextmanager
 def _failures_named(index: int, model_input: Any) -> Iterator[None]:
     """Turn a failure of the model on batch ``index`` into a :class:`CalibrationError` naming the batch."""
@@ -413,8 +458,8 @@ def _failures_named(index: int, model_input: Any) -> Iterator[None]:
         raise
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CalibrationError(
-            f"batch {index} ({_describe(model_input)}) failed in the model: {type(exc).__name__}: {message}"
+        raise _ModelFailure(
+            f"batch {index} ({_describe(model_input)}) failed in the model: {type(exc).__name__}: {message}", index
         ) from exc
 
 

@@ -47,7 +47,7 @@ def test_recalibrate_writes_the_statistics_the_api_computes_on_the_same_batches(
     expected = running_statistics(recalibrate(model, images.split(4), method=method))
     written = load(out)
     for key, value in running_statistics(written).items():
-        assert torch.allclose(value, expected[key], rtol=1e-6, atol=1e-7), key
+        assert torch.allclose(value, expected[key], rtol=1e-5, atol=1e-6), key
     assert get_history(written)[-1]["op"] == "recalibrate"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import pytest
 import timm
@@ -20,11 +21,21 @@ from .helpers import randomize_norm_layers
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-def population_statistics(model: nn.Module, data, *, batch_statistics: bool, amp: bool = False) -> dict:
+def population_statistics(model: nn.Module, data, *, batch_statistics: bool, amp: bool = False,
+                          channels_last: Optional[bool] = None) -> dict:
     """float64 mean and unbiased variance per channel of everything each BatchNorm layer sees, from a copy of the
     model run over ``data``: with BatchNorm layers in train mode (``batch_statistics``) or everything in eval mode.
-    The inputs are copied when the hook runs, so later in-place operations cannot change them."""
+    The inputs are copied when the hook runs, so later in-place operations cannot change them.
+
+    What a layer sees depends, at float rounding, on the memory layout the model runs in; ``channels_last=None``
+    runs in the layout ``recalibrate`` chooses by default in one process on CPU: channels-last for the exact method
+    on a model with 2-D convolutions."""
+    if channels_last is None:
+        channels_last = batch_statistics and any(isinstance(m, nn.Conv2d) for m in model.modules())
     reference = copy.deepcopy(model).eval()
+    if channels_last:
+        reference = reference.to(memory_format=torch.channels_last)
+        data = [x.contiguous(memory_format=torch.channels_last) for x in data]
     seen: dict[str, list[torch.Tensor]] = {}
 
     def capture(name):
@@ -136,14 +147,47 @@ def test_exact_runs_dropout_in_eval_mode_and_only_norm_layers_in_batch_mode():
     assert_statistics(model, expected)
 
 
-def test_exact_in_channels_last_layout_gives_the_same_statistics():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_exact_in_either_layout_gives_the_statistics_of_what_the_layers_saw_in_it(channels_last):
     model, data = resnet18(), images([3, 2])
-    reference = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    layout = [x.contiguous(memory_format=torch.channels_last) for x in data]
-    expected = population_statistics(reference, layout, batch_statistics=True)
-    recalibrate(model, data, channels_last=True)
+    expected = population_statistics(model, data, batch_statistics=True, channels_last=channels_last)
+    recalibrate(model, data, channels_last=channels_last)
     assert_statistics(model, expected)
-    assert model.conv1.weight.is_contiguous()
+    assert model.conv1.weight.is_contiguous(), "the model comes back in its own layout"
+
+
+def test_on_cpu_exact_runs_a_conv_model_in_channels_last_layout_by_default():
+    model, data = small_cnn(), images([4, 4])
+    layouts = []
+    model[1].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    recalibrate(model, data)
+    assert layouts == [True, True]
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+class ViewsItsFeatures(nn.Module):
+    """Flattens conv features with ``view``, which needs contiguous memory: it fails on channels-last tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.head(x.view(x.shape[0], -1))
+
+
+def test_a_model_that_fails_in_channels_last_layout_is_calibrated_in_its_own():
+    torch.manual_seed(0)
+    model, data = randomize_norm_layers(ViewsItsFeatures()).eval(), images([4, 4, 3], shape=(3, 8, 8))
+    with pytest.raises(RuntimeError, match="view"):
+        copy.deepcopy(model).to(memory_format=torch.channels_last)(
+            data[0].contiguous(memory_format=torch.channels_last))
+    expected = population_statistics(model, data, batch_statistics=True, channels_last=False)
+    recalibrate(model, data)
+    assert_statistics(model, expected)
+    assert calibration_report(model).batches == 3
 
 
 def test_exact_pools_every_call_of_a_shared_layer():
