@@ -20,8 +20,8 @@ After a domain shift, pruning, quantization or weight averaging, a model's Batch
   with the layers before it already using their new statistics. Layers that do not feed each other share a pass
   (their levels come from the model's ``torch.fx`` graph). On that graph, a pass computes only the part between the
   activations kept from the previous passes and the inputs it measures, so the whole calibration costs about one
-  forward plus a probe batch and the trace, however many passes (1.4 eval forwards for a resnet50's 49 passes over
-  4 batches). When the model cannot be traced, or changes in place a value
+  forward plus a probe batch and the trace, however many passes (1.4-1.7 eval forwards for a resnet50's 49 passes
+  over 4 batches). When the model cannot be traced, or changes in place a value
   that other operations read, each pass is an eager forward that stops once its layer has run, one layer per pass.
   It works at any batch size, including 1. The calibration inputs, and on the graph the activations at the boundary
   of the part already calibrated, are held on the calibration device for every batch: bound them with ``batches``.
