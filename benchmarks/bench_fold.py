@@ -6,7 +6,7 @@ folded model at most 0.85x the BatchNorm model's time. The folded model's output
 
 Usage::
 
-    python benchmarks/bench_fold.py [--threads 2] [--batch 4] [--size 224] [--rounds 15]
+    python benchmarks/bench_fold.py [--threads 2] [--batch 4] [--size 224] [--rounds 15] [--channels-last]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--channels-last", action="store_true", help="run both models and the input channels-last")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -47,6 +48,9 @@ def main() -> None:
     p = plan_fold(folded)
     folded = p.apply(folded)
     x = torch.randn(args.batch, 3, args.size, args.size)
+    if args.channels_last:
+        original, folded = (m.to(memory_format=torch.channels_last) for m in (original, folded))
+        x = x.contiguous(memory_format=torch.channels_last)
 
     with torch.inference_mode():
         expected, out = original(x), folded(x)
@@ -62,7 +66,8 @@ def main() -> None:
     median_bn, median_folded = statistics.median(times_bn), statistics.median(times_folded)
 
     print(f"{args.model}, CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"input {args.batch}x3x{args.size}x{args.size}, {args.rounds} interleaved rounds after 2 warm-up")
+          f"input {args.batch}x3x{args.size}x{args.size}" + (" channels-last" if args.channels_last else "")
+          + f", {args.rounds} interleaved rounds after 2 warm-up")
     print(f"folded {len(p)} BatchNorm layer(s), left {len(p.left)}; max output difference {error:.2e} (relative)")
     print(f"BatchNorm model eval forward: median {median_bn * 1000:.1f} ms")
     print(f"folded model eval forward:    median {median_folded * 1000:.1f} ms")
