@@ -304,7 +304,8 @@ def _conversion_options(command: Callable) -> Callable:
               help="GroupNorm weight and bias: copied from BatchNorm, reset to 1 and 0, or fitted on --data so "
                    "the converted model behaves like the original.")
 @click.option("--data", "data_source", metavar="PATH",
-              help="With --affine fit: calibration data (a folder of images, a tensor file or package.module:callable).")
+              help="With --affine fit: calibration data (a folder of images, a tensor file or "
+                   "package.module:callable).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --affine fit: samples per calibration batch.")
 @click.option("--batches", type=click.IntRange(min=1), metavar="N", help="With --affine fit: use the first N batches.")

@@ -88,6 +88,7 @@ def _is_producer(module: nn.Module) -> bool:
         _SPATIAL_RANK.setdefault(timm_convs.Conv2dSame, 2)
     return type(module) in _SPATIAL_RANK or type(module) is nn.Linear
 
+
 _SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
                   nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.BatchNorm1d)
 
@@ -645,4 +646,3 @@ def replay_fold(model: nn.Module, step: dict[str, Any]) -> nn.Module:
         replace_module(model, [bn_name], replacement)
     record_step(model, dict(step))
     return model
-

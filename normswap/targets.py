@@ -93,6 +93,7 @@ def _register_imported() -> None:
                 _BATCH_NORM_BASES = (*_BATCH_NORM_BASES, cls)
         del _PENDING[module_name]
 
+
 _BN_BY_RANK: dict[Optional[int], type] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: BatchNorm}
 
 
@@ -284,6 +285,7 @@ _BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
     "sync": _build_sync,
     "bn": _build_bn,
 }
+
 
 def _timm_class(name: str) -> type:
     """A class of timm's ``norm_act`` module (imported here: a layer with a fused activation needs it)."""

@@ -283,8 +283,7 @@ def test_a_pickled_model_needs_the_flag(tmp_path, reference):
     assert run("convert", path, "--to", "gn", "--trust-pickle", "--dry-run").exit_code == 0
 
 
-def test_a_pickled_model_converted_without_arch_is_written_with_a_warning_saying_how_to_load_it(tmp_path, reference,
-                                                                                               images):
+def test_a_pickled_model_converted_without_arch_gets_a_warning_saying_how_to_load_it(tmp_path, reference, images):
     path = tmp_path / "whole.pt"
     torch.save(reference, path)
     result = run("convert", path, "--to", "frozen", "--trust-pickle")

@@ -107,8 +107,8 @@ def test_trainable_affine_gets_gradients_while_statistics_stay_fixed():
     x = torch.randn(2, 6, 3, 3)
     frozen(x).square().sum().backward()
     # d/dweight of sum(y^2) with y = xhat * w + b, written out in float64
-    xhat = (x.double() - bn.running_mean.double()[:, None, None]) / (bn.running_var.double()[:, None, None]
-                                                                        + bn.eps).sqrt()
+    mean, var = bn.running_mean.double()[:, None, None], bn.running_var.double()[:, None, None]
+    xhat = (x.double() - mean) / (var + bn.eps).sqrt()
     y = xhat * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
     torch.testing.assert_close(frozen.weight.grad.double(), (2 * y * xhat).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(frozen.bias.grad.double(), (2 * y).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)

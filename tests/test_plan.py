@@ -478,8 +478,8 @@ def test_property_channels_per_group_picks_the_divisor_nearest_to_channels_over_
     wanted = channels / per_group
     assert all(abs(chosen - wanted) <= abs(d - wanted) for d in divisors(channels))
     if channels % per_group == 0:
-        assert chosen == channels // per_group == choose_groups(channels, channels_per_group=per_group,
-                                                               policy="exact")
+        exact = choose_groups(channels, channels_per_group=per_group, policy="exact")
+        assert chosen == channels // per_group == exact
     else:
         with pytest.raises(PlanError):
             choose_groups(channels, channels_per_group=per_group, policy="exact")
