@@ -396,7 +396,8 @@ def test_folding_a_model_on_cuda():
 @pytest.mark.parametrize("name", ["resnet50", "resnet26d", "regnetx_002", "regnety_002", "mobilenetv2_050",
                                   "mobilenetv3_large_100", "efficientnet_b1", "densenet121", "dla34", "dpn48b",
                                   "ghostnet_100", "hrnet_w18_small", "rexnet_100", "repvgg_a0", "cspresnet50",
-                                  "tf_efficientnet_b0", "ese_vovnet19b_dw", "res2net50_14w_8s"])
+                                  "tf_efficientnet_b0", "ese_vovnet19b_dw", "res2net50_14w_8s", "selecsls42b",
+                                  "mobileone_s0", "fastvit_t8"])
 def test_timm_sweep_folded_output_equals_eval_output(name):
     model = timm.create_model(name, pretrained=False, num_classes=10)
     _, p = fold_and_check(model, torch.randn(2, 3, 64, 64))
