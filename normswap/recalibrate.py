@@ -203,12 +203,11 @@ def recalibrate(
         reasons = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise CalibrationError(f"the model has no BatchNorm layer with running statistics to recalibrate{reasons}")
     ranks = _Ranks()
-    if channels_last is None:
-        channels_last = method == "exact" and ranks.size == 1 and _prefers_channels_last(root, device)
-        layout_chosen = channels_last
-    else:
-        layout_chosen = False
-    run = _Run.resolve(root, device, amp, channels_last)
+    run = _Run.resolve(root, device, amp, bool(channels_last))
+    layout_chosen = channels_last is None and method == "exact" and ranks.size == 1 and _prefers_channels_last(
+        root, run.device)
+    if layout_chosen:
+        run = replace(run, channels_last=True)
     show = _progress_setting(progress, ranks.rank)
     inputs = iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)
     first = list(itertools.islice(inputs, 1))
@@ -259,13 +258,9 @@ def _calibrate(model: nn.Module, layers: list[_Layer], inputs: Iterator[tuple[in
     return _sequential(model, layers, inputs, run, ranks, show)
 
 
-def _prefers_channels_last(model: nn.Module, device: Device) -> bool:
+def _prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     """True on CPU for a model with 2-D convolutions, where channels-last train-mode passes are faster."""
-    home = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    target = torch.device(device) if device is not None else (home.device if home is not None else None)
-    if target is None or target.type != "cpu":
-        return False
-    return any(isinstance(module, nn.Conv2d) for module in model.modules())
+    return device.type == "cpu" and any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
 class _Moments:

@@ -504,6 +504,8 @@ def test_a_model_without_batch_norm_is_a_clear_error():
 def test_unknown_method_and_unavailable_device_are_clear_errors():
     with pytest.raises(CalibrationError, match="unknown recalibration method 'precise'"):
         recalibrate(small_cnn(), images([2]), method="precise")
+    with pytest.raises(CalibrationError, match="unknown device 'gpu0'"):
+        recalibrate(small_cnn(), images([2]), device="gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(CalibrationError, match="CUDA is not available"):
             recalibrate(small_cnn(), images([2]), device="cuda")
