@@ -5,7 +5,8 @@ option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_o
 (:func:`open_checkpoint`), choosing and checking the output path (:func:`output_path`), writing a model
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
 ``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130; ``--debug`` shows
-the traceback instead.
+the traceback instead. timm and torchvision are imported only when an architecture or the data needs them, so
+``--help`` and usage errors do not wait for them.
 
 Example::
 
