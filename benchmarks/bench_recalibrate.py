@@ -225,12 +225,13 @@ def bench_throughput(device: torch.device, rounds: int, *, batch: int, size: int
             times[name].append(timed(fn, device))
     sequential = timed(lambda: recalibrate(model, batches, method="sequential", amp=amp,
                                            channels_last=channels_last, progress=False), device)
-    passes = calibration_report(model).passes
+    report = calibration_report(model)
+    passes = f"{report.passes} passes costing {report.forward_cost:.2f} forwards"
     base = min(times["plain no-grad eval forward"])
     floor = min(times["forward with BatchNorm in train mode, nothing accumulated"])
     samples = batch * count
     rows = []
-    for name, measured in list(times.items()) + [(f"normswap sequential ({passes} passes)", [sequential])]:
+    for name, measured in list(times.items()) + [(f"normswap sequential ({passes})", [sequential])]:
         best = min(measured)
         rows.append([name, f"{best:.3f}", f"{samples / best:.1f}", f"{base / best:.3f}", f"{floor / best:.3f}"])
     what = (f"resnet50, {count} batches of {batch}x3x{size}x{size}, {device.type}"

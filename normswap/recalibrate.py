@@ -102,6 +102,9 @@ class CalibrationReport:
     their old statistics), each by its first qualified name, in forward order where known. ``skipped`` maps the
     BatchNorm-like layers that recalibration leaves alone to the reason. ``batches`` and ``samples`` count the
     calibration data over all processes, ``passes`` the passes of the model over it, ``world_size`` the processes.
+    ``forward_cost`` is what those passes cost, in full forward passes over the data: a sequential pass on the graph
+    runs only the part of the model it needs, so its passes together cost about one forward plus the probe batch
+    (without the graph, each pass is a forward stopped after its layer, counted here as a whole one).
     """
 
     method: str
@@ -112,12 +115,16 @@ class CalibrationReport:
     no_data: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     world_size: int = 1
+    forward_cost: Optional[float] = None
 
     def __str__(self) -> str:
         processes = f" over {self.world_size} processes" if self.world_size > 1 else ""
+        cost = ""
+        if self.forward_cost is not None and self.passes > 1:
+            cost = f" costing {self.forward_cost:.3g} forward(s)"
         lines = [
             f"recalibrate ({self.method}): {len(self.calibrated)} layer(s) from {self.batches} batch(es), "
-            f"{self.samples} sample(s), {self.passes} pass(es){processes}"
+            f"{self.samples} sample(s), {self.passes} pass(es){cost}{processes}"
         ]
         if self.no_data:
             lines.append(f"no data reached (old statistics kept): {', '.join(self.no_data)}")
@@ -214,16 +221,16 @@ def recalibrate(
     snapshot = _Snapshot(root, layers)
     try:
         try:
-            totals, order, passes = _calibrate(root, layers, itertools.chain(first, inputs), method, run, ranks,
-                                               show, _length(data, batches))
+            totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
+                                                     ranks, show, _length(data, batches))
         except _ModelFailure as failure:
             if not (layout_chosen and first and failure.index == first[0][0]):
                 raise
             log.debug("the model fails in channels-last layout (%s); calibrating in its own layout", failure)
             snapshot.restore()
             run = replace(run, channels_last=False)
-            totals, order, passes = _calibrate(root, layers, itertools.chain(first, inputs), method, run, ranks,
-                                               show, _length(data, batches))
+            totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
+                                                     ranks, show, _length(data, batches))
         results = _final_statistics(order)
     finally:
         snapshot.restore()
@@ -237,6 +244,7 @@ def recalibrate(
         batches=totals[0],
         samples=totals[1],
         passes=passes,
+        forward_cost=round(cost, 3),
         calibrated=[layer.name for layer in ordered if layer in results],
         no_data=[layer.name for layer in ordered if layer not in results],
         skipped=skipped,
@@ -248,13 +256,15 @@ def recalibrate(
 
 
 def _calibrate(model: nn.Module, layers: list[_Layer], inputs: Iterator[tuple[int, Any]], method: str, run: "_Run",
-               ranks: "_Ranks", show: dict[str, Any], length: Optional[int]) -> tuple[list[int], list[_Layer], int]:
-    """One calibration run on a model whose state the caller has snapshotted; returns totals, layers, passes."""
+               ranks: "_Ranks", show: dict[str, Any],
+               length: Optional[int]) -> tuple[list[int], list[_Layer], int, float]:
+    """One calibration run on a model whose state the caller has snapshotted; returns the totals, the layers in
+    forward order, the passes and their cost in forward passes."""
     _place(model, run)
     model.eval()
     if method == "exact":
         totals, order = _exact(model, layers, inputs, run, ranks, dict(show, total=length))
-        return totals, order, 1
+        return totals, order, 1, 1.0
     return _sequential(model, layers, inputs, run, ranks, show)
 
 
@@ -568,8 +578,9 @@ Level = list[tuple[_Layer, int]]
 
 
 def _sequential(model: nn.Module, layers: list[_Layer], inputs: Iterator[tuple[int, Any]], run: _Run,
-                ranks: "_Ranks", show: dict[str, Any]) -> tuple[list[int], list[_Layer], int]:
-    """Eval-consistent calibration, level by level; returns the totals, the layers in forward order and the passes.
+                ranks: "_Ranks", show: dict[str, Any]) -> tuple[list[int], list[_Layer], int, float]:
+    """Eval-consistent calibration, level by level; returns the totals, the layers in forward order, the passes and
+    their cost in forward passes (the probe batch included).
 
     Where the model's graph is known, each pass runs only the part of the graph it needs (:class:`_GraphPasses`);
     otherwise, or when that turns out unsafe, each pass is a forward that stops once its layer has run
@@ -589,17 +600,19 @@ def _sequential(model: nn.Module, layers: list[_Layer], inputs: Iterator[tuple[i
     graph = _trace(model)
     levels, chain = ranks.agree(layers, lambda: _schedule(model, layers, held, run, graph))
     order = [layer for level in chain for layer, _ in level]
+    probe = 1 / len(held) if held else 0.0
     if levels is not None and graph is not None:
         try:
-            _run_levels(levels, _GraphPasses(model, graph, levels, held, run), ranks, show)
-            return totals, order, len(levels)
+            passes = _GraphPasses(model, graph, levels, held, run)
+            _run_levels(levels, passes, ranks, show)
+            return totals, order, len(levels), passes.cost + probe
         except _GraphUnsafe:
             log.debug("sequential recalibration: in-place operations in the graph, one layer per forward instead")
             for layer, mean, var in old:
                 layer.module.running_mean.copy_(mean)
                 layer.module.running_var.copy_(var)
     _run_levels(chain, _EagerPasses(model, held, run), ranks, show)
-    return totals, order, len(chain)
+    return totals, order, len(chain), len(chain) + probe
 
 
 class _GraphUnsafe(Exception):
@@ -710,6 +723,9 @@ class _GraphPasses:
             if node.op not in ("placeholder", "output") and position[node] <= last and reach[node] < len(levels):
                 self.passes[reach[node]].append(node)
                 self.pass_of[node] = reach[node]
+        # the passes' work in full forwards: each node they compute runs once per batch
+        computed = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+        self.cost = sum(len(nodes) for nodes in self.passes) / max(1, len(computed))
         self.kept: set[torch.fx.Node] = set()
         self.values: list[dict[torch.fx.Node, tuple[Any, Optional[int]]]] = [{} for _ in held]
         self.input_versions: list[Optional[dict[torch.fx.Node, Optional[int]]]] = [None for _ in held]

@@ -232,6 +232,8 @@ def test_sequential_statistics_are_what_each_layer_sees_in_eval_mode_afterwards(
     report = calibration_report(model)
     assert len(report.calibrated) == 20
     assert report.passes == 17  # each downsample BatchNorm shares a pass with the first BatchNorm of its block
+    # the 17 passes on the graph compute each node up to the last BatchNorm once per batch, plus a probe batch
+    assert 0.8 <= report.forward_cost <= 1 + 1 / len(data)
 
 
 def test_sequential_differs_from_exact_and_from_the_old_eval_statistics():
@@ -309,7 +311,8 @@ def test_sequential_falls_back_to_eager_passes_when_the_graph_changes_shared_val
     model, data = randomize_norm_layers(ChangesASharedValueInPlace(), seed=6).eval(), images([3, 2])
     recalibrate(model, data, method="sequential")
     assert_statistics(model, population_statistics(model, data, batch_statistics=False))
-    assert calibration_report(model).passes == 3
+    report = calibration_report(model)
+    assert report.passes == 3 and report.forward_cost == pytest.approx(3 + 1 / len(data), abs=1e-3)
 
 
 def test_sequential_works_at_batch_size_one_where_exact_cannot():
@@ -521,7 +524,10 @@ def test_the_report_is_recorded_in_the_history_and_round_trips():
     report = calibration_report(model)
     assert report == CalibrationReport.from_dict(step)
     assert (report.batches, report.samples, report.passes, report.world_size) == (2, 5, 2, 1)
-    assert "2 layer(s) from 2 batch(es), 5 sample(s), 2 pass(es)" in str(report)
+    assert f"2 layer(s) from 2 batch(es), 5 sample(s), 2 pass(es) costing {report.forward_cost:.3g} forward(s)" \
+        in str(report)
+    exact = calibration_report(recalibrate(small_cnn(), images([2, 3], shape=(3, 5, 5))))
+    assert exact.forward_cost == 1.0 and str(exact).endswith("5 sample(s), 1 pass(es)")
     with pytest.raises(NormswapError, match="not been recalibrated"):
         calibration_report(small_cnn())
 
