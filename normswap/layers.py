@@ -46,6 +46,8 @@ class FrozenBatchNorm(nn.Module):
         eps: added to the variance; must be positive.
         rank: spatial rank of the layer it was made from (1, 2, 3), or ``None`` if unknown. Used to convert back.
         trainable_affine: make ``weight`` and ``bias`` parameters instead of buffers.
+        bias: ``False`` for a layer without a shift (``bias`` is ``None``, as in ``nn.BatchNorm2d(C, bias=False)``,
+            whose state dict then loads as it is).
     """
 
     rank: Optional[int]
@@ -57,6 +59,7 @@ class FrozenBatchNorm(nn.Module):
         *,
         rank: Optional[int] = None,
         trainable_affine: bool = False,
+        bias: bool = True,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -69,13 +72,13 @@ class FrozenBatchNorm(nn.Module):
         self.rank = rank
         self.trainable_affine = trainable_affine
         weight = torch.ones(num_features, **factory)
-        bias = torch.zeros(num_features, **factory)
+        shift = torch.zeros(num_features, **factory) if bias else None
         if trainable_affine:
             self.weight = nn.Parameter(weight)
-            self.bias = nn.Parameter(bias)
+            self.register_parameter("bias", None if shift is None else nn.Parameter(shift))
         else:
             self.register_buffer("weight", weight)
-            self.register_buffer("bias", bias)
+            self.register_buffer("bias", shift)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
@@ -102,12 +105,13 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(f"expected an (N, C, ...) input, got {x.dim()}D")
         half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
         dtype = torch.float32 if half else x.dtype
+        bias = self.bias
         return F.batch_norm(
             x,
             self.running_mean.to(dtype),
             self.running_var.to(dtype),
             self.weight.to(dtype),
-            self.bias.to(dtype),
+            bias.to(dtype) if bias is not None else None,
             False,
             0.0,
             self.eps,
@@ -119,6 +123,8 @@ class FrozenBatchNorm(nn.Module):
             text += f", rank={self.rank}"
         if self.trainable_affine:
             text += ", trainable_affine=True"
+        if self.bias is None:
+            text += ", bias=False"
         return text
 
 
@@ -143,11 +149,12 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         drop: Optional[nn.Module] = None,
         rank: Optional[int] = None,
         trainable_affine: bool = False,
+        bias: bool = True,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(
-            num_features, eps, rank=rank, trainable_affine=trainable_affine, device=device, dtype=dtype
+            num_features, eps, rank=rank, trainable_affine=trainable_affine, bias=bias, device=device, dtype=dtype
         )
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()

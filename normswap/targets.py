@@ -13,8 +13,8 @@ sync      ``nn.SyncBatchNorm``                        timm ``SyncBatchNormAct``
 bn        ``nn.BatchNorm{1,2,3}d`` by original rank   timm ``BatchNormAct2d``
 ========  ==========================================  ==============================================
 
-A source built with ``bias=False`` gives a target without bias (frozen layers keep a zero bias buffer, or a fixed
-one with ``trainable_affine``; ``affine="fit"`` fits a shift, so it keeps a bias).
+A source built with ``bias=False`` gives a target without bias, frozen layers included (``affine="fit"`` fits a
+shift, so it keeps a bias).
 
 timm's and torchvision's classes join the registry once their modules are imported: a model can only hold them then,
 so ``import normswap`` does not import timm or torchvision (and the ``torch._dynamo`` that torchvision imports).
@@ -236,7 +236,8 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
 def _build_frozen(src: SourceLayer, row: "PlanRow") -> nn.Module:
     cls = FrozenBatchNormAct if src.act is not None else FrozenBatchNorm
     trainable = bool(row.trainable_affine)
-    new = cls(src.num_features, row.eps, rank=src.rank, trainable_affine=trainable, **src.factory())
+    bias = src.weight is None or src.bias is not None
+    new = cls(src.num_features, row.eps, rank=src.rank, trainable_affine=trainable, bias=bias, **src.factory())
     _fused(new, src)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -245,7 +246,8 @@ def _build_frozen(src: SourceLayer, row: "PlanRow") -> nn.Module:
                 getattr(new, name).copy_(value.detach())
     if trainable and isinstance(src.weight, nn.Parameter):
         new.weight.requires_grad_(src.weight.requires_grad)
-        new.bias.requires_grad_(src.bias is not None and src.bias.requires_grad)
+        if new.bias is not None:
+            new.bias.requires_grad_(src.bias is not None and src.bias.requires_grad)
     return new
 
 

@@ -2,6 +2,7 @@
 changes its statistics, loads BatchNorm state dicts, and survives torch.jit.script, torch.export and torch.compile."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -241,6 +242,23 @@ def test_rank_agnostic_batchnorm_trains_like_batchnorm_of_each_rank():
         torch.testing.assert_close(anyrank(x), reference(x), msg=name)
         torch.testing.assert_close(anyrank.running_mean, reference.running_mean, msg=name)
         torch.testing.assert_close(anyrank.running_var, reference.running_var, msg=name)
+
+
+@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm2d).parameters, reason="BatchNorm has no bias=")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_a_bias_free_frozen_layer_loads_a_bias_free_batchnorm_and_computes_its_eval_output(trainable_affine):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6, bias=False)
+    bn.load_state_dict({key: value for key, value in random_bn(seed=7).state_dict().items() if key != "bias"})
+    bn.eval()
+    frozen = FrozenBatchNorm(6, rank=2, trainable_affine=trainable_affine, bias=False)
+    frozen.load_state_dict(bn.state_dict())
+    assert frozen.bias is None and "bias=False" in repr(frozen)
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.jit.script(frozen)(x), frozen(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.export.export(frozen, (x,)).module()(x), frozen(x), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

@@ -263,10 +263,12 @@ def test_a_layer_built_without_bias_stays_without_bias(to):
     source = copy.deepcopy(model) if to != "bn" else normswap.convert(copy.deepcopy(model), "sync")
     converted = normswap.convert(source, to, groups=4, trainable_affine=to == "frozen")
     layer = converted[1]
+    assert layer.bias is None and "1.bias" not in converted.state_dict()
     if to == "frozen":
-        assert torch.equal(layer.bias, torch.zeros(8)) and not layer.bias.requires_grad and layer.weight.requires_grad
-    else:
-        assert layer.bias is None and "1.bias" not in converted.state_dict()
+        assert layer.weight.requires_grad
+        back = normswap.convert(copy.deepcopy(converted), "bn")
+        assert back[1].bias is None and back[1].weight.requires_grad, "frozen and back keeps the layer bias-free"
+        assert back.state_dict().keys() == model.state_dict().keys()
     if to in GROUP_TARGETS:
         groups = {"gn": 4, "ln": 1, "in": 8}[to]
         reference = F.group_norm(features.double(), groups, model[1].weight.double(), None, model[1].eps).float()
