@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -219,7 +219,7 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
     affine = row.affine != "none"
     factory = src.factory()
     if src.act is not None:
-        new = _timm_class("GroupNormAct")(
+        new = target_class("gn", src.rank, fused=True)(
             src.num_features, row.groups, eps=row.eps, affine=affine, apply_act=False, **factory
         )
         _fused(new, src)
@@ -234,7 +234,7 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
 
 
 def _build_frozen(src: SourceLayer, row: "PlanRow") -> nn.Module:
-    cls = FrozenBatchNormAct if src.act is not None else FrozenBatchNorm
+    cls = target_class("frozen", src.rank, src.act is not None)
     trainable = bool(row.trainable_affine)
     bias = src.weight is None or src.bias is not None
     new = cls(src.num_features, row.eps, rank=src.rank, trainable_affine=trainable, bias=bias, **src.factory())
@@ -268,15 +268,13 @@ def _build_batch_norm(src: SourceLayer, row: "PlanRow", cls: type) -> nn.Module:
 
 
 def _build_sync(src: SourceLayer, row: "PlanRow") -> nn.Module:
-    cls = _timm_class("SyncBatchNormAct") if src.act is not None else nn.SyncBatchNorm
-    new = _build_batch_norm(src, row, cls)
+    new = _build_batch_norm(src, row, target_class("sync", src.rank, src.act is not None))
     setattr(new, RANK_ATTR, src.rank)
     return new
 
 
 def _build_bn(src: SourceLayer, row: "PlanRow") -> nn.Module:
-    cls = _timm_class("BatchNormAct2d") if src.act is not None else _BN_BY_RANK.get(src.rank, BatchNorm)
-    return _build_batch_norm(src, row, cls)
+    return _build_batch_norm(src, row, target_class("bn", src.rank, src.act is not None))
 
 
 _BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
@@ -289,30 +287,31 @@ _BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
 }
 
 
-def _timm_class(name: str) -> type:
-    """A class of timm's ``norm_act`` module (imported here: a layer with a fused activation needs it)."""
-    from timm.layers import norm_act
-
-    return getattr(norm_act, name)
-
-
-_TARGET_CLASSES: dict[tuple[str, bool], Callable[[], type]] = {
-    ("gn", False): lambda: nn.GroupNorm,
-    ("gn", True): lambda: _timm_class("GroupNormAct"),
-    ("frozen", False): lambda: FrozenBatchNorm,
-    ("frozen", True): lambda: FrozenBatchNormAct,
-    ("sync", False): lambda: nn.SyncBatchNorm,
-    ("sync", True): lambda: _timm_class("SyncBatchNormAct"),
-    ("bn", True): lambda: _timm_class("BatchNormAct2d"),
+_TARGET_CLASSES: dict[tuple[str, bool], Union[type, str]] = {
+    ("gn", False): nn.GroupNorm,
+    ("gn", True): "GroupNormAct",
+    ("frozen", False): FrozenBatchNorm,
+    ("frozen", True): FrozenBatchNormAct,
+    ("sync", False): nn.SyncBatchNorm,
+    ("sync", True): "SyncBatchNormAct",
+    ("bn", True): "BatchNormAct2d",
 }
+"""Target family and whether the layer has a fused activation -> its class, or the name of a class of timm's
+``norm_act`` module (imported only then: a layer with a fused activation needs it)."""
 
 
 def target_class(target: str, rank: Optional[int], fused: bool) -> type:
-    """The class a layer becomes under ``target`` (``ln``/``in`` are GroupNorm with 1 or C groups)."""
+    """The class a layer becomes under ``target`` (``ln``/``in`` are GroupNorm with 1 or C groups); the builders
+    and the plan both take it from here."""
     family = "gn" if target in ("gn", "ln", "in") else target
     if family == "bn" and not fused:
         return _BN_BY_RANK.get(rank, BatchNorm)
-    return _TARGET_CLASSES[(family, fused)]()
+    cls = _TARGET_CLASSES[(family, fused)]
+    if isinstance(cls, str):
+        from timm.layers import norm_act
+
+        cls = getattr(norm_act, cls)
+    return cls
 
 
 def build(module: nn.Module, row: "PlanRow") -> nn.Module:
