@@ -217,7 +217,9 @@ def recalibrate(
         run = replace(run, channels_last=True)
     show = _progress_setting(progress, ranks.rank)
     inputs = iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)
-    first = list(itertools.islice(inputs, 1))
+    # the first batch is kept to run again in the model's own layout if the chosen one fails on it; nothing is read
+    # ahead otherwise (a batch that cannot be read must fail inside the run, where other ranks hear of it)
+    first = list(itertools.islice(inputs, 1)) if layout_chosen else []
     snapshot = _Snapshot(root, layers)
     try:
         try:
