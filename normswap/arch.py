@@ -1,9 +1,22 @@
-"""Architecture specs: the recipe for building a model's module tree before its weights are loaded.
+"""Architecture specs: how to build a model's module tree before its weights are loaded, and who may say so.
 
-A spec is a name and keyword arguments. The name is a timm model name (``resnet50``, built with
-``pretrained=False``) or an import path ``package.module:callable`` (``torchvision.models:resnet50``,
-``normswap.demo:DigitsResNet``) called with the keyword arguments. A spec round-trips through JSON, so a
-checkpoint written by normswap carries the spec it needs to be rebuilt.
+A spec is a name and keyword arguments. normswap builds three kinds of names on its own, the *registered builders*:
+
+- a timm model name (``resnet50``), built with ``timm.create_model(name, pretrained=False, **kwargs)``;
+- a torchvision model name written ``torchvision.models:NAME`` (or ``torchvision.models.detection:NAME``...) where
+  ``NAME`` is in ``torchvision.models.list_models()``, built with ``torchvision.models.get_model(NAME,
+  weights=None, weights_backbone=None, **kwargs)``;
+- normswap's own demo model, ``normswap.demo:DigitsResNet``.
+
+Any other name is an import path ``package.module:callable`` (``monai.networks.nets:UNet``). Importing it runs its
+code, so it is built only when the user typed it: a spec the user gives (``ArchSpec.parse``, ``--arch``) may be
+built; a spec read from a file (``ArchSpec.from_dict``, ``from_file=True``) is data, and building it raises an
+:class:`~normswap.errors.ArchitectureError` with the exact option that would build it. The callable must be
+defined in the package it is imported from (see :mod:`normswap.imports`).
+
+No builder downloads weights: the checkpoint supplies them. Keyword arguments that would fetch weights
+(:data:`WEIGHT_KWARGS`) are refused unless ``null``/``false``, and a builder whose signature has such a parameter
+with a default that fetches (segmentation_models_pytorch's ``encoder_weights="imagenet"``) gets ``None``.
 
 Example::
 
@@ -13,12 +26,16 @@ Example::
     >>> model = spec.build(device="meta")     # module tree only: no memory for weights, no random init
     >>> model.fc.weight.shape, model.fc.weight.device.type
     (torch.Size([10, 512]), 'meta')
+    >>> ArchSpec.from_dict({"name": "os:system", "kwargs": {"command": "true"}}).build()
+    Traceback (most recent call last):
+    ...
+    normswap.errors.ArchitectureError: this file was built with os:system(command='true'), which normswap does not import on a file's word (importing runs code): pass --arch os:system (arch='os:system') to build it
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
+import inspect
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,32 +44,38 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from . import imports
 from .errors import ArchitectureError, NormswapError
 from .history import set_arch
 
-__all__ = ["ArchSpec", "WEIGHT_KWARGS", "WELL_KNOWN_MODULES"]
+__all__ = ["ArchSpec", "NORMSWAP_BUILDERS", "WEIGHT_KWARGS"]
 
 WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "weights",
-                 "weights_backbone")
-"""Keyword arguments that would make a builder fetch or read weights; the checkpoint supplies them instead."""
+                 "weights_backbone", "encoder_weights", "pretrained_backbone")
+"""Keyword arguments that would make a builder fetch or read weights: accepted only as ``None`` or ``False``."""
 
-WELL_KNOWN_MODULES = ("torchvision.models", "normswap")
-"""Packages whose callables normswap builds on a checkpoint file's word alone (timm names are always built)."""
+_NO_WEIGHTS = {"pretrained": False, "pretrained_backbone": False, "weights": None, "weights_backbone": None,
+               "encoder_weights": None}
+"""What an import-path builder gets for a weight parameter whose default would fetch weights."""
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+NORMSWAP_BUILDERS = ("normswap.demo:DigitsResNet",)
+"""normswap's own architectures, built on a file's word like timm and torchvision names."""
+
 _TIMM_NAME = re.compile(r"^[\w][\w.\-]*$")
+_SHOWN_KWARGS = 3
 
 
 @dataclass
 class ArchSpec:
-    """A model architecture: ``name`` (timm model name or ``package.module:callable``) and its ``kwargs``."""
+    """A model architecture: ``name`` and its ``kwargs``; ``from_file`` marks a spec read from a file (data)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    from_file: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
-    def parse(cls, text: str, kwargs: Optional[dict[str, Any]] = None) -> "ArchSpec":
-        """Check and build a spec from its name and keyword arguments.
+    def parse(cls, text: str, kwargs: Optional[dict[str, Any]] = None, *, from_file: bool = False) -> "ArchSpec":
+        """Check and build a spec from its name and keyword arguments (by default, as the user typed them).
 
         >>> ArchSpec.parse("torchvision.models:resnet50").is_import_path
         True
@@ -60,7 +83,7 @@ class ArchSpec:
         text = text.strip() if isinstance(text, str) else text
         if not isinstance(text, str) or not text:
             raise ArchitectureError("the architecture name is empty: give a timm model name or package.module:callable")
-        if ":" in text and not _IMPORT_PATH.match(text):
+        if ":" in text and not imports.is_import_path(text):
             raise ArchitectureError(
                 f"'{text}' is not a valid import path: write it as package.module:callable "
                 "(for example torchvision.models:resnet50)"
@@ -75,35 +98,58 @@ class ArchSpec:
             raise ArchitectureError(
                 f"architecture keyword arguments must be a mapping of names to values, got {kwargs!r}"
             )
-        weights = [key for key in kwargs if key in WEIGHT_KWARGS]
+        weights = [key for key, value in kwargs.items() if key in WEIGHT_KWARGS and value not in (None, False)]
         if weights:
             raise ArchitectureError(
-                f"normswap builds the architecture without weights (the checkpoint supplies them): drop '{weights[0]}'"
+                f"normswap builds the architecture without weights (the checkpoint supplies them): drop "
+                f"'{weights[0]}' or set it to null"
             )
         try:
-            json.dumps(kwargs)
+            json.dumps(kwargs, allow_nan=False)
         except (TypeError, ValueError):
             raise ArchitectureError(
                 f"architecture keyword arguments must be JSON values (numbers, strings, lists, dicts): {kwargs!r}"
             ) from None
-        return cls(text, dict(kwargs))
+        kwargs = {key: value for key, value in kwargs.items() if key not in WEIGHT_KWARGS}
+        return cls(text, kwargs, from_file)
 
     @classmethod
     def from_dict(cls, data: Union[dict[str, Any], str]) -> "ArchSpec":
-        """The spec :meth:`to_dict` wrote (a bare name string is accepted too)."""
+        """The spec :meth:`to_dict` wrote, read from a file: data, built only if it names a registered builder.
+
+        >>> ArchSpec.from_dict({"name": "monai.networks.nets:UNet", "kwargs": {"spatial_dims": 3}}).from_file
+        True
+        """
         if isinstance(data, str):
-            return cls.parse(data)
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            raise ArchitectureError(f"not an architecture spec: {data!r}")
-        return cls.parse(data["name"], data.get("kwargs") or {})
+            return cls.parse(data, from_file=True)
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("kwargs", {}), (dict, type(None))) or set(data) - {"name", "kwargs"}:
+            raise ArchitectureError(f"not an architecture spec (expected {{'name': ..., 'kwargs': {{...}}}}): {data!r}")
+        return cls.parse(data["name"], data.get("kwargs") or {}, from_file=True)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name": ..., "kwargs": {...}}``, JSON-serialisable."""
         return {"name": self.name, "kwargs": dict(self.kwargs)}
 
+    def with_kwargs(self, overrides: Optional[dict[str, Any]]) -> "ArchSpec":
+        """This spec with ``overrides`` replacing its keyword arguments key by key (checked like :meth:`parse`).
+
+        >>> ArchSpec.parse("resnet18", {"num_classes": 10, "in_chans": 1}).with_kwargs({"num_classes": 3}).kwargs
+        {'num_classes': 3, 'in_chans': 1}
+        """
+        return ArchSpec.parse(self.name, {**self.kwargs, **(overrides or {})}, from_file=self.from_file)
+
     def __str__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self.kwargs.items())
         return f"{self.name}({args})" if args else self.name
+
+    def short(self) -> str:
+        """The spec as text, with at most three keyword arguments shown."""
+        items = list(self.kwargs.items())
+        shown = [f"{key}={value!r}" for key, value in items[:_SHOWN_KWARGS]]
+        if len(items) > _SHOWN_KWARGS:
+            shown.append("...")
+        return f"{self.name}({', '.join(shown)})" if shown else self.name
 
     @property
     def is_import_path(self) -> bool:
@@ -111,19 +157,34 @@ class ArchSpec:
         return ":" in self.name
 
     @property
-    def is_well_known(self) -> bool:
-        """True if building this spec imports only timm, torchvision's model zoo or normswap itself.
+    def builder(self) -> str:
+        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"normswap"`` (the registered builders) or
+        ``"import"`` (an import path, built only when the user typed it).
 
-        A checkpoint file's metadata may name any import path; normswap builds only well-known ones unless the user
-        names the architecture, since importing a module runs its code.
-
-        >>> ArchSpec("resnet50").is_well_known, ArchSpec("mypackage.nets:Net").is_well_known
-        (True, False)
+        >>> [ArchSpec(name).builder for name in ("resnet50", "torchvision.models.detection:fasterrcnn_resnet50_fpn",
+        ...                                      "normswap.demo:DigitsResNet", "monai.networks.nets:UNet")]
+        ['timm', 'torchvision', 'normswap', 'import']
         """
         if not self.is_import_path:
-            return True
-        module = self.name.partition(":")[0]
-        return any(module == root or module.startswith(root + ".") for root in WELL_KNOWN_MODULES)
+            return "timm"
+        if self.name in NORMSWAP_BUILDERS:
+            return "normswap"
+        if _torchvision_name(self.name) is not None:
+            return "torchvision"
+        return "import"
+
+    @property
+    def is_registered(self) -> bool:
+        """True if normswap builds this spec on a file's word (timm, torchvision, normswap's demo)."""
+        return self.builder != "import"
+
+    def check_buildable(self) -> None:
+        """:class:`ArchitectureError` with the option to type, for an import path read from a file."""
+        if self.from_file and not self.is_registered:
+            raise ArchitectureError(
+                f"this file was built with {self.short()}, which normswap does not import on a file's word "
+                f"(importing runs code): pass --arch {self.name} (arch='{self.name}') to build it"
+            )
 
     def build(self, device: Union[str, torch.device, None] = None) -> nn.Module:
         """Build the model; ``device="meta"`` builds the module tree without allocating or initialising weights.
@@ -131,8 +192,10 @@ class ArchSpec:
         The spec is recorded on the model (:func:`normswap.history.get_arch`).
 
         Raises:
-            ArchitectureError: the name is unknown, the import fails, or building fails (the message says why).
+            ArchitectureError: the spec came from a file and is not a registered builder, the name is unknown, the
+                import fails, or building fails (the message says why).
         """
+        self.check_buildable()
         factory = self._factory()
         try:
             if device is None:
@@ -143,48 +206,79 @@ class ArchSpec:
         except NormswapError:
             raise
         except Exception as exc:
-            raise ArchitectureError(f"building {self} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ArchitectureError(f"building {self.short()} failed: {type(exc).__name__}: {_first_line(exc)}") \
+                from exc
         if not isinstance(model, nn.Module):
             raise ArchitectureError(f"{self.name} returned a {type(model).__name__}, not a torch.nn.Module")
         set_arch(model, self.to_dict())
         return model
 
     def _factory(self) -> Callable[..., Any]:
-        if self.is_import_path:
-            return _import_callable(self.name)
-        import timm
-
-        if not timm.is_model(self.name):
-            close = difflib.get_close_matches(self.name, timm.list_models(), n=3, cutoff=0.75)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ArchitectureError(
-                f"unknown architecture '{self.name}': not a timm model name{hint}; "
-                "an import path looks like torchvision.models:resnet50"
-            )
-
-        def create(**kwargs: Any) -> nn.Module:
-            return timm.create_model(self.name, pretrained=False, **kwargs)
-
-        return create
+        builder = self.builder
+        if builder == "timm":
+            return _timm_factory(self.name)
+        if builder == "torchvision":
+            return _torchvision_factory(_torchvision_name(self.name))
+        factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
+        return _without_weights(factory)
 
 
-def _import_callable(path: str) -> Callable[..., Any]:
-    module_name, _, attr_path = path.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ArchitectureError(f"cannot import '{module_name}' for architecture '{path}': {exc}") from None
-    except Exception as exc:
+def _timm_factory(name: str) -> Callable[..., nn.Module]:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ArchitectureError(
-            f"importing '{module_name}' for architecture '{path}' failed: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise ArchitectureError(f"'{module_name}' has no '{attr_path}' (architecture '{path}')")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ArchitectureError(f"'{path}' is a {type(target).__name__}, not a callable that builds a model")
-    return target
+            f"unknown architecture '{name}': not a timm model name{hint}; "
+            "an import path looks like torchvision.models:resnet50"
+        )
+
+    def create(**kwargs: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return create
+
+
+def _torchvision_name(name: str) -> Optional[str]:
+    """``NAME`` for ``torchvision.models[.sub]:NAME`` when torchvision registers a model of that name."""
+    module, _, attribute = name.partition(":")
+    if not (module == "torchvision.models" or module.startswith("torchvision.models.")) or "." in attribute:
+        return None
+    try:
+        from torchvision.models import list_models
+    except ImportError:
+        return None
+    return attribute if attribute in list_models() else None
+
+
+def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
+    from torchvision.models import get_model, get_model_builder
+
+    parameters = inspect.signature(get_model_builder(name)).parameters
+    no_weights = {key: None for key in ("weights", "weights_backbone") if key in parameters}
+
+    def create(**kwargs: Any) -> nn.Module:
+        return get_model(name, **{**kwargs, **no_weights})
+
+    return create
+
+
+def _without_weights(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``factory`` with every weight parameter whose default would fetch weights set to its no-weights value."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return factory
+    fixed = {name: value for name, value in _NO_WEIGHTS.items()
+             if name in parameters and parameters[name].default not in (None, False, "")}
+    if not fixed:
+        return factory
+
+    def create(**kwargs: Any) -> Any:
+        return factory(**{**kwargs, **fixed})
+
+    return create
 
 
 def _first_line(exc: BaseException) -> str:

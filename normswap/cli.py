@@ -2,10 +2,10 @@
 
 Each command is one small function: parse options, call the API, print. What commands share lives here once:
 option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_option`), opening a checkpoint
-(:func:`open_checkpoint`), choosing and checking the output path (:func:`output_path`), writing a model
+(:class:`CheckpointSource`), choosing and checking the output path (:func:`output_path`), writing a model
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
-``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130; ``--debug`` shows
-the traceback instead. timm and torchvision are imported only when an architecture or the data needs them, so
+``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with the same cleanup as
+Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead. timm and torchvision are imported only when an architecture or the data needs them, so
 ``--help`` and usage errors do not wait for them.
 
 Example::
@@ -20,11 +20,13 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,10 +36,10 @@ from .errors import CheckpointError, NormswapError
 
 __all__ = [
     "TARGET_CHOICES",
+    "CheckpointSource",
     "checkpoint_options",
     "json_option",
     "main",
-    "open_checkpoint",
     "output_options",
     "output_path",
     "write_model",
@@ -49,6 +51,7 @@ TARGET_CHOICES = ("gn", "ln", "in", "frozen", "sync", "bn")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 log = logging.getLogger("normswap")
 
@@ -65,10 +68,24 @@ class NormswapGroup(click.Group):
     """The command group: turns user errors into one line and an exit status, unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .checkpoint import Terminated, interruptible
+
         try:
-            return super().invoke(ctx)
+            with interruptible():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            ctx.exit(EXIT_TERMINATED)
+        except OSError as error:
+            if error.errno == errno.EPIPE:
+                raise  # the reader of our output went away (``| head``): click exits quietly
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo(f"error: internal error ({type(error).__name__}: {error}); run with --debug for the traceback",
+                       err=True)
+            ctx.exit(EXIT_ERROR)
         except NormswapError as error:
             if ctx.meta.get("normswap.debug"):
                 raise
@@ -139,22 +156,58 @@ def _parse_arch_kwargs(ctx: click.Context, param: click.Parameter, value: Option
     return parsed
 
 
+@dataclass
+class CheckpointSource:
+    """How to read a checkpoint, as the checkpoint options said: ``--arch``, ``--arch-kwargs``, ``--key``,
+    ``--prefix``, ``--ema``, ``--trust-pickle``."""
+
+    arch: Optional[str] = None
+    arch_kwargs: Optional[dict] = None
+    key: Optional[str] = None
+    prefix: Optional[str] = None
+    ema: bool = False
+    trust_pickle: bool = False
+
+    def read(self, path: Path) -> Any:
+        """The file's contents, not yet built into a model."""
+        from .checkpoint import read_checkpoint
+
+        return read_checkpoint(path, key=self.key, prefix=self.prefix, ema=self.ema, trust_pickle=self.trust_pickle)
+
+    def open(self, path: Path) -> Any:
+        """The checkpoint's model, built as ``--arch``/``--arch-kwargs`` or its own metadata say."""
+        return self.read(path).to_model(self.arch, arch_kwargs=self.arch_kwargs)
+
+
 def checkpoint_options(command: Callable) -> Callable:
-    """The options that say how to read a checkpoint: ``--arch``, ``--arch-kwargs``, ``--key``, ``--trust-pickle``."""
+    """The options that say how to read a checkpoint, passed to the command as one ``source``
+    (:class:`CheckpointSource`)."""
+
+    @functools.wraps(command)
+    def with_source(*args: Any, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
+                    prefix: Optional[str], ema: bool, trust_pickle: bool, **kwargs: Any) -> Any:
+        source = CheckpointSource(arch, arch_kwargs, key, prefix, ema, trust_pickle)
+        return command(*args, source=source, **kwargs)
+
     options = [
         click.option("--arch", metavar="A",
-                     help="Architecture: a timm name (resnet50) or package.module:callable "
-                          "(torchvision.models:resnet50). Not needed for files normswap wrote."),
+                     help="Architecture: a timm name (resnet50), a torchvision model (torchvision.models:resnet50) "
+                          "or package.module:callable (monai.networks.nets:UNet). Not needed for files of timm and "
+                          "torchvision models that normswap wrote."),
         click.option("--arch-kwargs", metavar="JSON", callback=_parse_arch_kwargs,
-                     help="Keyword arguments for the architecture, as a JSON object: '{\"num_classes\": 10}'."),
+                     help="Keyword arguments for the architecture, as a JSON object: '{\"num_classes\": 10}'; they "
+                          "override those the file records."),
         click.option("--key", metavar="ENTRY",
-                     help="Entry of a training checkpoint holding the weights (default: the first of state_dict, "
-                          "model, module, ema, state_dict_ema)."),
+                     help="Entry of a training checkpoint holding the weights, dotted for nested entries "
+                          "(default: the entry whose keys match the model best)."),
+        click.option("--prefix", metavar="P",
+                     help="Key prefix to remove, e.g. 'model.' (default: the prefix under which the keys match)."),
+        click.option("--ema", is_flag=True, help="Prefer the EMA weights when the file holds both."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow unpickling Python objects (a whole saved model). This can run code: trusted files "
                           "only."),
     ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+    return functools.reduce(lambda f, option: option(f), reversed(options), with_source)
 
 
 def output_options(command: Callable) -> Callable:
@@ -175,14 +228,6 @@ def json_option(command: Callable) -> Callable:
 def emit_json(data: Any) -> None:
     """Print ``data`` as indented JSON on stdout."""
     click.echo(json.dumps(data, indent=2))
-
-
-def open_checkpoint(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
-                    trust_pickle: bool) -> Any:
-    """The checkpoint's model, built as ``--arch``/``--arch-kwargs`` or its own metadata say."""
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint, arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, key=key)
 
 
 def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bool) -> Path:
@@ -233,10 +278,18 @@ def _groups_summary(plan: Any) -> dict[str, int]:
     return {str(groups): n for groups, n in sorted(counts.items(), key=lambda item: -item[1])}
 
 
-def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, suffix: str, arch: Optional[str],
-                    arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, output: Optional[Path],
-                    force: bool, dry_run: bool, strict: bool, as_json: bool,
-                    fit_options: Optional[dict[str, Any]] = None) -> None:
+def _check_plan(conversion: Any) -> None:
+    """Warn about include/exclude patterns that match no layer; refuse a plan that changes nothing (a deployment
+    script must notice that no file was written)."""
+    for pattern in conversion.unmatched_patterns():
+        log.warning(f"the pattern '{pattern}' matches no norm layer")
+    if not conversion.rows:
+        raise NormswapError(f"nothing to convert, no file written: {conversion.why_empty()}")
+
+
+def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, suffix: str,
+                    source: CheckpointSource, output: Optional[Path], force: bool, dry_run: bool, strict: bool,
+                    as_json: bool, fit_options: Optional[dict[str, Any]] = None) -> None:
     """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply (and fit) and write,
     summarise. ``fit_options`` (``data``, ``batch_size``, ``batches``, ``target``) fit GroupNorm affine weights."""
     from .plan import plan
@@ -245,7 +298,7 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
 
     check_input(checkpoint)
     out = None if dry_run else output_path(checkpoint, output, suffix, force)
-    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    model = source.open(checkpoint)
     problems = _check_statistics(model, strict)
     conversion = plan(model, to, **plan_options)
     if dry_run:
@@ -253,7 +306,9 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
             emit_json(conversion.to_dict())
         else:
             click.echo(str(conversion))
+        _check_plan(conversion)
         return
+    _check_plan(conversion)
     fit_summary = None
     if plan_options.get("affine") == "fit":
         from .data import open_data
@@ -320,8 +375,7 @@ def _conversion_options(command: Callable) -> Callable:
 def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str,
             affine: str, data_source: Optional[str], batch_size: int, batches: Optional[int], fit_target: str,
             include: tuple[str, ...], exclude: tuple[str, ...], unknown: str, dry_run: bool,
-            strict: bool, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
-            output: Optional[Path], force: bool, as_json: bool) -> None:
+            strict: bool, source: CheckpointSource, output: Optional[Path], force: bool, as_json: bool) -> None:
     """Convert the norm layers of CHECKPOINT and write <stem>-<target>.safetensors."""
     if groups is not None and channels_per_group is not None:
         raise click.UsageError("give --groups or --channels-per-group, not both")
@@ -331,9 +385,8 @@ def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group
                "group_policy": group_policy, "affine": affine, "include": list(include),
                "exclude": list(exclude), "unknown": unknown}
     fit_options = {"data": data_source, "batch_size": batch_size, "batches": batches, "target": fit_target}
-    _run_conversion(checkpoint, to, options, suffix=to, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                    trust_pickle=trust_pickle, output=output, force=force, dry_run=dry_run, strict=strict,
-                    as_json=as_json, fit_options=fit_options)
+    _run_conversion(checkpoint, to, options, suffix=to, source=source, output=output, force=force,
+                    dry_run=dry_run, strict=strict, as_json=as_json, fit_options=fit_options)
 
 
 @main.command()
@@ -344,14 +397,13 @@ def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group
 @output_options
 @json_option
 def freeze(checkpoint: Path, trainable_affine: bool, include: tuple[str, ...], exclude: tuple[str, ...],
-           unknown: str, dry_run: bool, strict: bool, arch: Optional[str], arch_kwargs: Optional[dict],
-           key: Optional[str], trust_pickle: bool, output: Optional[Path], force: bool, as_json: bool) -> None:
+           unknown: str, dry_run: bool, strict: bool, source: CheckpointSource, output: Optional[Path], force: bool,
+           as_json: bool) -> None:
     """Freeze the BatchNorm layers of CHECKPOINT (convert --to frozen); writes <stem>-frozen.safetensors."""
     options = {"include": list(include), "exclude": list(exclude), "unknown": unknown,
                "trainable_affine": trainable_affine}
-    _run_conversion(checkpoint, "frozen", options, suffix="frozen", arch=arch, arch_kwargs=arch_kwargs, key=key,
-                    trust_pickle=trust_pickle, output=output, force=force, dry_run=dry_run, strict=strict,
-                    as_json=as_json)
+    _run_conversion(checkpoint, "frozen", options, suffix="frozen", source=source, output=output, force=force,
+                    dry_run=dry_run, strict=strict, as_json=as_json)
 
 
 @main.command()
@@ -365,8 +417,7 @@ def freeze(checkpoint: Path, trainable_affine: bool, include: tuple[str, ...], e
 @output_options
 @json_option
 def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bool, strict: bool,
-         arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
-         output: Optional[Path], force: bool, as_json: bool) -> None:
+         source: CheckpointSource, output: Optional[Path], force: bool, as_json: bool) -> None:
     """Fold the BatchNorm layers of CHECKPOINT into the layers before them; writes <stem>-folded.safetensors.
 
     The folded model computes the original's eval-mode output. Layers that cannot be folded safely stay, and the
@@ -375,7 +426,7 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bo
     from .fold import plan_fold
 
     out = None if dry_run else output_path(checkpoint, output, "folded", force)
-    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    model = source.open(checkpoint)
     problems = _check_statistics(model, strict)
     folding = plan_fold(model, freeze_rest=freeze_rest, within=within)
     if dry_run:
@@ -414,8 +465,8 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bo
 @json_option
 def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batch_size: int, method: str,
                 device: Optional[str], amp: bool, channels_last: Optional[bool], input_key: Optional[str],
-                progress: Optional[bool], arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
-                trust_pickle: bool, output: Optional[Path], force: bool, as_json: bool) -> None:
+                progress: Optional[bool], source: CheckpointSource, output: Optional[Path], force: bool,
+                as_json: bool) -> None:
     """Recompute the BatchNorm running statistics of CHECKPOINT on unlabeled data; writes
     <stem>-recalibrated.safetensors."""
     from .data import open_data
@@ -423,7 +474,7 @@ def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batc
     from .recalibrate import recalibrate as recalibrate_model
 
     out = output_path(checkpoint, output, "recalibrated", force)
-    model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+    model = source.open(checkpoint)
     data = open_data(data_source, model=model, batch_size=batch_size)
     model = recalibrate_model(model, data, batches=batches, method=method, device=device, amp=amp,
                               channels_last=channels_last, input_key=input_key, progress=progress)
@@ -436,17 +487,15 @@ def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batc
     click.echo(f"wrote {out} ({_size(n_bytes)})")
 
 
-def _open_for_comparison(path: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
-                         trust_pickle: bool) -> Any:
-    """A checkpoint's model for ``verify``: built as the file records (``--arch`` naming that architecture
-    confirms it), or as ``--arch`` says for a file that records none."""
-    from .checkpoint import read_checkpoint
-
-    contents = read_checkpoint(path, key=key, trust_pickle=trust_pickle)
+def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
+    """A checkpoint's model for ``verify``: ``--arch`` (and ``--arch-kwargs``) apply to a file that records no
+    architecture or records that same one; a file that records another is built as it records (a registered builder
+    only: the error says what to type otherwise)."""
+    contents = source.read(path)
     recorded = contents.arch
-    if recorded is not None:
-        return contents.to_model(recorded if arch == recorded.name else None, arch_kwargs=arch_kwargs)
-    return contents.to_model(arch, arch_kwargs=arch_kwargs)
+    if recorded is None or source.arch is None or source.arch == recorded.name:
+        return contents.to_model(source.arch, arch_kwargs=source.arch_kwargs)
+    return contents.to_model()
 
 
 @main.command()
@@ -469,8 +518,8 @@ def _open_for_comparison(path: Path, arch: Optional[str], arch_kwargs: Optional[
 @json_option
 def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
            input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool,
-           max_relative: Optional[float], min_agreement: Optional[float], arch: Optional[str],
-           arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool, as_json: bool) -> None:
+           max_relative: Optional[float], min_agreement: Optional[float], source: CheckpointSource,
+           as_json: bool) -> None:
     """Compare CONVERTED with ORIGINAL on data: output agreement, accuracy where the data has labels, and the
     layer where the two models part ways. --arch and the other checkpoint options apply to a file that does not
     record its architecture. With --max-relative or --min-agreement the command is a check: it prints the
@@ -478,8 +527,8 @@ def verify(original: Path, converted: Path, data_source: str, batch_size: int, b
     from .compare import compare
     from .data import open_data
 
-    model_a = _open_for_comparison(original, arch, arch_kwargs, key, trust_pickle)
-    model_b = _open_for_comparison(converted, arch, arch_kwargs, key, trust_pickle)
+    model_a = _open_for_comparison(original, source)
+    model_b = _open_for_comparison(converted, source)
     data = open_data(data_source, model=model_a, batch_size=batch_size)
     report = compare(model_a, model_b, data, batches=batches, input_key=input_key, device=device,
                      layers=not no_layers, tolerance=tolerance)
@@ -515,32 +564,43 @@ def _describe_history(steps: list[dict[str, Any]]) -> str:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @checkpoint_options
 @json_option
-def inspect(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str],
-            trust_pickle: bool, as_json: bool) -> None:
-    """List the norm layers of CHECKPOINT with their statistics, and the warnings worth acting on."""
-    from .checkpoint import read_checkpoint
-    from .history import get_arch, get_history
+def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
+    """List the norm layers of CHECKPOINT with their statistics, and the warnings worth acting on.
+
+    The architecture is built only when --arch names it or the file records a timm, torchvision or normswap one;
+    otherwise the layers are found by their running statistics."""
+    from .history import get_arch, get_history, get_source
     from .inspection import format_reports, inspect_model, inspect_state_dict
 
-    contents = read_checkpoint(checkpoint, key=key, trust_pickle=trust_pickle)
-    if arch is None and contents.arch is None and contents.model is None:
-        reports, spec, steps = inspect_state_dict(contents.tensors), None, []
+    contents = source.read(checkpoint)
+    recorded = contents.arch
+    note = ""
+    if source.arch is not None or contents.model is not None or (recorded is not None and recorded.is_registered):
+        model = contents.to_model(source.arch, arch_kwargs=source.arch_kwargs)
+        reports, spec, steps, where = inspect_model(model), get_arch(model), get_history(model), get_source(model)
     else:
-        model = contents.to_model(arch, arch_kwargs=arch_kwargs)
-        reports, spec, steps = inspect_model(model), get_arch(model), get_history(model)
+        guess = contents.guess()
+        reports, spec, steps = inspect_state_dict(guess.tensors), None, contents.history
+        where = {**contents.source, **({"entry": guess.entry} if guess.entry else {}),
+                 **({"prefix": guess.prefix} if guess.prefix else {})}
+        if recorded is not None:
+            note = (f"arch: {recorded.short()} (not built: normswap imports it only when you pass --arch "
+                    f"{recorded.name}; layers found by their running statistics)")
     if as_json:
-        emit_json({"file": str(checkpoint), "source": contents.source, "arch": spec, "history": steps,
+        emit_json({"file": str(checkpoint), "source": where, "arch": spec if spec else
+                   (recorded.to_dict() if recorded else None), "built": spec is not None, "history": steps,
                    "layers": [report.to_dict() for report in reports],
                    "warnings": [f"{report.name}: {text}" for report in reports for text in report.warnings.values()]})
         return
-    source = contents.source
-    entry = f", entry '{source['entry']}'" if "entry" in source else ""
-    click.echo(f"file: {checkpoint} (sha256 {source['sha256'][:16]}{entry})")
-    if spec is None:
-        click.echo("arch: unknown (layers found by their running statistics; pass --arch for classes and eps)")
-    else:
+    entry = "".join(f", {name} '{where[name]}'" for name in ("entry", "prefix") if name in where)
+    click.echo(f"file: {checkpoint} (sha256 {where['sha256'][:16]}{entry})")
+    if spec is not None:
         kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
         click.echo(f"arch: {spec['name']}" + (f" ({kwargs})" if kwargs else ""))
+    else:
+        click.echo(note or "arch: unknown (layers found by their running statistics; pass --arch for classes and "
+                           "eps)")
+    if steps or spec is not None:
         click.echo(f"history: {_describe_history(steps)}")
     click.echo(format_reports(reports))
 
@@ -548,38 +608,36 @@ def inspect(checkpoint: Path, arch: Optional[str], arch_kwargs: Optional[dict], 
 @main.command("apply")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--data", "data_source", metavar="PATH",
+              help="Calibration data for the recipe's recalibrate steps, instead of the data the recipe names (a "
+                   "recipe may name a folder or a tensor file; an import path only here, where you type it).")
 @click.option("--dry-run", is_flag=True, help="Print the plan of every rule; write nothing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars for the recipe's calibration steps.")
 @checkpoint_options
 @output_options
 @json_option
-def apply_recipe(recipe: Path, checkpoint: Optional[Path], dry_run: bool, progress: Optional[bool],
-                 arch: Optional[str], arch_kwargs: Optional[dict], key: Optional[str], trust_pickle: bool,
-                 output: Optional[Path], force: bool, as_json: bool) -> None:
+def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional[str], dry_run: bool,
+                 progress: Optional[bool], source: CheckpointSource, output: Optional[Path], force: bool,
+                 as_json: bool) -> None:
     """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors (the suffix comes from the recipe).
 
     Without CHECKPOINT, the recipe's architecture is built with fresh weights (a converted model to train from
-    scratch) and written to <arch>-<suffix>.safetensors in the current folder.
+    scratch) and written to <arch>-<suffix>.safetensors in the current folder. A recipe's architecture is built on
+    the recipe's word only if it is a timm, torchvision or normswap model; another must be confirmed with --arch.
     """
     from .recipe import Recipe
 
     spec = Recipe.load(recipe)
-    arch = arch or spec.arch
-    arch_kwargs = arch_kwargs if arch_kwargs is not None else spec.arch_kwargs or None
+    arch = spec.arch_spec(source.arch, source.arch_kwargs)
     if checkpoint is None:
-        from .arch import ArchSpec
-        from .history import set_arch
-
         if arch is None:
             raise click.UsageError("give a CHECKPOINT, or an architecture (--arch, or 'arch' in the recipe)")
-        built = ArchSpec.parse(arch, arch_kwargs)
-        source = Path(built.name.replace(":", "-").rsplit(".", 1)[-1] + ".safetensors")
-        out = None if dry_run else output_path(source, output, spec.suffix, force)
-        model = built.build()
-        set_arch(model, built.to_dict())
+        start = Path(arch.name.replace(":", "-").rsplit(".", 1)[-1] + ".safetensors")
+        out = None if dry_run else output_path(start, output, spec.suffix, force)
+        model = arch.build()
     else:
         out = None if dry_run else output_path(checkpoint, output, spec.suffix, force)
-        model = open_checkpoint(checkpoint, arch, arch_kwargs, key, trust_pickle)
+        model = source.read(checkpoint).to_model(arch)
     plans = spec.plans(model)
     if dry_run:
         if as_json:
@@ -587,9 +645,11 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], dry_run: bool, progre
         else:
             click.echo("\n\n".join(str(p) for p in plans))
         return
-    for p in plans:
-        model = p.apply(model)
-    model = spec.run_steps(model, progress=progress)
+    if not any(len(p) for p in plans) and not spec.steps:
+        raise NormswapError(f"nothing to convert, no file written: no rule of {recipe} matches a norm layer that "
+                            "would change")
+    model = spec.apply(model, plans=plans)
+    model = spec.run_steps(model, progress=progress, data=data_source)
     n_bytes = write_model(model, out, force)
     if as_json:
         emit_json({"output": str(out), "bytes": n_bytes, "layers": sum(len(p) for p in plans),

@@ -21,10 +21,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import logging
 import os
-import re
+import stat
 import sys
 from collections.abc import Iterable as IterableABC
 from collections.abc import Mapping
@@ -34,7 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from . import imports
+from .errors import CalibrationError, NormswapError
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
@@ -44,10 +47,14 @@ __all__ = [
     "TensorBatches",
     "batch_input",
     "call_model",
+    "describe_input",
     "iter_inputs",
+    "model_failures",
     "move_input",
     "open_data",
 ]
+
+log = logging.getLogger("normswap")
 
 DEFAULT_INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "pixel_values")
 """Keys tried, in order, for a dict batch when no ``input_key`` is given."""
@@ -57,8 +64,6 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".t
 
 TENSOR_EXTENSIONS = (".npy", ".pt", ".pth", ".safetensors")
 """File suffixes :func:`open_data` reads as a tensor file."""
-
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def batch_input(
@@ -98,7 +103,11 @@ def iter_inputs(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
 ) -> Iterator[tuple[int, Any]]:
-    """``(index, model_input)`` for each batch of ``data``, stopping after ``batches`` batches if given."""
+    """``(index, model_input)`` for each batch of ``data``, stopping after ``batches`` batches if given.
+
+    A data loader that raises is reported as a :class:`CalibrationError` naming the batch and the loader's message;
+    asking for more ``batches`` than the data has is warned about, with the count used.
+    """
     if batches is not None and batches < 1:
         raise CalibrationError(f"batches must be at least 1, got {batches}")
     if isinstance(data, torch.Tensor):
@@ -106,10 +115,60 @@ def iter_inputs(
                                "[x], x.split(batch_size) or a DataLoader")
     if not isinstance(data, IterableABC) and not hasattr(data, "__getitem__"):
         raise CalibrationError(f"the calibration data is a {type(data).__name__}: expected an iterable of batches")
-    for index, batch in enumerate(data):
-        if batches is not None and index >= batches:
-            break
+    with _loader_failures(0):
+        iterator = iter(data)
+    index = 0
+    while batches is None or index < batches:
+        with _loader_failures(index):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
         yield index, batch_input(batch, index, input_fn=input_fn, input_key=input_key)
+        index += 1
+    if batches is not None and index < batches:
+        log.warning("asked for %d batches, the data has %d: used %d", batches, index, index)
+
+
+@contextlib.contextmanager
+def _loader_failures(index: int) -> Iterator[None]:
+    """A data loader's own exception as a :class:`CalibrationError` naming the batch it was reading."""
+    try:
+        yield
+    except (NormswapError, StopIteration):
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"reading batch {index} failed in the data loader: {type(exc).__name__}: "
+                               f"{_first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def model_failures(index: int, model_input: Any, what: str = "the model") -> Iterator[None]:
+    """A model's exception on one batch as a :class:`CalibrationError` naming the batch and its input (a batch of
+    the wrong channel count, dtype or size is the usual cause)."""
+    try:
+        yield
+    except NormswapError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"batch {index} ({describe_input(model_input)}) failed in {what}: "
+                               f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def describe_input(model_input: Any) -> str:
+    """A short description of a model input, for messages: ``a float32 tensor of shape [2, 3, 8, 8]``."""
+    if isinstance(model_input, torch.Tensor):
+        return f"a {str(model_input.dtype).replace('torch.', '')} tensor of shape {list(model_input.shape)}"
+    if isinstance(model_input, (tuple, list)):
+        return f"a {type(model_input).__name__} of {len(model_input)}"
+    if isinstance(model_input, Mapping):
+        return f"a dict with keys {sorted(map(str, model_input))}"
+    return f"a {type(model_input).__name__}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def move_input(
@@ -225,13 +284,15 @@ def open_data(
     batch_size: int = 32,
     num_workers: int = 0,
     data_config: Optional[dict[str, Any]] = None,
+    allow_import: bool = True,
 ) -> Iterable[Any]:
     """Calibration batches from a folder of images, a tensor file, or ``"package.module:callable"``.
 
     Args:
         source: a folder of images (class subfolders or flat; files with :data:`IMAGE_EXTENSIONS`), a tensor file
-            (:data:`TENSOR_EXTENSIONS`), or the import path of a callable that returns an iterable of batches. The
-            callable is given ``batch_size=`` and ``model=`` when its signature has parameters of those names.
+            (a safetensors, ``torch.save`` or ``.npy`` file, told apart by content), or the import path of a
+            callable that returns an iterable of batches. The callable is given ``batch_size=`` and ``model=`` when
+            its signature has parameters of those names.
         model: for image folders: images are resized, cropped and normalized as timm's
             ``resolve_data_config(model=model)`` says (the input size, mean and std of its pretrained config, or
             timm's defaults); also passed to a callable that wants it.
@@ -239,10 +300,16 @@ def open_data(
         num_workers: worker processes reading images.
         data_config: overrides of the data config for image folders, e.g. ``{"input_size": (1, 8, 8),
             "mean": (0.5,), "std": (0.5,)}``.
+        allow_import: whether ``source`` may be an import path: ``False`` when it was read from a file (a recipe),
+            since importing runs code.
 
     Returns:
         A re-iterable of batches: image tensors ``(B, C, H, W)`` for folders, tensors/dicts/tuples for tensor
         files (see :class:`TensorBatches`), whatever the callable returns otherwise.
+
+    Raises:
+        CalibrationError: the source does not exist, is not a regular file or folder (a pipe would block), cannot be
+            read without running code, or is an import path that was not typed.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "calib.pt")
@@ -254,7 +321,10 @@ def open_data(
         raise CalibrationError(f"batch_size must be at least 1, got {batch_size}")
     text = os.fspath(source)
     path = Path(text)
-    if not path.exists() and _IMPORT_PATH.match(text):
+    if not path.exists() and imports.is_import_path(text):
+        if not allow_import:
+            raise CalibrationError(f"the data '{text}' is an import path, which normswap runs only when you type it: "
+                                   f"pass --data {text} (data= in Python) to use it")
         return _call_data_callable(text, model=model, batch_size=batch_size)
     if path.is_dir():
         return _image_folder(path, model=model, batch_size=batch_size, num_workers=num_workers,
@@ -262,27 +332,39 @@ def open_data(
     if not path.exists():
         raise CalibrationError(f"calibration data '{text}' does not exist (expected a folder of images, a tensor "
                                "file or package.module:callable)")
-    suffix = path.suffix.lower()
-    if suffix not in TENSOR_EXTENSIONS:
-        raise CalibrationError(f"cannot read calibration data from '{path.name}': expected a folder of images or a "
-                               f"tensor file ({', '.join(TENSOR_EXTENSIONS)})")
-    return TensorBatches(_load_tensor_file(path, suffix), batch_size)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise CalibrationError(f"calibration data '{text}' is not a regular file or a folder (a pipe or a device?)")
+    return TensorBatches(_load_tensor_file(path), batch_size)
 
 
-def _load_tensor_file(path: Path, suffix: str) -> Any:
+def _load_tensor_file(path: Path) -> Any:
+    """The content of a tensor file, by its bytes: safetensors, ``torch.save`` (read with ``weights_only``) or
+    NumPy ``.npy`` (without pickles)."""
+    from .checkpoint import formats
+
+    with open(path, "rb") as f:
+        head = f.read(6)
     try:
-        if suffix == ".npy":
+        kind = formats.file_kind(path)
+        if head == b"\x93NUMPY":
             import numpy as np
 
             return torch.from_numpy(np.load(path, allow_pickle=False))
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            content = load_file(str(path))
+        if kind == "safetensors":
+            content, _ = formats.read_safetensors(path)
             return next(iter(content.values())) if len(content) == 1 else content
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # every reader has its own error types for a damaged or foreign file
-        raise CalibrationError(f"cannot read tensor file '{path}': {exc}") from None
+        if kind in ("zip", "pickle"):
+            return formats.read_torch(path, kind)
+    except formats.UnsafePickle as exc:
+        raise CalibrationError(f"cannot read tensor file '{path}': it holds pickled Python objects ({exc.found}), "
+                               "which normswap does not unpickle; calibration data must be plain tensors "
+                               "(torch.save of a tensor, or of a dict or tuple of tensors)") from None
+    except NormswapError as exc:
+        raise CalibrationError(f"cannot read calibration data: {exc}") from None
+    except Exception as exc:  # NumPy's readers have their own error types for a damaged or foreign file
+        raise CalibrationError(f"cannot read tensor file '{path.name}': {_first_line(exc)}") from None
+    raise CalibrationError(f"cannot read tensor file '{path}': it is neither a safetensors, a PyTorch nor a NumPy "
+                           "file (expected a folder of images or a tensor file)")
 
 
 def _tensors_of(content: Any) -> list[torch.Tensor]:
@@ -332,19 +414,12 @@ def _image_folder(path: Path, *, model: Optional[nn.Module], batch_size: int, nu
 
 
 def _call_data_callable(spec: str, *, model: Optional[nn.Module], batch_size: int) -> Iterable[Any]:
-    module_name, _, attribute = spec.partition(":")
-    try:
-        target: Any = _import(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise CalibrationError(f"cannot import calibration data '{spec}': {exc}") from None
-    if not callable(target):
-        raise CalibrationError(f"calibration data '{spec}' is a {type(target).__name__}, not a callable")
+    target = imports.resolve(spec, what="calibration data", error=CalibrationError, importer=_import)
     offered = {"batch_size": batch_size, "model": model}
     parameters = inspect.signature(target).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    result = target(**{k: v for k, v in offered.items() if takes_any or k in parameters})
+    with _loader_failures(0):
+        result = target(**{k: v for k, v in offered.items() if takes_any or k in parameters})
     if not isinstance(result, IterableABC):
         raise CalibrationError(f"calibration data '{spec}' returned a {type(result).__name__}: expected an "
                                "iterable of batches")

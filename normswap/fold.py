@@ -63,6 +63,7 @@ from . import targets
 from .data import call_model
 from .errors import CheckpointError, PlanError
 from .history import record_step
+from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
 from .walk import find_modules, get_module, replace_module, timm_untraceable
 
@@ -91,24 +92,6 @@ def _is_producer(module: nn.Module) -> bool:
 
 _SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
                   nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.BatchNorm1d)
-
-
-class FoldedAct(nn.Module):
-    """What remains of a norm layer with a fused activation once its normalization is folded: ``act(drop(x))``.
-
-    The submodules keep the names they had in the norm layer, so their parameters (a PReLU's weight) keep their keys.
-
-    >>> FoldedAct(nn.Identity(), nn.ReLU())(torch.tensor([-1.0, 2.0]))
-    tensor([0., 2.])
-    """
-
-    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.drop = drop
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(x))
 
 
 @dataclass

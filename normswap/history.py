@@ -1,7 +1,9 @@
-"""What a model remembers of normswap: the architecture it was built from and the structural steps applied to it.
+"""What a model remembers of normswap: the architecture it was built from, the file it came from, what was done.
 
-``save`` writes both into the checkpoint; ``load`` rebuilds the architecture and replays the steps before loading
-the weights. Steps that only change values (recalibrate, fit) are recorded for the reader but need no replay.
+Each operation appends a step to the model's history (``{"op": "plan", ...}``, ``"fold"``, ``"fit"``,
+``"recalibrate"``, ``"refine"``). ``save`` writes the history into the checkpoint as provenance: ``load`` does not
+replay it (the checkpoint's manifest describes the structure), and a history read from a file is data, checked
+against :data:`SCHEMA` by :func:`validate_history` (an unknown op or a malformed field is a clear error).
 
 Example::
 
@@ -19,7 +21,11 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .errors import CheckpointError
+
 __all__ = [
+    "SCHEMA",
+    "STRUCTURAL_OPS",
     "carry_memory",
     "get_arch",
     "get_history",
@@ -28,7 +34,23 @@ __all__ = [
     "set_arch",
     "set_history",
     "set_source",
+    "validate_history",
 ]
+
+_OPTIONAL_NUMBER = (int, float, type(None))
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "plan": {"plan": dict},
+    "fold": {"pairs": list, "freeze_rest": bool},
+    "recalibrate": {"method": str, "batches": int, "samples": int, "passes": int, "calibrated": list,
+                    "no_data": list, "skipped": dict, "world_size": int, "forward_cost": _OPTIONAL_NUMBER},
+    "fit": {"target": str, "chosen": str, "batches": int, "output_error": dict, "layers": list},
+    "refine": {"steps": int, "loss": str, "samples": int},
+}
+"""Every op a history step can have, with the type of each field it must have."""
+
+STRUCTURAL_OPS = ("plan", "fold")
+"""Ops that changed the module tree (recorded in a checkpoint's manifest); the others changed values only."""
 
 _HISTORY = "_normswap_history"
 _ARCH = "_normswap_arch"
@@ -78,3 +100,30 @@ def carry_memory(old: nn.Module, new: nn.Module) -> None:
         for attr in (_HISTORY, _ARCH, _SOURCE):
             if attr in old.__dict__:
                 new.__dict__[attr] = copy.deepcopy(old.__dict__[attr])
+
+
+def validate_history(steps: Any, where: str = "the file") -> list[dict[str, Any]]:
+    """``steps`` if it is a list of well-formed history steps (see :data:`SCHEMA`), else :class:`CheckpointError`.
+
+    >>> validate_history([{"op": "fold", "pairs": [["0", "1"]], "freeze_rest": False}])[0]["op"]
+    'fold'
+    >>> validate_history([{"op": "run", "command": "rm -rf /"}])
+    Traceback (most recent call last):
+    ...
+    normswap.errors.CheckpointError: the history of the file has a step with unknown op 'run' (known: plan, fold, recalibrate, fit, refine)
+    """
+    if not isinstance(steps, list):
+        raise CheckpointError(f"the history of {where} is not a list of steps")
+    for index, step in enumerate(steps):
+        op = step.get("op") if isinstance(step, dict) else None
+        if op not in SCHEMA:
+            raise CheckpointError(f"the history of {where} has a step with unknown op {op!r} "
+                                  f"(known: {', '.join(SCHEMA)})")
+        for name, kind in SCHEMA[op].items():
+            if name not in step or not isinstance(step[name], kind) or (kind is int and isinstance(step[name], bool)):
+                raise CheckpointError(f"the history of {where}: step {index + 1} ({op}) has a missing or malformed "
+                                      f"field '{name}'")
+        if op == "fold" and not all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)
+                                    for pair in step["pairs"]):
+            raise CheckpointError(f"the history of {where}: step {index + 1} (fold) has malformed pairs")
+    return steps

@@ -5,6 +5,8 @@
 - :class:`FrozenBatchNormAct`: the same with a fused activation and drop path, the frozen twin of timm's
   ``BatchNormAct2d`` (``drop`` then ``act``, as timm orders them).
 - :class:`BatchNorm`: a rank-agnostic trainable BatchNorm, used when the rank a layer was converted from is unknown.
+- :class:`FoldedAct`: what stays of a norm layer with a fused activation once its normalization is folded into the
+  convolution before it: the activation (and drop path).
 
 Example::
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from .errors import NormswapError
 
-__all__ = ["BatchNorm", "FrozenBatchNorm", "FrozenBatchNormAct"]
+__all__ = ["BatchNorm", "FoldedAct", "FrozenBatchNorm", "FrozenBatchNormAct"]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -176,3 +178,21 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an (N, C, ...) input, got {input.dim()}D")
+
+
+class FoldedAct(nn.Module):
+    """What remains of a norm layer with a fused activation once its normalization is folded: ``act(drop(x))``.
+
+    The submodules keep the names they had in the norm layer, so their parameters (a PReLU's weight) keep their keys.
+
+    >>> FoldedAct(nn.Identity(), nn.ReLU())(torch.tensor([-1.0, 2.0]))
+    tensor([0., 2.])
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))

@@ -126,6 +126,42 @@ class Plan:
                                 "channels; a GroupNorm row needs a group count that divides its channels")
         return result
 
+    def layer_names(self) -> list[str]:
+        """Every qualified name of every norm layer the plan looked at, converted or skipped."""
+        return [name for entry in [*self.rows, *self.skipped] for name in entry.names]
+
+    def unmatched_patterns(self) -> list[str]:
+        """The ``include`` and ``exclude`` patterns that match no norm layer (a typo, or another model's names).
+
+        >>> import torch
+        >>> plan(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), "gn", include=["0", "layer9.*"]).unmatched_patterns()
+        ['layer9.*']
+        """
+        names = self.layer_names()
+        patterns = [*self.options.get("include", []), *self.options.get("exclude", [])]
+        return [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+
+    def why_empty(self) -> str:
+        """Why the plan converts nothing, in one sentence (for a plan with rows: an empty string).
+
+        >>> import torch
+        >>> plan(torch.nn.Sequential(torch.nn.GroupNorm(2, 4)), "gn").why_empty()
+        'every norm layer is left as it is (already GroupNorm: 0)'
+        """
+        if self.rows:
+            return ""
+        if not self.skipped:
+            return "the model has no BatchNorm-like layer"
+        include = self.options.get("include") or []
+        if include and all(skip.reason == "not matched by include" for skip in self.skipped):
+            return f"no norm layer matches the include pattern(s) {', '.join(repr(p) for p in include)}"
+        reasons: dict[str, list[str]] = {}
+        for skip in self.skipped:
+            reasons.setdefault(skip.reason, []).append(skip.names[0])
+        shown = "; ".join(f"{reason}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                          for reason, names in reasons.items())
+        return f"every norm layer is left as it is ({shown})"
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Replace every planned layer of ``model`` (in place) and return the model.
 

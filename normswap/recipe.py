@@ -26,11 +26,17 @@ each norm layer becomes, later steps, and the output name. Each norm layer is co
     [output]
     suffix = "frozen"                        # output: <checkpoint stem>-<suffix>.safetensors
 
+A recipe is data: every field is checked for its type and value when the recipe is read, and nothing it names is
+imported. Its ``arch`` is built on the recipe's word only if it is a registered builder (a timm or torchvision model,
+normswap's demo); another must be confirmed by the user (``--arch``). A step's ``data`` may be a folder of images or a
+tensor file; an import path (``package.module:callable``) must be typed by the user (``--data``).
+
 Python: ``Recipe.load("recipes/frozen-backbone.toml").apply(model)``.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +44,56 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from .arch import ArchSpec
 from .errors import NormswapError
-from .plan import Plan, plan
+from .plan import AFFINE_MODES, GROUP_POLICIES, UNKNOWN_MODES, Plan, plan
 from .targets import TARGETS
 
 __all__ = ["Recipe", "RecipeError", "Rule"]
 
-_RULE_KEYS = {"match", "to", "groups", "channels_per_group", "group_policy", "affine", "exclude",
-              "trainable_affine", "unknown"}
-_STEP_KEYS = {"recalibrate": {"op", "data", "batches", "batch_size", "method", "input_key"}, "fold": {"op"}}
+_PATTERNS = "a glob pattern or a list of them"
+_POSITIVE = "a whole number of at least 1"
+_RULE_FIELDS: dict[str, tuple[str, Any]] = {
+    "match": (_PATTERNS, lambda v: _patterns(v) and len(v) > 0),
+    "to": (f"one of {', '.join(TARGETS)}", lambda v: v in TARGETS),
+    "groups": (_POSITIVE, lambda v: _positive(v)),
+    "channels_per_group": (_POSITIVE, lambda v: _positive(v)),
+    "group_policy": (f"one of {', '.join(GROUP_POLICIES)}", lambda v: v in GROUP_POLICIES),
+    "affine": (f"one of {', '.join(AFFINE_MODES)}", lambda v: v in AFFINE_MODES),
+    "exclude": (_PATTERNS, lambda v: _patterns(v)),
+    "trainable_affine": ("true or false", lambda v: isinstance(v, bool)),
+    "unknown": (f"one of {', '.join(UNKNOWN_MODES)}", lambda v: v in UNKNOWN_MODES),
+}
+_STEP_FIELDS: dict[str, dict[str, tuple[str, Any]]] = {
+    "recalibrate": {
+        "op": ("recalibrate", lambda v: v == "recalibrate"),
+        "data": ("a folder or a tensor file", lambda v: isinstance(v, str) and bool(v)),
+        "batches": (_POSITIVE, lambda v: _positive(v)),
+        "batch_size": (_POSITIVE, lambda v: _positive(v)),
+        "method": ("exact or sequential", lambda v: v in ("exact", "sequential")),
+        "input_key": ("a string", lambda v: isinstance(v, str)),
+    },
+    "fold": {"op": ("fold", lambda v: v == "fold")},
+}
 _TOP_KEYS = {"recipe", "rules", "steps", "output"}
-_RECIPE_KEYS = {"description", "arch", "arch_kwargs"}
-_OUTPUT_KEYS = {"suffix"}
+_RECIPE_FIELDS: dict[str, tuple[str, Any]] = {
+    "description": ("a string", lambda v: isinstance(v, str)),
+    "arch": ("a timm name or package.module:callable", lambda v: isinstance(v, str) and bool(v)),
+    "arch_kwargs": ("a table", lambda v: isinstance(v, dict)),
+}
+_SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_OUTPUT_FIELDS: dict[str, tuple[str, Any]] = {
+    "suffix": ("a short file-name part (letters, digits, '.', '_', '-'; no '/' or '..')",
+               lambda v: isinstance(v, str) and bool(_SUFFIX.match(v)) and ".." not in v),
+}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _patterns(value: Any) -> bool:
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 class RecipeError(NormswapError):
@@ -91,23 +135,26 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Optional[Path] = None) -> "Recipe":
-        """Check and build a recipe from parsed TOML."""
+        """Check and build a recipe from parsed TOML; :class:`RecipeError` names the table and the field."""
         where = f"recipe {path}" if path else "recipe"
         _check_keys(data, _TOP_KEYS, where)
-        head = data.get("recipe", {})
-        _check_keys(head, _RECIPE_KEYS, f"{where} [recipe]")
-        output = data.get("output", {})
-        _check_keys(output, _OUTPUT_KEYS, f"{where} [output]")
-        rules = [_read_rule(raw, f"{where} rule {i + 1}") for i, raw in enumerate(data.get("rules", []))]
-        if not rules:
+        head = _check_fields(data.get("recipe", {}), _RECIPE_FIELDS, f"{where} [recipe]")
+        output = _check_fields(data.get("output", {}), _OUTPUT_FIELDS, f"{where} [output]")
+        raw_rules = data.get("rules", [])
+        if not isinstance(raw_rules, list) or not raw_rules:
             raise RecipeError(f"{where} has no [[rules]]")
+        rules = [_read_rule(raw, f"{where} rule {i + 1}") for i, raw in enumerate(raw_rules)]
+        raw_steps = data.get("steps", [])
+        if not isinstance(raw_steps, list):
+            raise RecipeError(f"{where}: steps must be [[steps]] tables")
         steps = []
-        for i, raw in enumerate(data.get("steps", [])):
-            op = raw.get("op")
-            if op not in _STEP_KEYS:
-                raise RecipeError(f"{where} step {i + 1}: op must be one of {', '.join(_STEP_KEYS)}, got {op!r}")
-            _check_keys(raw, _STEP_KEYS[op], f"{where} step {i + 1}")
-            steps.append(dict(raw))
+        for i, raw in enumerate(raw_steps):
+            op = raw.get("op") if isinstance(raw, dict) else None
+            if op not in _STEP_FIELDS:
+                raise RecipeError(f"{where} step {i + 1}: op must be one of {', '.join(_STEP_FIELDS)}, got {op!r}")
+            steps.append(_check_fields(raw, _STEP_FIELDS[op], f"{where} step {i + 1}"))
+        if head.get("arch") is not None:
+            ArchSpec.parse(head["arch"], head.get("arch_kwargs", {}), from_file=True)
         return cls(
             rules=rules,
             steps=steps,
@@ -117,6 +164,24 @@ class Recipe:
             suffix=output.get("suffix", "converted"),
             path=path,
         )
+
+    def arch_spec(self, typed: Optional[str] = None, typed_kwargs: Optional[dict[str, Any]] = None
+                  ) -> Optional[ArchSpec]:
+        """The architecture to build: the one the user typed (with the recipe's keyword arguments if it is the
+        recipe's), else the recipe's own, as data (built only if registered); ``typed_kwargs`` override.
+
+        >>> recipe = Recipe([Rule(["*"], "gn")], arch="monai.networks.nets:UNet")
+        >>> recipe.arch_spec().from_file, recipe.arch_spec("monai.networks.nets:UNet").from_file
+        (True, False)
+        """
+        if self.arch is None:
+            return ArchSpec.parse(typed, typed_kwargs) if typed is not None else None
+        recorded = ArchSpec.parse(self.arch, self.arch_kwargs, from_file=True)
+        if typed is None:
+            return recorded.with_kwargs(typed_kwargs)
+        if typed == recorded.name:
+            return ArchSpec(recorded.name, dict(recorded.kwargs)).with_kwargs(typed_kwargs)
+        return ArchSpec.parse(typed, typed_kwargs)
 
     def plans(self, model: nn.Module) -> list[Plan]:
         """One plan per rule, each excluding what earlier rules matched; nothing is changed."""
@@ -129,10 +194,11 @@ class Recipe:
             claimed += rule.match
         return result
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, *, plans: Optional[list[Plan]] = None) -> nn.Module:
         """Convert ``model`` (in place) by the rules, first matching rule first; returns the model.
 
-        Every rule is planned before any is applied, so a rule that cannot be planned leaves the model unchanged.
+        Every rule is planned before any is applied (or ``plans``, what :meth:`plans` returned for this model, are
+        used), so a rule that cannot be planned leaves the model unchanged.
 
         >>> import timm
         >>> recipe = Recipe([Rule(["layer1.*"], "frozen"), Rule(["*"], "gn", {"groups": 8})])
@@ -140,22 +206,30 @@ class Recipe:
         >>> type(model.layer1[0].bn1).__name__, type(model.layer2[0].bn1).__name__
         ('FrozenBatchNorm', 'GroupNorm')
         """
-        plans = self.plans(model)
-        for p in plans:
+        for p in plans if plans is not None else self.plans(model):
             model = p.apply(model)
         return model
 
-    def run_steps(self, model: nn.Module, *, progress: Optional[bool] = None) -> nn.Module:
-        """Run the recipe's later steps (recalibrate, fold) in order on an already converted model."""
+    def run_steps(self, model: nn.Module, *, progress: Optional[bool] = None,
+                  data: Optional[str] = None) -> nn.Module:
+        """Run the recipe's later steps (recalibrate, fold) in order on an already converted model.
+
+        ``data`` (typed by the user: a folder, a tensor file or ``package.module:callable``) replaces the data the
+        recipe's recalibrate steps name; the recipe's own may only be a folder or a tensor file.
+        """
         for step in self.steps:
             if step["op"] == "recalibrate":
                 from .data import open_data
                 from .recalibrate import recalibrate
 
-                data = open_data(step["data"], model=model, batch_size=step.get("batch_size", 32))
+                if data is None and "data" not in step:
+                    raise RecipeError("the recipe's recalibrate step names no data: pass data= (--data)")
+                source, typed = (data, True) if data is not None else (step["data"], False)
+                calibration = open_data(source, model=model, batch_size=step.get("batch_size", 32),
+                                        allow_import=typed)
                 model = recalibrate(
                     model,
-                    data,
+                    calibration,
                     batches=step.get("batches"),
                     method=step.get("method", "exact"),
                     input_key=step.get("input_key"),
@@ -176,8 +250,18 @@ def _check_keys(table: Any, allowed: set[str], where: str) -> None:
         raise RecipeError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
 
 
+def _check_fields(table: Any, fields: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
+    """``table`` if every key is known and every value is of the form its field wants, else :class:`RecipeError`."""
+    _check_keys(table, set(fields), where)
+    for key, value in table.items():
+        wanted, valid = fields[key]
+        if not valid(value):
+            raise RecipeError(f"{where}: '{key}' must be {wanted}, got {value!r}")
+    return dict(table)
+
+
 def _read_rule(raw: Any, where: str) -> Rule:
-    _check_keys(raw, _RULE_KEYS, where)
+    _check_fields(raw, _RULE_FIELDS, where)
     if "to" not in raw or "match" not in raw:
         raise RecipeError(f"{where} needs 'match' and 'to' (one of {', '.join(TARGETS)})")
     match = raw["match"]

@@ -48,7 +48,7 @@ def test_an_unknown_timm_name_suggests_close_names():
     [
         ("no_such_package_xyz.models:net", "cannot import 'no_such_package_xyz.models'"),
         ("torchvision.models:no_such_net", "'torchvision.models' has no 'no_such_net'"),
-        ("math:pi", "'math:pi' is a float, not a callable"),
+        ("math:pi", "'math:pi': it is a float, not a callable"),
         ("builtins:dict", "returned a dict, not a torch.nn.Module"),
     ],
 )
@@ -79,12 +79,15 @@ def test_kwargs_must_be_json_values():
         ArchSpec.parse("resnet18", {"act_layer": nn.ReLU})
 
 
-def test_only_timm_torchvision_and_normswap_are_well_known():
-    assert ArchSpec("resnet50").is_well_known
-    assert ArchSpec("torchvision.models:resnet50").is_well_known
-    assert ArchSpec("normswap.demo:DigitsResNet").is_well_known
-    assert not ArchSpec("torchvisionx.models:resnet50").is_well_known
-    assert not ArchSpec("subprocess:run").is_well_known
+def test_only_timm_torchvision_and_normswap_builders_are_registered():
+    assert ArchSpec("resnet50").is_registered
+    assert ArchSpec("torchvision.models:resnet50").is_registered
+    assert ArchSpec("torchvision.models.detection:fasterrcnn_resnet50_fpn").is_registered
+    assert ArchSpec("normswap.demo:DigitsResNet").is_registered
+    assert not ArchSpec("torchvisionx.models:resnet50").is_registered
+    assert not ArchSpec("torchvision.models:resnet.torch.hub.load").is_registered
+    assert not ArchSpec("normswap.demo:torch.load").is_registered
+    assert not ArchSpec("subprocess:run").is_registered
 
 
 def test_meta_and_cpu_builds_have_the_same_structure():

@@ -231,14 +231,6 @@ def test_the_header_records_arch_history_source_and_versions(tmp_path, state_fil
     assert metadata["normswap"] == normswap.__version__ and metadata["torch"] == torch.__version__
 
 
-def test_a_safetensors_file_naming_a_foreign_import_path_is_not_imported_unasked(tmp_path, reference):
-    path = tmp_path / "foreign.safetensors"
-    tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    save_file(tensors, path, metadata={"arch": json.dumps({"name": "subprocess:run", "kwargs": {"args": "true"}})})
-    with pytest.raises(CheckpointError, match="names the architecture 'subprocess:run'.*--arch"):
-        load(path)
-
-
 class BufferNet(nn.Module):
     """A network with a non-persistent buffer (set by ``__init__``, not saved) and a transposed (non-contiguous)
     weight that is a view of another layer's weight."""

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import normswap
-from normswap import checkpoint as checkpoint_module
+from normswap.checkpoint import atomic as atomic_module
 from normswap.checkpoint import load, load_checkpoint, read_metadata
 from normswap.cli import TARGET_CHOICES, main
 from normswap.targets import TARGETS
@@ -181,7 +181,8 @@ BAD_INPUTS = {
                               r"cut\.safetensors is not a valid safetensors file"),
     "directory": (_bad_file("folder.pt", "dir"), 1, r"folder\.pt is a directory, not a checkpoint file"),
     "missing path": (_bad_file("missing.pt", None), 1, r"missing\.pt does not exist"),
-    "wrong extension": (_bad_file("model.onnx", b"onnx"), 1, r"unsupported extension '\.onnx': expected \.safetensors"),
+    "unknown kind": (_bad_file("model.onnx", b"onnx"), 1,
+                     r"model\.onnx is not a checkpoint: it is neither a safetensors file nor a PyTorch file"),
     "dict with no tensors": (_bad_file("opt.pt", "no tensors"), 1,
                              r"opt\.pt holds no tensors \(keys: epoch, optimizer\): pass key= \(--key\)"),
 }
@@ -257,7 +258,7 @@ def test_a_write_the_system_refuses_is_one_clear_line_and_leaves_nothing(ckpt, t
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.os, "open", refusing_open)
+    monkeypatch.setattr(atomic_module.os, "open", refusing_open)
     before = files(tmp_path)
     result = run("convert", ckpt, "--to", "gn", *ARCH_ARGS, "-o", tmp_path / "out.safetensors")
     assert result.exit_code == 1
@@ -313,14 +314,14 @@ def test_python_dash_m_runs_the_command():
 
 
 def test_ctrl_c_while_writing_exits_130_and_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    import safetensors.torch
+    from normswap.checkpoint import formats
 
-    def interrupted_save(tensors, filename, metadata=None):
+    def interrupted_save(filename, tensors, metadata):
         with open(filename, "wb") as f:
             f.write(b"the first bytes")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_save)
+    monkeypatch.setattr(formats, "write_safetensors", interrupted_save)
     before = files(tmp_path)
     result = run("convert", ckpt, "--to", "gn", *ARCH_ARGS)
     assert result.exit_code == 130 and result.stderr.strip().endswith("error: interrupted")

@@ -62,7 +62,8 @@ def test_apply_with_a_bad_recipe_is_one_line_and_leaves_nothing(tmp_path):
     recipe.write_text("[[rules]]\nmatch = '*'\nto = 'groupnorm'\n")
     result = run("apply", recipe, ckpt)
     assert result.exit_code == 1
-    assert result.stderr.strip() == "error: unknown target 'groupnorm': choose one of gn, ln, in, frozen, sync, bn"
+    assert result.stderr.strip() == (f"error: recipe {recipe} rule 1: 'to' must be one of gn, ln, in, frozen, sync, "
+                                     "bn, got 'groupnorm'")
     assert files(tmp_path) == ["bad.toml", "digits.safetensors"]
 
 

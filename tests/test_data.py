@@ -55,12 +55,12 @@ def test_tensors_of_different_lengths_are_refused():
         TensorBatches((torch.zeros(4, 2), torch.zeros(3)), batch_size=2)
 
 
-def test_a_damaged_tensor_file_and_an_unknown_suffix_are_clear_errors(tmp_path):
+def test_a_damaged_or_foreign_tensor_file_is_a_clear_error(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a tensor")
-    with pytest.raises(CalibrationError, match="cannot read tensor file .*broken.pt"):
+    with pytest.raises(CalibrationError, match="cannot read tensor file .*broken.pt.: it is neither a safetensors"):
         open_data(tmp_path / "broken.pt")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CalibrationError, match="cannot read calibration data from 'notes.txt'"):
+    with pytest.raises(CalibrationError, match="cannot read tensor file .*notes.txt.: it is neither"):
         open_data(tmp_path / "notes.txt")
     with pytest.raises(CalibrationError, match="does not exist"):
         open_data(tmp_path / "missing.pt")
@@ -141,9 +141,9 @@ def test_a_callable_named_by_import_path_returns_the_batches_and_gets_the_batch_
 def test_a_callable_that_cannot_be_imported_or_returns_no_iterable_is_a_clear_error(data_module):
     with pytest.raises(CalibrationError, match="returned a int: expected an iterable"):
         open_data(f"{data_module}:number")
-    with pytest.raises(CalibrationError, match="cannot import calibration data 'calib_source:nothing'"):
+    with pytest.raises(CalibrationError, match="cannot use calibration data 'calib_source:nothing'"):
         open_data(f"{data_module}:nothing")
-    with pytest.raises(CalibrationError, match="cannot import calibration data 'no_such_module:f'"):
+    with pytest.raises(CalibrationError, match="cannot use calibration data 'no_such_module:f'"):
         open_data("no_such_module:f")
 
 

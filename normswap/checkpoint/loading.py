@@ -1,0 +1,487 @@
+"""Opening a checkpoint file: read its content as data, build the architecture, match the manifest, load strictly.
+
+:func:`read_checkpoint` reads a file without building anything: its tensors (or, only with ``trust_pickle``, a
+pickled model) and its header metadata, decoded and checked (the architecture spec, the manifest, the history, the
+module versions). :meth:`CheckpointContents.to_model` then
+
+1. resolves the architecture: the one the user gives (``arch=``, ``--arch``), with the file's recorded keyword
+   arguments when it names the same architecture (``arch_kwargs`` override them key by key); else the file's own
+   spec, built only if it is a registered builder (see :mod:`normswap.arch`);
+2. builds it on the meta device (no memory, no random initialisation; on the CPU when the architecture holds
+   tensors that are not in its state dict);
+3. makes its tree match the file's manifest and checks it (:mod:`normswap.checkpoint.manifest`);
+4. finds the weights in the file (:mod:`normswap.checkpoint.containers`) and loads them strictly, module versions
+   included, the file's tensors becoming the model's (no copy).
+
+Example::
+
+    >>> import normswap
+    >>> model = normswap.load_checkpoint("resnet50.pt", "resnet50")             # doctest: +SKIP
+    >>> model = normswap.load("resnet50-gn.safetensors")          # GroupNorm model, no arch needed  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec
+from ..errors import ArchitectureError, CheckpointError
+from ..history import STRUCTURAL_OPS, set_arch, set_history, set_source, validate_history
+from . import containers, formats
+from .manifest import apply_manifest, check_manifest
+
+__all__ = ["CheckpointContents", "check_input", "file_sha256", "load", "load_checkpoint", "read_checkpoint",
+           "read_metadata"]
+
+log = logging.getLogger("normswap")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_JSON_FIELDS = ("arch", "history", "source", "aliases", "manifest", "module_versions", "input_shape")
+_SHOWN_KEYS = 4
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+_ALIGNMENT = 64
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, as hex.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "empty"; p.write_bytes(b"")
+    0
+    >>> file_sha256(p)[:12]
+    'e3b0c44298fc'
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(4 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """The header metadata with its structured fields decoded. A file normswap wrote (``"normswap"`` in its header)
+    has every field of :data:`_JSON_FIELDS` read as JSON; another file only ``arch`` (a JSON spec or a bare name),
+    since its other fields may mean something else."""
+    metadata: dict[str, Any] = dict(raw)
+    for name in _JSON_FIELDS if "normswap" in raw else ("arch",):
+        text = metadata.get(name)
+        if text is None:
+            continue
+        if name == "arch" and not text.lstrip().startswith("{"):
+            metadata[name] = {"name": text.strip(), "kwargs": {}}
+            continue
+        try:
+            metadata[name] = json.loads(text)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: the header field '{name}' is not valid JSON") from None
+    if "history" in metadata:
+        metadata["history"] = validate_history(metadata["history"], where=str(path))
+    for name, kind in (("aliases", dict), ("module_versions", dict), ("source", dict), ("manifest", dict),
+                       ("input_shape", list)):
+        if name in metadata and not isinstance(metadata[name], kind):
+            raise CheckpointError(f"{path}: the header field '{name}' is malformed (not a JSON {kind.__name__})")
+    return metadata
+
+
+def _check_file(path: PathLike) -> tuple[Path, str]:
+    path = formats.check_readable(Path(path))
+    kind = formats.file_kind(path)
+    suffix = path.suffix.lower()
+    if kind is None and suffix == ".safetensors":
+        kind = "safetensors"  # damaged: the reader says how
+    elif kind is None and suffix in TORCH_SUFFIXES:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle")
+    elif kind is None:
+        raise CheckpointError(f"{path} is not a checkpoint: it is neither a safetensors file nor a PyTorch file "
+                              "(zip archive or pickle)")
+    expected = "safetensors" if path.suffix.lower() == ".safetensors" else None
+    if expected is not None and kind != expected or expected is None and kind == "safetensors":
+        log.info("%s is a %s file whatever its extension says: reading it as one", path.name,
+                 "safetensors" if kind == "safetensors" else "PyTorch")
+    return path, kind
+
+
+def check_input(path: PathLike) -> Path:
+    """``path`` if it names a non-empty regular file of a kind normswap reads, else :class:`CheckpointError`.
+
+    >>> check_input("/nonexistent/model.pt")
+    Traceback (most recent call last):
+    ...
+    normswap.errors.CheckpointError: /nonexistent/model.pt does not exist
+    """
+    return _check_file(path)[0]
+
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """The header metadata of a safetensors file, structured fields decoded.
+
+    Keys written by :func:`~normswap.checkpoint.save`: ``normswap`` and ``torch`` (versions), ``arch``
+    (``{"name", "kwargs"}``), ``manifest`` (the structure, see :mod:`normswap.checkpoint.manifest`), ``history``
+    (what was done to the model), ``source`` (``{"file", "sha256"}``), ``module_versions``, ``aliases`` (names
+    saved once for tensors that share memory). Files from elsewhere give what their header has.
+
+    >>> read_metadata("resnet50-gn.safetensors")["arch"]                        # doctest: +SKIP
+    {'name': 'resnet50', 'kwargs': {}}
+    """
+    path, kind = _check_file(path)
+    if kind != "safetensors":
+        raise CheckpointError(f"{path} is not a safetensors file: only safetensors files carry metadata")
+    return decode_metadata(formats.read_safetensors_metadata(path), path)
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint file holds, before a model is built from it.
+
+    ``content`` is the file's content as data: the tensor dict of a safetensors file, or what ``torch.load`` returned
+    (a state dict, a training checkpoint's dict, or, only with ``trust_pickle``, a model). ``metadata`` is the
+    decoded safetensors header (empty for PyTorch files); ``source`` is ``{"file", "sha256"}``, plus ``"entry"``
+    and ``"prefix"`` once the weights have been found. ``key``, ``prefix`` and ``ema`` say where the weights are,
+    as :func:`normswap.checkpoint.containers.choose_weights` takes them.
+    """
+
+    path: Path
+    kind: str
+    content: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)
+    key: Optional[str] = None
+    prefix: Optional[str] = None
+    ema: bool = False
+
+    @property
+    def arch(self) -> Optional[ArchSpec]:
+        """The architecture spec the file records, as data (see :attr:`normswap.arch.ArchSpec.from_file`)."""
+        arch = self.metadata.get("arch")
+        return ArchSpec.from_dict(arch) if arch else None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """What the file says was done to the model (provenance: loading does not depend on it)."""
+        return list(self.metadata.get("history") or [])
+
+    @property
+    def manifest(self) -> Optional[dict[str, Any]]:
+        """The structure the file records, if any."""
+        return self.metadata.get("manifest")
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        """The pickled model the file holds (``trust_pickle`` only), the EMA copy only with ``ema``."""
+        modules = containers.find_modules_in(self.content)
+        if self.key is not None:
+            modules = [(entry, module) for entry, module in modules if entry == self.key]
+        modules.sort(key=lambda item: ("ema" in item[0].lower()) != self.ema)
+        return modules[0][1] if modules else None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights as well as they can be found without a model (see :func:`containers.guess_weights`)."""
+        return self.guess().tensors
+
+    def guess(self) -> containers.WeightsChoice:
+        """The weights found without a model to match against."""
+        return containers.guess_weights(self.content, key=self.key, prefix=self.prefix, ema=self.ema,
+                                        where=str(self.path))
+
+    def resolve_arch(self, arch: Union[str, ArchSpec, None] = None,
+                     arch_kwargs: Optional[dict[str, Any]] = None) -> ArchSpec:
+        """The architecture to build: the user's (with the file's keyword arguments when it records the same
+        name), else the file's own; ``arch_kwargs`` override either key by key."""
+        recorded = self.arch
+        if arch is None:
+            if recorded is None:
+                raise CheckpointError(
+                    f"{self.path} holds weights only, not the architecture: pass arch= (--arch), a timm model name "
+                    "such as resnet50 or an import path such as torchvision.models:resnet50"
+                )
+            return recorded.with_kwargs(arch_kwargs)
+        given = arch if isinstance(arch, ArchSpec) else ArchSpec.parse(arch)
+        base = recorded.kwargs if recorded is not None and recorded.name == given.name else {}
+        return ArchSpec(given.name, {**base, **given.kwargs}, given.from_file).with_kwargs(arch_kwargs)
+
+    def to_model(self, arch: Union[str, ArchSpec, None] = None, *,
+                 arch_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+        """Build the model and load the file's weights into it strictly (see the module documentation)."""
+        pickled = self.model
+        if pickled is not None:
+            if arch is not None:
+                log.info("%s holds a whole model: the architecture given is recorded, not built", self.path.name)
+                set_arch(pickled, self.resolve_arch(arch, arch_kwargs).to_dict())
+            set_source(pickled, self.source)
+            return pickled
+        spec = self.resolve_arch(arch, arch_kwargs)
+        model = _build(spec, self)
+        expected = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
+        choice = containers.choose_weights(self.content, set(expected), key=self.key, prefix=self.prefix,
+                                           ema=self.ema, where=str(self.path))
+        if choice.entry or choice.prefix:
+            log.info("%s: using %s", self.path.name, choice.describe())
+        if choice.others:
+            log.info("%s: also matching: %s (choose with key= / prefix= / ema=)", self.path.name,
+                     ", ".join(choice.others))
+        tensors = dict(choice.tensors)
+        for alias, name in (self.metadata.get("aliases") or {}).items():
+            if name in tensors:
+                tensors[alias] = tensors[name]
+        tensors = _fit_tensors(self.path, spec, model, tensors, expected)
+        _load_strictly(model, _aligned(tensors), self._versions(choice, model))
+        set_arch(model, spec.to_dict())
+        set_history(model, self.history)
+        source = dict(self.source)
+        if choice.entry:
+            source["entry"] = choice.entry
+        if choice.prefix:
+            source["prefix"] = choice.prefix
+        set_source(model, source)
+        return model
+
+    def _versions(self, choice: containers.WeightsChoice, model: nn.Module) -> dict[str, int]:
+        recorded = self.metadata.get("module_versions")
+        if recorded is None:
+            return choice.versions
+        return {name: int(recorded.get(name, 1)) for name, _ in model.named_modules()}
+
+
+def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Optional[str] = None, ema: bool = False,
+                    trust_pickle: bool = False) -> CheckpointContents:
+    """Read a checkpoint file's content (tensors, or with ``trust_pickle`` a pickled model) and metadata, without
+    building a model.
+
+    Raises:
+        CheckpointError: the file is missing, empty, not a regular file, of no known kind, unreadable, a
+            TorchScript archive, pickled objects without ``trust_pickle``, or has a malformed header.
+
+    >>> contents = read_checkpoint("resnet50.pt")                               # doctest: +SKIP
+    >>> contents.source["file"]                                                 # doctest: +SKIP
+    'resnet50.pt'
+    """
+    path, kind = _check_file(path)
+    if kind == "safetensors":
+        if key is not None:
+            raise CheckpointError(f"{path} is a safetensors file, which has no entries: key= (--key) picks an entry "
+                                  "of a PyTorch file")
+        tensors, raw = formats.read_safetensors(path)
+        content: Any = tensors
+        metadata = decode_metadata(raw, path)
+    else:
+        content = formats.read_torch(path, kind, trust_pickle=trust_pickle)
+        metadata = {}
+        if not isinstance(content, (dict, nn.Module)) and not containers.find_modules_in(content):
+            raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state dict or a model")
+    contents = CheckpointContents(path, kind, content, metadata, key=key, prefix=prefix, ema=ema)
+    if contents.model is None:
+        contents.guess()  # a file without tensors is refused here, before any architecture is built
+    contents.source = {"file": path.name, "sha256": file_sha256(path)}
+    return contents
+
+
+def _holds_unloadable_tensors(model: nn.Module) -> bool:
+    """True if some tensor of the model is not in its state dict (non-persistent buffers, plain tensor attributes):
+    those get their values from ``__init__``, so the model cannot be built on the meta device."""
+    persistent = set(model.state_dict(keep_vars=True))
+    if any(name not in persistent for name, _ in model.named_buffers(remove_duplicate=False)):
+        return True
+    return any(isinstance(value, torch.Tensor) for module in model.modules() for value in vars(module).values())
+
+
+def _build(spec: ArchSpec, contents: CheckpointContents) -> nn.Module:
+    """The architecture with the file's manifest applied, on the meta device when possible (no memory, no init)."""
+    spec.check_buildable()
+    try:
+        model = spec.build(device="meta")
+    except ArchitectureError as exc:
+        log.debug("building %s on the meta device failed (%s); building it on the CPU", spec, exc)
+        model = None
+    if model is None or _holds_unloadable_tensors(model):
+        model = spec.build()
+    manifest = contents.manifest
+    if manifest is None:
+        structural = [step["op"] for step in contents.history if step["op"] in STRUCTURAL_OPS]
+        if structural:
+            raise CheckpointError(
+                f"{contents.path} was written by normswap {contents.metadata.get('normswap', '0.1')}, which recorded "
+                f"its structure as steps ({', '.join(structural)}) rather than a manifest: load it with that "
+                "version and save it again"
+            )
+        return model
+    model = apply_manifest(model, manifest)
+    check_manifest(model, manifest)
+    return model
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN_KEYS])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_KEYS else "")
+
+
+def _classifier_prefix(model: nn.Module) -> Optional[str]:
+    """Qualified name of the module holding the model's last parameter (the classifier for most networks)."""
+    names = [name for name, _ in model.named_parameters()]
+    return names[-1].rpartition(".")[0] if names else None
+
+
+def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[str, torch.Size],
+                 tensors: dict[str, torch.Tensor], missing: list[str], unexpected: list[str],
+                 reshaped: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
+    if reshaped:
+        shown = ", ".join(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
+                          for name in reshaped[:2])
+        parts.append(f"{len(reshaped)} shape mismatch(es) ({shown})")
+    head = _classifier_prefix(model)
+    matched = len(set(expected) & set(tensors))
+    if not missing and not unexpected and head is not None \
+            and all(name.rpartition(".")[0] == head for name in reshaped):
+        classes = tensors[reshaped[0]].shape[0]
+        cause = (f"wrong num_classes? the file's classifier has {classes} outputs: pass "
+                 f"arch_kwargs={{'num_classes': {classes}}} (--arch-kwargs '{{\"num_classes\": {classes}}}')")
+    elif matched < len(expected) / 2:
+        cause = "wrong architecture? fewer than half of the model's keys are in the file"
+    else:
+        cause = "wrong architecture or architecture keyword arguments?"
+    return f"{path} does not fit {spec.short()}: {'; '.join(parts)} ({cause})"
+
+
+def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str, torch.Tensor],
+                 expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The file's tensors keyed exactly as the model's state dict, or :class:`CheckpointError` saying what differs."""
+    tensors = dict(tensors)
+    for name in expected:
+        if name not in tensors and name.endswith("num_batches_tracked"):
+            tensors[name] = torch.zeros((), dtype=torch.long)
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    reshaped = [name for name in expected if name in tensors and tensors[name].shape != expected[name]]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(_fit_message(path, spec, model, expected, tensors, missing, unexpected, reshaped))
+    return tensors
+
+
+def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, those whose memory is not 64-byte aligned (views into a memory-mapped file) copied into aligned
+    memory, one at a time: CPU kernels choose code paths by alignment, so only aligned tensors compute bit for bit
+    what the saved model computed. Tensors that share memory stay shared."""
+    copies: dict[int, torch.Tensor] = {}
+    result = {}
+    for name, tensor in tensors.items():
+        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % _ALIGNMENT:
+            tensor = copies.setdefault(id(tensor), tensor.clone())
+        result[name] = tensor
+    return result
+
+
+def _shared_tensor_names(model: nn.Module) -> list[list[str]]:
+    """Groups of qualified names that refer to one parameter or buffer object (tied weights, shared modules)."""
+    groups: dict[int, list[str]] = {}
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(owner_name)._parameters
+
+
+def _load_strictly(model: nn.Module, tensors: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
+    """``load_state_dict(strict=True, assign=True)`` with the module versions, keeping tied tensors tied
+    (assignment is per name)."""
+    ties = _shared_tensor_names(model)
+    state = OrderedDict(tensors)
+    state._metadata = OrderedDict((prefix, {"version": version}) for prefix, version in versions.items())
+    model.load_state_dict(state, strict=True, assign=True)
+    for names in ties:
+        first = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
+        for name in names[1:]:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            table[attr] = first
+
+
+def load_checkpoint(
+    path: PathLike,
+    arch: Union[str, ArchSpec, None] = None,
+    *,
+    arch_kwargs: Optional[dict[str, Any]] = None,
+    trust_pickle: bool = False,
+    key: Optional[str] = None,
+    prefix: Optional[str] = None,
+    ema: bool = False,
+) -> nn.Module:
+    """Build the model a checkpoint file holds, with the file's weights, strictly.
+
+    Args:
+        path: a safetensors or PyTorch file (the kind is read from its bytes).
+        arch: a timm model name (``"resnet50"``), an import path (``"torchvision.models:resnet50"``,
+            ``"monai.networks.nets:UNet"``) or an :class:`~normswap.arch.ArchSpec`. Not needed for a file written
+            by :func:`~normswap.checkpoint.save` of a timm, torchvision or normswap architecture; for another
+            architecture the error says what to pass.
+        arch_kwargs: keyword arguments for the architecture (``{"num_classes": 10}``), overriding those the file
+            records.
+        trust_pickle: allow unpickling Python objects (a whole model saved with ``torch.save(model)``). Unpickling
+            can run arbitrary code: only for files you trust.
+        key, prefix: the entry of a training checkpoint that holds the weights (dotted, ``"state_dict"``) and the
+            key prefix to remove (``"model."``); by default the entry and prefix that match the model's keys best.
+        ema: prefer the exponential-moving-average weights when the file holds both.
+
+    The model is returned as built (``train()`` mode), remembering its architecture, history and source file
+    (:mod:`normswap.history`). Its tensors are the file's (same dtype).
+
+    Raises:
+        CheckpointError: the file cannot be read safely, or does not fit the architecture (the message lists the
+            first missing / unexpected keys and the likely cause).
+        ArchitectureError: the architecture cannot be built, or the file names one that must be typed to be built.
+
+    >>> model = load_checkpoint("resnet50.pt", "resnet50")                      # doctest: +SKIP
+    >>> model = load_checkpoint("run.pt", "resnet50", arch_kwargs={"num_classes": 10}, ema=True)  # doctest: +SKIP
+    """
+    contents = read_checkpoint(path, key=key, prefix=prefix, ema=ema, trust_pickle=trust_pickle)
+    return contents.to_model(arch, arch_kwargs=arch_kwargs)
+
+
+def load(path: PathLike, arch: Union[str, ArchSpec, None] = None, *, arch_kwargs: Optional[dict[str, Any]] = None,
+         device: Union[str, torch.device, None] = None) -> nn.Module:
+    """Load a safetensors file written by :func:`~normswap.checkpoint.save`: build its architecture, match its
+    manifest, load its weights strictly; on ``device`` if given.
+
+    ``arch`` is needed only for an architecture outside timm, torchvision and normswap, which normswap does not
+    import on a file's word (the error names the value to pass); the file's keyword arguments are used with it.
+
+    Raises:
+        CheckpointError: the file does not record an architecture (use :func:`load_checkpoint` with ``arch=``), or
+            does not fit.
+
+    >>> model = load("resnet50-gn.safetensors")                                 # doctest: +SKIP
+    >>> model = load("unet3d-gn.safetensors", arch="monai.networks.nets:UNet")  # doctest: +SKIP
+    """
+    contents = read_checkpoint(path)
+    if contents.arch is None and arch is None:
+        raise CheckpointError(
+            f"{path} does not record its architecture (not written by normswap.save?): use "
+            "load_checkpoint(path, arch=...)"
+        )
+    model = contents.to_model(arch, arch_kwargs=arch_kwargs)
+    return model.to(device) if device is not None else model

@@ -1,0 +1,254 @@
+"""The manifest: what a checkpoint says about the structure of its model, derived from the module tree.
+
+A model that normswap changed differs from the architecture it was built from in two ways only: some normalization
+layers are of another class (GroupNorm, FrozenBatchNorm, SyncBatchNorm, ...) or are gone (folded: ``nn.Identity``,
+or :class:`~normswap.layers.FoldedAct` keeping a fused activation), and some convolutions or linear layers gained a
+bias (folding gave it one). The manifest records exactly that, read off the module tree when the model is saved:
+
+- ``modules``: for every qualified name of every layer of a class in :mod:`normswap.registry`, its registry key and
+  constructor arguments (channels, groups, eps, momentum, affine, bias, rank, statistics tracking, the class of a
+  fused activation and drop path, which parameters are trainable);
+- ``biased``: the qualified names of every Conv, ConvTranspose and Linear layer that has a bias.
+
+:func:`apply_manifest` makes a freshly built architecture match a manifest: each recorded layer that differs is
+rebuilt from its record (a fused layer keeps the activation module the architecture built), each recorded bias is
+added. :func:`check_manifest` then derives the manifest again and refuses any difference, so a file never loads into
+a model of other classes (a frozen model does not come back as trainable BatchNorm). Nothing is replayed: the
+manifest does not depend on how the model was made, so wrappers, hand edits and new operations cannot desynchronise
+it. Only registry keys are read from it; no file names a class to import.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8))
+    >>> manifest = derive_manifest(model)
+    >>> manifest["modules"]["1"]["class"], manifest["biased"]
+    ('GroupNorm', ['0'])
+    >>> rebuilt = apply_manifest(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), manifest)
+    >>> type(rebuilt[1]).__name__
+    'GroupNorm'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .. import registry
+from ..errors import CheckpointError, NormswapError
+from ..walk import get_module, replace_module
+
+__all__ = ["MANIFEST_VERSION", "apply_manifest", "check_manifest", "derive_manifest", "describe_layer"]
+
+MANIFEST_VERSION = 1
+
+RANK_ATTR = "normswap_rank"
+"""Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
+
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def _number_of_features(module: nn.Module) -> int:
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if hasattr(module, "num_features"):
+        return int(module.num_features)
+    return int(module.weight.shape[0])
+
+
+def describe_layer(module: nn.Module) -> Optional[dict[str, Any]]:
+    """The manifest record of one layer, or ``None`` if its exact class is not in the registry.
+
+    >>> describe_layer(nn.BatchNorm1d(4, momentum=None))
+    {'class': 'BatchNorm1d', 'num_features': 4, 'eps': 1e-05, 'momentum': None, 'affine': True, \
+'track_running_stats': True, 'bias': True, 'trainable': {'weight': True, 'bias': True}}
+    """
+    record = registry.record_of(module)
+    if record is None:
+        return None
+    entry: dict[str, Any] = {"class": record.key}
+    if record.family in ("bn", "sync"):
+        entry.update(num_features=_number_of_features(module), eps=float(module.eps), momentum=module.momentum,
+                     affine=bool(module.affine), track_running_stats=bool(module.track_running_stats),
+                     bias=_has_bias(module))
+        if record.family == "sync":
+            entry["rank"] = getattr(module, RANK_ATTR, None)
+    elif record.family == "gn":
+        entry.update(num_groups=int(module.num_groups), num_channels=int(module.num_channels),
+                     eps=float(module.eps), affine=bool(module.affine), bias=_has_bias(module))
+    elif record.family == "frozen":
+        entry.update(num_features=_number_of_features(module), eps=float(module.eps))
+        if record.key.startswith("normswap."):
+            entry.update(rank=module.rank, trainable_affine=bool(module.trainable_affine), bias=_has_bias(module))
+    if record.fused:
+        names = [name for name in module._modules if name in ("drop", "act")]
+        for name in names + [name for name in ("drop", "act") if name not in names]:
+            child = getattr(module, name, None)
+            entry[name] = type(child).__name__ if isinstance(child, nn.Module) else None
+    trainable = {name: bool(p.requires_grad) for name, p in module._parameters.items() if p is not None}
+    if trainable:
+        entry["trainable"] = trainable
+    return entry
+
+
+def derive_manifest(model: nn.Module) -> dict[str, Any]:
+    """The manifest of ``model``'s module tree (JSON-serialisable); every name of a shared module is listed."""
+    modules: dict[str, dict[str, Any]] = {}
+    biased: list[str] = []
+    described: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(prefix) for prefix in described):
+            continue  # the drop and act of a fused layer are part of its record
+        entry = describe_layer(module)
+        if entry is not None:
+            modules[name] = entry
+            described.append(name + "." if name else "")
+        elif isinstance(module, _PRODUCERS) and _has_bias(module):
+            biased.append(name)
+    return {"version": MANIFEST_VERSION, "modules": modules, "biased": biased}
+
+
+def _misfit(name: str, detail: str) -> CheckpointError:
+    where = f"layer '{name}'" if name else "the model itself"
+    return CheckpointError(f"the file's manifest does not fit the architecture at {where}: {detail}")
+
+
+def _child_like(like: Optional[nn.Module], attr: str, wanted: Optional[str], name: str) -> nn.Module:
+    """The ``drop`` or ``act`` module for a rebuilt fused layer: the architecture's own, of the recorded class."""
+    child = getattr(like, attr, None) if like is not None else None
+    if isinstance(child, nn.Module) and type(child).__name__ == wanted:
+        return child
+    if wanted in (None, "Identity"):
+        return nn.Identity()
+    found = type(child).__name__ if isinstance(child, nn.Module) else "none"
+    raise _misfit(name, f"the file records a {wanted} as its {attr}, the architecture builds {found} there")
+
+
+def _construct(entry: dict[str, Any], like: Optional[nn.Module], name: str) -> nn.Module:
+    """A new layer as ``entry`` records it; a fused one takes ``like``'s drop and act modules."""
+    try:
+        record = registry.by_key(entry.get("class"))
+    except NormswapError as exc:
+        raise _misfit(name, str(exc)) from None
+    cls = record.load()
+    try:
+        if record.family in ("bn", "sync"):
+            new = cls(entry["num_features"], eps=entry["eps"], momentum=entry["momentum"], affine=entry["affine"],
+                      track_running_stats=entry["track_running_stats"],
+                      **({"apply_act": False} if record.key == "timm.BatchNormAct2d" else {}))
+            if record.family == "sync" and entry.get("rank") is not None:
+                setattr(new, RANK_ATTR, entry["rank"])
+        elif record.family == "gn":
+            if record.fused:
+                new = cls(entry["num_channels"], entry["num_groups"], eps=entry["eps"], affine=entry["affine"],
+                          apply_act=False)
+            else:
+                new = cls(entry["num_groups"], entry["num_channels"], eps=entry["eps"], affine=entry["affine"])
+        elif record.family == "frozen":
+            if record.key.startswith("normswap."):
+                new = cls(entry["num_features"], entry["eps"], rank=entry["rank"],
+                          trainable_affine=entry["trainable_affine"], bias=entry["bias"])
+            elif record.fused:
+                new = cls(entry["num_features"], entry["eps"], apply_act=False)
+            else:
+                new = cls(entry["num_features"], entry["eps"])
+        elif record.fused:
+            new = cls(nn.Identity(), nn.Identity())
+        else:
+            new = cls()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _misfit(name, f"its record {entry} is malformed ({type(exc).__name__}: {exc})") from None
+    if entry.get("bias") is False and "bias" in new._parameters:
+        new.bias = None
+    if record.fused:
+        children = [key for key in entry if key in ("drop", "act")]
+        for attr in children:
+            new._modules.pop(attr, None)
+        for attr in children:  # in the recorded order
+            setattr(new, attr, _child_like(like, attr, entry[attr], name))
+    for param_name, trainable in (entry.get("trainable") or {}).items():
+        param = new._parameters.get(param_name)
+        if param is not None:
+            param.requires_grad_(bool(trainable))
+    return new
+
+
+def _device_of(module: nn.Module, model: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers(), *model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
+    """Make a freshly built ``model`` match ``manifest`` (in place); returns the model (a new one if the model
+    itself is a recorded layer). Layers are rebuilt on the device the model is on (``meta`` included), their
+    values are left for the checkpoint's tensors to fill.
+
+    Raises:
+        CheckpointError: the manifest is malformed, names a layer the architecture does not have, or records a
+            class or activation that cannot be rebuilt there.
+    """
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION \
+            or not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("biased"), list):
+        raise CheckpointError(f"the file's manifest is not a version-{MANIFEST_VERSION} normswap manifest")
+    by_object: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, entry in manifest["modules"].items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise CheckpointError(f"the file's manifest has a malformed record for {name!r}")
+        try:
+            module = get_module(model, name)
+        except KeyError:
+            raise _misfit(name, "the architecture has no module there (wrong architecture or keyword arguments?)") \
+                from None
+        by_object.setdefault(id(module), (module, []))[1].append(name)
+    changes = []
+    for module, names in by_object.values():
+        entries = [manifest["modules"][name] for name in names]
+        if any(entry != entries[0] for entry in entries[1:]):
+            raise _misfit(names[0], f"it is one module reachable as {', '.join(names)}, and the file records "
+                                    "different layers for those names")
+        if describe_layer(module) == entries[0]:
+            continue
+        if registry.record_of(module) is None and not isinstance(module, nn.Identity):
+            raise _misfit(names[0], f"the file records a {entries[0].get('class')}, the architecture builds a "
+                                    f"{type(module).__name__} there")
+        with torch.device(_device_of(module, model)):
+            changes.append((names, _construct(entries[0], module, names[0])))
+    for names, new in changes:
+        model = replace_module(model, names, new)
+    for name in manifest["biased"]:
+        try:
+            module = get_module(model, name) if isinstance(name, str) else None
+        except KeyError:
+            module = None
+        if not isinstance(module, _PRODUCERS):
+            raise _misfit(str(name), "the file records a convolution or linear layer with a bias there, the "
+                                     "architecture has none")
+        if module.bias is None:
+            channels = module.weight.shape[1] * module.groups if isinstance(
+                module, nn.modules.conv._ConvTransposeNd) else module.weight.shape[0]
+            bias = torch.zeros(channels, dtype=module.weight.dtype, device=module.weight.device)
+            module.bias = nn.Parameter(bias, requires_grad=module.weight.requires_grad)
+    return model
+
+
+def check_manifest(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """:class:`CheckpointError` naming the first layer where ``model`` differs from ``manifest``."""
+    found = derive_manifest(model)
+    recorded = manifest["modules"]
+    for name in list(recorded) + [name for name in found["modules"] if name not in recorded]:
+        mine, theirs = found["modules"].get(name), recorded.get(name)
+        if mine != theirs:
+            detail = (f"the architecture builds a {mine['class']} the file does not record" if theirs is None
+                      else f"the file records {theirs}, the model has {mine}")
+            raise _misfit(name, detail)
+    missing = sorted(set(manifest["biased"]) ^ set(found["biased"]))
+    if missing:
+        raise _misfit(missing[0], "the file and the architecture differ in whether this layer has a bias")
