@@ -6,6 +6,9 @@ A spec is a name and keyword arguments. normswap builds three kinds of names on 
 - a torchvision model name written ``torchvision.models:NAME`` (or ``torchvision.models.detection:NAME``...) where
   ``NAME`` is in ``torchvision.models.list_models()``, built with ``torchvision.models.get_model(NAME,
   weights=None, weights_backbone=None, **kwargs)``;
+- a Hugging Face transformers model class written ``transformers:CLASS`` (``transformers:ResNetForImageClassification``),
+  whose keyword arguments are its configuration (``config.to_diff_dict()``), built with ``CLASS(config)``: no hub,
+  no remote code (transformers is optional);
 - normswap's own demo model, ``normswap.demo:DigitsResNet``.
 
 Any other name is an import path ``package.module:callable`` (``monai.networks.nets:UNet``). Importing it runs its
@@ -62,7 +65,8 @@ NORMSWAP_BUILDERS = ("normswap.demo:DigitsResNet",)
 """normswap's own architectures, built on a file's word like timm and torchvision names."""
 
 _TIMM_NAME = re.compile(r"^[\w][\w.\-]*$")
-_SHOWN_KWARGS = 3
+_TRANSFORMERS_CLASS = re.compile(r"^transformers:[A-Z][A-Za-z0-9]*$")
+_SHOWN_VALUE = 40
 
 
 @dataclass
@@ -144,11 +148,15 @@ class ArchSpec:
         return f"{self.name}({args})" if args else self.name
 
     def short(self) -> str:
-        """The spec as text, with at most three keyword arguments shown."""
-        items = list(self.kwargs.items())
-        shown = [f"{key}={value!r}" for key, value in items[:_SHOWN_KWARGS]]
-        if len(items) > _SHOWN_KWARGS:
-            shown.append("...")
+        """The spec as text, every keyword argument shown, long values cut.
+
+        >>> ArchSpec.parse("monai.networks.nets:UNet", {"spatial_dims": 3, "channels": list(range(20))}).short()
+        'monai.networks.nets:UNet(spatial_dims=3, channels=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1...)'
+        """
+        shown = []
+        for key, value in self.kwargs.items():
+            text = repr(value)
+            shown.append(f"{key}={text if len(text) <= _SHOWN_VALUE else text[:_SHOWN_VALUE - 3] + '...'}")
         return f"{self.name}({', '.join(shown)})" if shown else self.name
 
     @property
@@ -158,17 +166,20 @@ class ArchSpec:
 
     @property
     def builder(self) -> str:
-        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"normswap"`` (the registered builders) or
-        ``"import"`` (an import path, built only when the user typed it).
+        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"transformers"``, ``"normswap"`` (the registered
+        builders) or ``"import"`` (an import path, built only when the user typed it).
 
         >>> [ArchSpec(name).builder for name in ("resnet50", "torchvision.models.detection:fasterrcnn_resnet50_fpn",
-        ...                                      "normswap.demo:DigitsResNet", "monai.networks.nets:UNet")]
-        ['timm', 'torchvision', 'normswap', 'import']
+        ...                                      "transformers:ResNetModel", "normswap.demo:DigitsResNet",
+        ...                                      "monai.networks.nets:UNet")]
+        ['timm', 'torchvision', 'transformers', 'normswap', 'import']
         """
         if not self.is_import_path:
             return "timm"
         if self.name in NORMSWAP_BUILDERS:
             return "normswap"
+        if _TRANSFORMERS_CLASS.match(self.name):
+            return "transformers"
         if _torchvision_name(self.name) is not None:
             return "torchvision"
         return "import"
@@ -219,6 +230,8 @@ class ArchSpec:
             return _timm_factory(self.name)
         if builder == "torchvision":
             return _torchvision_factory(_torchvision_name(self.name))
+        if builder == "transformers":
+            return _transformers_factory(self.name.partition(":")[2])
         factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
         return _without_weights(factory)
 
@@ -260,6 +273,22 @@ def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
 
     def create(**kwargs: Any) -> nn.Module:
         return get_model(name, **{**kwargs, **no_weights})
+
+    return create
+
+
+def _transformers_factory(name: str) -> Callable[..., nn.Module]:
+    try:
+        import transformers
+    except ImportError:
+        raise ArchitectureError(f"building transformers:{name} needs the transformers package: pip install "
+                                "transformers") from None
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ArchitectureError(f"transformers has no model class '{name}'")
+
+    def create(**config: Any) -> nn.Module:
+        return cls(cls.config_class.from_dict(config))
 
     return create
 

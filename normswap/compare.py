@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import call_model, iter_inputs, move_input
+from .data import call_model, iter_inputs, model_failures, move_input
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 
@@ -373,10 +373,12 @@ def compare(
         model_a.eval()
         model_b.eval()
         with torch.no_grad():
-            for _, model_input in iter_inputs(_remember_batches(data, last), batches=batches, input_fn=input_fn,
-                                              input_key=input_key):
-                out_a = _main_output(call_model(model_a, move_input(model_input, device_a)))
-                out_b = _main_output(call_model(model_b, move_input(model_input, device_b)))
+            for index, model_input in iter_inputs(_remember_batches(data, last), batches=batches,
+                                                  input_fn=input_fn, input_key=input_key):
+                with model_failures(index, model_input, "the original model"):
+                    out_a = _main_output(call_model(model_a, move_input(model_input, device_a)))
+                with model_failures(index, model_input, "the converted model"):
+                    out_b = _main_output(call_model(model_b, move_input(model_input, device_b)))
                 if out_a.shape != out_b.shape:
                     raise NormswapError(
                         f"the models' outputs have different shapes: {tuple(out_a.shape)} and {tuple(out_b.shape)}"

@@ -4,7 +4,8 @@ An import path runs code: importing a module executes it, calling the callable e
 only when the user typed it (``--arch``, ``--data``, ``arch=``); a path read from a file is shown to the user
 instead (see :mod:`normswap.arch`). Even then the path must name a callable *defined in* the package it is imported
 from: ``torchvision.models:resnet50`` resolves, ``torchvision.models:resnet.torch.hub.os.system`` does not (walking
-attributes from ``resnet`` into ``torch`` and ``os`` leaves the package), nor does ``normswap.checkpoint:os.remove``.
+attributes from ``resnet`` into ``torch`` and ``os`` leaves the package), nor does ``normswap.checkpoint:os.remove``,
+nor a private name (``normswap.data:_import``).
 
 Example::
 
@@ -57,6 +58,8 @@ def resolve(path: str, *, what: str = "import path", error: type[NormswapError] 
         raise error(f"{where}: it is not an import path, write it as package.module:callable")
     module_name, _, attributes = path.partition(":")
     package = module_name.split(".")[0]
+    if any(part.startswith("_") for part in attributes.split(".")):
+        raise error(f"{where}: '{attributes}' is private; name a public callable")
     try:
         target: Any = importer(module_name)
     except ImportError as exc:

@@ -209,10 +209,10 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
             "save its state_dict() with torch.save"
         )
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=kind == "zip")
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+        if path.suffix.lower() == ".safetensors":  # torch.load would hand a path of that name to safetensors
+            with open(path, "rb") as f:
+                return _torch_load(f, trust_pickle, mmap=False)
+        return _torch_load(path, trust_pickle, mmap=kind == "zip")
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if trust_pickle or found is None:
@@ -226,6 +226,13 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a checkpoint?): "
                               f"{_first_line(exc)}") from None
+
+
+def _torch_load(file: Any, trust_pickle: bool, mmap: bool) -> Any:
+    if trust_pickle:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
