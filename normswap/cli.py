@@ -381,7 +381,7 @@ def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group
         raise click.UsageError("give --groups or --channels-per-group, not both")
     if (affine == "fit") != (data_source is not None):
         raise click.UsageError("--affine fit needs --data, and --data is only used by --affine fit")
-    options = {"groups": 32 if groups is None else groups, "channels_per_group": channels_per_group,
+    options = {"groups": groups, "channels_per_group": channels_per_group,
                "group_policy": group_policy, "affine": affine, "include": list(include),
                "exclude": list(exclude), "unknown": unknown}
     fit_options = {"data": data_source, "batch_size": batch_size, "batches": batches, "target": fit_target}

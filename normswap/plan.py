@@ -37,6 +37,7 @@ GROUP_POLICIES = ("divisor", "exact")
 AFFINE_MODES = ("copy", "reset", "fit")
 UNKNOWN_MODES = ("error", "skip", "convert")
 DEFAULT_EPS = 1e-5
+DEFAULT_GROUPS = 32
 
 Patterns = Union[str, Sequence[str], None]
 
@@ -256,8 +257,8 @@ def _filter_reason(names: list[str], include: list[str], exclude: list[str]) -> 
     return None
 
 
-def _validate(to: str, groups: int, channels_per_group: Optional[int], group_policy: str, affine: str,
-              unknown: str) -> None:
+def _validate(to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str, affine: str,
+              unknown: str, trainable_affine: bool) -> None:
     if to not in targets.TARGETS:
         raise PlanError(f"unknown target '{to}': choose one of {', '.join(targets.TARGETS)}")
     if group_policy not in GROUP_POLICIES:
@@ -268,7 +269,14 @@ def _validate(to: str, groups: int, channels_per_group: Optional[int], group_pol
         raise PlanError(f"affine='{affine}' applies to gn, ln and in; '{to}' always keeps the affine values")
     if unknown not in UNKNOWN_MODES:
         raise PlanError(f"unknown value '{unknown}' for unknown=: choose error, skip or convert")
-    if groups < 1:
+    if to != "gn" and (groups is not None or channels_per_group is not None):
+        given = "groups" if groups is not None else "channels_per_group"
+        raise PlanError(f"{given}= applies to to='gn' only (to='ln' uses one group, to='in' one per channel), "
+                        f"not to '{to}'")
+    if trainable_affine and to != "frozen":
+        raise PlanError(f"trainable_affine= applies to to='frozen' only; '{to}' layers keep their parameters as "
+                        "they are")
+    if groups is not None and groups < 1:
         raise PlanError(f"groups must be at least 1, got {groups}")
     if channels_per_group is not None and channels_per_group < 1:
         raise PlanError(f"channels_per_group must be at least 1, got {channels_per_group}")
@@ -278,7 +286,7 @@ def plan(
     model: nn.Module,
     to: str,
     *,
-    groups: int = 32,
+    groups: Optional[int] = None,
     channels_per_group: Optional[int] = None,
     group_policy: str = "divisor",
     affine: str = "copy",
@@ -293,11 +301,13 @@ def plan(
         to: ``"gn"`` (GroupNorm), ``"ln"`` (GroupNorm, 1 group), ``"in"`` (GroupNorm, one group per channel),
             ``"frozen"`` (:class:`~normswap.layers.FrozenBatchNorm`), ``"sync"`` (``nn.SyncBatchNorm``) or
             ``"bn"`` (plain BatchNorm of the original rank, from SyncBatchNorm or any frozen BatchNorm).
-        groups, channels_per_group, group_policy: GroupNorm group count, see :func:`choose_groups`.
+        groups, channels_per_group, group_policy: for ``"gn"``: the group count (32 unless given), see
+            :func:`choose_groups`; an error for other targets.
         affine: for gn/ln/in: ``"copy"`` the BatchNorm weight and bias, ``"reset"`` them to 1 and 0, or ``"fit"``
             them to data (``convert(..., data=...)``). Other targets always keep the affine values.
         include, exclude: glob patterns over qualified module names; exclude wins.
-        trainable_affine: for ``"frozen"``: keep weight and bias as trainable parameters (of layers that have them).
+        trainable_affine: for ``"frozen"``: keep weight and bias as trainable parameters (of layers that have
+            them); an error for other targets.
         unknown: what to do with a BatchNorm subclass normswap does not know: ``"error"``, ``"skip"``, or
             ``"convert"`` it as its nearest known base class (its own forward is then lost).
 
@@ -309,8 +319,10 @@ def plan(
     >>> p.rows[0].groups
     24
     """
-    _validate(to, groups, channels_per_group, group_policy, affine, unknown)
+    _validate(to, groups, channels_per_group, group_policy, affine, unknown, trainable_affine)
     include_list, exclude_list = _as_list(include), _as_list(exclude)
+    if to == "gn" and groups is None:
+        groups = DEFAULT_GROUPS
     options = {
         "groups": groups,
         "channels_per_group": channels_per_group,
@@ -463,6 +475,7 @@ def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
     'GroupNorm'
     """
     fit_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS}
+    fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: not given
     p = plan(model, to, **options)
     if p.options["affine"] != "fit":
         if fit_options:

@@ -52,3 +52,8 @@ def save_resnet18(folder: Path) -> tuple[nn.Module, Path]:
     checkpoint = folder / "resnet18.pt"
     torch.save(model.state_dict(), checkpoint)
     return model, checkpoint
+
+
+def gn_groups(to: str, groups: int) -> dict:
+    """``{"groups": groups}`` for the GroupNorm target, which alone takes a group count."""
+    return {"groups": groups} if to == "gn" else {}

@@ -15,7 +15,7 @@ from normswap.fit import fit_affine, fit_report
 from normswap.history import get_history
 from normswap.plan import plan
 
-from .helpers import randomize_norm_layers, small_cnn
+from .helpers import gn_groups, randomize_norm_layers, small_cnn
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_layer_norm_fit_on_the_demo_model_beats_copy(demo_model, digits):
 def test_fit_brings_the_output_closer_to_the_original_than_copy(to):
     model = small_cnn()
     held_out = images(32, seed=5)
-    copied = normswap.convert(copy.deepcopy(model), to, groups=4, affine="copy")
-    fitted = normswap.convert(copy.deepcopy(model), to, groups=4, affine="fit", data=images(64).split(16))
+    copied = normswap.convert(copy.deepcopy(model), to, **gn_groups(to, 4), affine="copy")
+    fitted = normswap.convert(copy.deepcopy(model), to, **gn_groups(to, 4), affine="fit", data=images(64).split(16))
     assert relative_error(fitted, model, held_out) < 0.5 * relative_error(copied, model, held_out)
 
 

@@ -26,7 +26,7 @@ from normswap.layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from normswap.plan import Plan, choose_groups
 from normswap.targets import TARGETS, classify
 
-from .helpers import randomize_norm_layers
+from .helpers import gn_groups, randomize_norm_layers
 
 STATS_TARGETS = ("frozen", "sync", "bn")
 """Targets that keep the running statistics: their eval output equals the original's."""
@@ -73,7 +73,7 @@ def test_group_targets_normalize_with_their_groups_and_copied_or_reset_affine(to
     bn = model[1]
     x = images()
     features = model[0](x)
-    converted = normswap.convert(copy.deepcopy(model), to, groups=4, affine=affine)
+    converted = normswap.convert(copy.deepcopy(model), to, **gn_groups(to, 4), affine=affine)
     layer = converted[1]
     assert type(layer) is nn.GroupNorm and layer.num_groups == groups
     assert set(layer.state_dict()) == {"weight", "bias"}
@@ -121,7 +121,7 @@ def test_fused_activation_and_drop_path_are_kept_for_every_target(source, to):
     x = images()
     features = model[0](x)
     expected = model(x)
-    p = normswap.plan(model, to, groups=4)
+    p = normswap.plan(model, to, **gn_groups(to, 4))
     converted = p.apply(model)
     new = converted[1]
     assert type(new) in FUSED_TARGET_CLASSES[to]
@@ -156,7 +156,7 @@ def test_a_shared_layer_becomes_one_new_object_at_every_place(to):
     model = shared_model()
     x = torch.randn(2, 4, 3, 3)
     expected = model(x)
-    p = normswap.plan(model, to, groups=2)
+    p = normswap.plan(model, to, **gn_groups(to, 2))
     if to == "bn":
         assert len(p) == 0
         return
@@ -216,7 +216,7 @@ def flagged_layers() -> nn.Sequential:
 @pytest.mark.parametrize("to", ["frozen", "sync", "gn"])
 def test_eps_momentum_requires_grad_train_flag_and_affine_are_carried_over(to):
     model = flagged_layers()
-    converted = normswap.convert(model, to, groups=4, trainable_affine=to == "frozen")
+    converted = normswap.convert(model, to, **gn_groups(to, 4), trainable_affine=to == "frozen")
     a, b = converted[1], converted[2]
     assert (a.eps, b.eps) == (1e-3, 2e-4)
     assert (a.training, b.training, converted.training) == (True, False, False)
@@ -261,7 +261,7 @@ def test_a_layer_built_without_bias_stays_without_bias(to):
     x = images()
     expected, features = model(x), model[0](x)
     source = copy.deepcopy(model) if to != "bn" else normswap.convert(copy.deepcopy(model), "sync")
-    converted = normswap.convert(source, to, groups=4, trainable_affine=to == "frozen")
+    converted = normswap.convert(source, to, **gn_groups(to, 4), trainable_affine=to == "frozen")
     layer = converted[1]
     assert layer.bias is None and "1.bias" not in converted.state_dict()
     if to == "frozen":
@@ -283,7 +283,7 @@ def test_dtype_of_the_model_is_kept(to, dtype):
     model = net(nn.BatchNorm2d(8)).to(dtype)
     x = images().to(dtype)
     expected = model(x)
-    converted = normswap.convert(copy.deepcopy(model), to, groups=4)
+    converted = normswap.convert(copy.deepcopy(model), to, **gn_groups(to, 4))
     layer = converted[1]
     assert {t.dtype for t in layer.state_dict().values() if t.is_floating_point()} == {dtype}
     out = converted(x)
@@ -299,7 +299,7 @@ def test_device_of_the_model_is_kept(to):
     model = net(nn.BatchNorm2d(8)).cuda()
     x = images().cuda()
     expected = model(x)
-    converted = normswap.convert(copy.deepcopy(model), to, groups=4)
+    converted = normswap.convert(copy.deepcopy(model), to, **gn_groups(to, 4))
     assert {t.device.type for t in converted.state_dict().values()} == {"cuda"}
     out = converted(x)
     if to in STATS_TARGETS:
@@ -314,7 +314,7 @@ def test_device_of_the_model_is_kept(to):
 @pytest.mark.parametrize("to", ["gn", "frozen", "sync"])
 def test_eps_of_zero_is_never_written(to):
     model = net(nn.BatchNorm2d(8, eps=0.0))
-    p = normswap.plan(model, to, groups=4)
+    p = normswap.plan(model, to, **gn_groups(to, 4))
     assert p.rows[0].eps == 1e-5 and "eps 0 -> 1e-05" in p.rows[0].note
     converted = p.apply(model)
     assert converted[1].eps == 1e-5
@@ -512,7 +512,7 @@ def test_plan_changes_nothing_and_prints_a_table():
 @pytest.mark.parametrize("to", TARGETS)
 def test_plan_round_trips_through_json_and_applies_identically_to_a_fresh_model(to):
     model = randomize_norm_layers(resnet_like())
-    p = normswap.plan(model, to, groups=16, exclude="layer4.*")
+    p = normswap.plan(model, to, **gn_groups(to, 16), exclude="layer4.*")
     text = json.dumps(p.to_dict())
     restored = Plan.from_dict(json.loads(text))
     assert restored == p
@@ -595,7 +595,7 @@ def test_a_model_that_is_itself_a_norm_layer_is_replaced_and_returned(to):
     set_source(bn, {"file": "bn.pt", "sha256": "0" * 64})
     x = torch.randn(2, 8, 3, 3)
     expected = bn(x)
-    p = normswap.plan(bn, to, groups=4)
+    p = normswap.plan(bn, to, **gn_groups(to, 4))
     if to == "bn":
         assert len(p) == 0
         return

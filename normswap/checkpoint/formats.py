@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -35,13 +36,13 @@ import stat
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "read_safetensors", "read_safetensors_metadata", "read_torch",
+__all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_sha256", "file_kind", "read_safetensors", "read_safetensors_metadata", "read_torch",
            "safetensors_size", "write_safetensors"]
 
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
@@ -50,6 +51,8 @@ SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace, pathlib.PosixPath, pathlib.
 ``argparse.Namespace`` (timm's ``train.py`` saves its arguments) and ``pathlib`` paths (output folders). None of them
 runs code when unpickled. Tensors, numbers, strings, lists, tuples, dicts, ``OrderedDict`` and ``torch.Size`` are
 allowed by torch itself."""
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -71,6 +74,27 @@ class UnsafePickle(CheckpointError):
     def __init__(self, message: str, found: str) -> None:
         super().__init__(message)
         self.found = found
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, as hex.
+
+    >>> import tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "empty"; p.write_bytes(b"")
+    0
+    >>> file_sha256(p)[:12]
+    'e3b0c44298fc'
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(4 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def check_readable(path: Path, what: str = "checkpoint") -> Path:

@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -38,6 +37,8 @@ from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError
 from ..history import STRUCTURAL_OPS, set_arch, set_history, set_source, validate_history
 from . import containers, formats
+from .folders import is_model_folder, read_folder
+from .formats import file_sha256
 from .manifest import apply_manifest, check_manifest
 
 __all__ = ["CheckpointContents", "check_input", "file_sha256", "load", "load_checkpoint", "read_checkpoint",
@@ -51,27 +52,6 @@ _JSON_FIELDS = ("arch", "history", "source", "aliases", "manifest", "module_vers
 _SHOWN_KEYS = 4
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _ALIGNMENT = 64
-
-
-def file_sha256(path: PathLike) -> str:
-    """The sha256 of a file's bytes, as hex.
-
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "empty"; p.write_bytes(b"")
-    0
-    >>> file_sha256(p)[:12]
-    'e3b0c44298fc'
-    """
-    digest = hashlib.sha256()
-    buffer = bytearray(4 << 20)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
@@ -100,7 +80,10 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
 
 
 def _check_file(path: PathLike) -> tuple[Path, str]:
-    path = formats.check_readable(Path(path))
+    path = Path(path)
+    if is_model_folder(path):
+        return path, "folder"
+    path = formats.check_readable(path)
     kind = formats.file_kind(path)
     suffix = path.suffix.lower()
     if kind is None and suffix == ".safetensors":
@@ -273,6 +256,14 @@ def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Option
     'resnet50.pt'
     """
     path, kind = _check_file(path)
+    if kind == "folder":
+        if key is not None:
+            raise CheckpointError(f"{path} is a model folder, which has no entries: key= (--key) picks an entry of a "
+                                  "PyTorch file")
+        folder = read_folder(path)
+        contents = CheckpointContents(path, kind, folder.tensors, {"arch": folder.arch.to_dict()}, prefix=prefix)
+        contents.source = folder.source(path)
+        return contents
     if kind == "safetensors":
         if key is not None:
             raise CheckpointError(f"{path} is a safetensors file, which has no entries: key= (--key) picks an entry "

@@ -35,7 +35,6 @@ from ..errors import OutputError
 from ..history import get_arch, get_history, get_source
 from . import formats
 from .atomic import atomic_write, check_output
-from .loading import file_sha256
 from .manifest import derive_manifest
 
 __all__ = ["save", "unwrap_model"]
@@ -163,7 +162,7 @@ def save(
     chain = unwrap_model(model)
     inner = chain[-1]
     if source is not None and not isinstance(source, dict):
-        source = {"file": Path(source).name, "sha256": file_sha256(source)}
+        source = {"file": Path(source).name, "sha256": formats.file_sha256(source)}
     source = source if source is not None else _first(chain, get_source)
     if arch is not None:
         spec = arch if isinstance(arch, ArchSpec) else ArchSpec.parse(arch)
