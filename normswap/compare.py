@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import call_model, iter_inputs, model_failures, move_input
+from .data import call_model, floating_dtype, iter_inputs, model_failures, move_input
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 
@@ -363,6 +363,7 @@ def compare(
         model_a.to(device)
         model_b.to(device)
     device_a, device_b = _device_of(model_a), _device_of(model_b)
+    dtype_a, dtype_b = floating_dtype(model_a), floating_dtype(model_b)
     all_labels = torch.as_tensor(labels).reshape(-1) if labels is not None else None
     modes = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
     probe = _LayerProbe(model_a, model_b) if layers else None
@@ -376,9 +377,9 @@ def compare(
             for index, model_input in iter_inputs(_remember_batches(data, last), batches=batches,
                                                   input_fn=input_fn, input_key=input_key):
                 with model_failures(index, model_input, "the original model"):
-                    out_a = _main_output(call_model(model_a, move_input(model_input, device_a)))
+                    out_a = _main_output(call_model(model_a, move_input(model_input, device_a, dtype=dtype_a)))
                 with model_failures(index, model_input, "the converted model"):
-                    out_b = _main_output(call_model(model_b, move_input(model_input, device_b)))
+                    out_b = _main_output(call_model(model_b, move_input(model_input, device_b, dtype=dtype_b)))
                 if out_a.shape != out_b.shape:
                     raise NormswapError(
                         f"the models' outputs have different shapes: {tuple(out_a.shape)} and {tuple(out_b.shape)}"

@@ -48,6 +48,7 @@ __all__ = [
     "batch_input",
     "call_model",
     "describe_input",
+    "floating_dtype",
     "iter_inputs",
     "model_failures",
     "move_input",
@@ -175,16 +176,20 @@ def move_input(
     value: Any,
     device: Union[str, torch.device, None],
     *,
+    dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     non_blocking: bool = False,
 ) -> Any:
-    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device`` and, if asked, 4-D tensors in
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``, floating tensors cast to ``dtype`` if
+    given (the model's: a half-precision model gets half-precision batches) and, if asked, 4-D tensors in
     channels-last layout. CPU tensors bound for a GPU go through pinned memory and, with ``non_blocking=True``, are
     copied asynchronously. Anything that is not a tensor is returned as it is.
 
     >>> move_input((torch.zeros(1, 3, 2, 2), "meta"), "cpu", channels_last=True)[0].is_contiguous(
     ...     memory_format=torch.channels_last)
     True
+    >>> move_input({"x": torch.zeros(2), "n": torch.tensor([1])}, None, dtype=torch.float16)["x"].dtype
+    torch.float16
     """
     if isinstance(value, torch.Tensor):
         target = torch.device(device) if device is not None else value.device
@@ -192,18 +197,31 @@ def move_input(
             if value.device.type == "cpu" and target.type == "cuda" and non_blocking and not value.is_pinned():
                 value = value.pin_memory()
             value = value.to(target, non_blocking=non_blocking)
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
         if channels_last and value.dim() == 4:
             value = value.contiguous(memory_format=torch.channels_last)
         return value
+    options = {"dtype": dtype, "channels_last": channels_last, "non_blocking": non_blocking}
     if isinstance(value, tuple):
-        return tuple(move_input(item, device, channels_last=channels_last, non_blocking=non_blocking)
-                     for item in value)
+        return tuple(move_input(item, device, **options) for item in value)
     if isinstance(value, list):
-        return [move_input(item, device, channels_last=channels_last, non_blocking=non_blocking) for item in value]
+        return [move_input(item, device, **options) for item in value]
     if isinstance(value, Mapping):
-        return {key: move_input(item, device, channels_last=channels_last, non_blocking=non_blocking)
-                for key, item in value.items()}
+        return {key: move_input(item, device, **options) for key, item in value.items()}
     return value
+
+
+def floating_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter or buffer (what its inputs should be), if any.
+
+    >>> floating_dtype(torch.nn.Linear(2, 2).half())
+    torch.float16
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def call_model(model: nn.Module, model_input: Any) -> Any:

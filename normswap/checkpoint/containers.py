@@ -169,10 +169,19 @@ def _no_entry(key: str, found: list[Candidate], where: str) -> CheckpointError:
     return CheckpointError(f"{where} has no entry '{key}' holding tensors (entries holding tensors: {entries})")
 
 
-def _summary(scored: list[tuple[int, Candidate, str]], expected: int) -> str:
-    shown = [f"{c.entry or 'top level'}{f' under {p!r}' if p else ''}: {n} of {expected}"
-             for n, c, p in scored[:_SHOWN]]
-    return "; ".join(shown) if shown else "no entry holds tensors"
+def _contents(found: list[Candidate]) -> str:
+    """What the entries hold, by the first part of their keys: ``state_dict: 120 keys under 'model.', 1 under
+    'criterion.'``."""
+    parts = []
+    for candidate in found[:_SHOWN]:
+        heads: dict[str, int] = {}
+        for name in candidate.tensors:
+            head = name.split(".", 1)[0] + "." if "." in name else name
+            heads[head] = heads.get(head, 0) + 1
+        top = sorted(heads.items(), key=lambda item: -item[1])[:3]
+        shown = ", ".join(f"{n} under {head!r}" if head.endswith(".") else f"{head!r}" for head, n in top)
+        parts.append(f"{candidate.entry or 'top level'}: {len(candidate.tensors)} keys, {shown}")
+    return "; ".join(parts)
 
 
 def choose_weights(obj: Any, expected: set[str], *, key: Optional[str] = None, prefix: Optional[str] = None,
@@ -205,8 +214,8 @@ def choose_weights(obj: Any, expected: set[str], *, key: Optional[str] = None, p
     scored.sort(key=lambda item: (-item[0], _rank(item[1], item[2], ema)))
     if best == 0:
         raise CheckpointError(
-            f"none of the model's {len(expected)} keys are in {where} ({_summary(scored, len(expected))}): wrong "
-            "architecture, or pass key= / prefix= (--key / --prefix) to say where the weights are"
+            f"none of the model's {len(expected)} keys are in {where} ({_contents(found)}): wrong architecture, or "
+            "pass key= / prefix= (--key / --prefix) to say where the weights are"
         )
     matched, candidate, chosen_prefix = scored[0]
     tensors, versions = _strip(candidate, chosen_prefix)

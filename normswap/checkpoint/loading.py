@@ -35,7 +35,7 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError
-from ..history import STRUCTURAL_OPS, set_arch, set_history, set_source, validate_history
+from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_source, validate_history
 from . import containers, formats
 from .folders import is_model_folder, read_folder
 from .formats import file_sha256
@@ -207,6 +207,9 @@ class CheckpointContents:
             if arch is not None:
                 log.info("%s holds a whole model: the architecture given is recorded, not built", self.path.name)
                 set_arch(pickled, self.resolve_arch(arch, arch_kwargs).to_dict())
+            elif get_arch(pickled) is None and (described := _described_arch(pickled)) is not None:
+                log.info("%s holds a whole model; its architecture is recorded as %s", self.path.name, described.name)
+                set_arch(pickled, described.to_dict())
             set_source(pickled, self.source)
             return pickled
         spec = self.resolve_arch(arch, arch_kwargs)
@@ -223,7 +226,12 @@ class CheckpointContents:
         for alias, name in (self.metadata.get("aliases") or {}).items():
             if name in tensors:
                 tensors[alias] = tensors[name]
-        tensors = _fit_tensors(self.path, spec, model, tensors, expected)
+        for names in _shared_tensor_names(model):  # tied weights saved under one of their names
+            present = [name for name in names if name in tensors]
+            for name in names:
+                if present and name not in tensors:
+                    tensors[name] = tensors[present[0]]
+        tensors = _fit_tensors(self.path, spec, model, tensors, expected, f"{choice.describe()} of the file")
         _load_strictly(model, _aligned(tensors), self._versions(choice, model))
         set_arch(model, spec.to_dict())
         set_history(model, self.history)
@@ -240,6 +248,18 @@ class CheckpointContents:
         if recorded is None:
             return choice.versions
         return {name: int(recorded.get(name, 1)) for name, _ in model.named_modules()}
+
+
+def _described_arch(model: nn.Module) -> Optional[ArchSpec]:
+    """The architecture of a pickled model that describes itself as data: an ultralytics model keeps the yaml it was
+    built from (``model.yaml``), and ``DetectionModel(cfg=yaml)`` rebuilds it."""
+    config = getattr(model, "yaml", None)
+    if not type(model).__module__.startswith("ultralytics.") or not isinstance(config, dict):
+        return None
+    try:
+        return ArchSpec.parse(f"{type(model).__module__}:{type(model).__name__}", {"cfg": config, "verbose": False})
+    except ArchitectureError:
+        return None
 
 
 def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Optional[str] = None, ema: bool = False,
@@ -330,7 +350,7 @@ def _classifier_prefix(model: nn.Module) -> Optional[str]:
 
 def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[str, torch.Size],
                  tensors: dict[str, torch.Tensor], missing: list[str], unexpected: list[str],
-                 reshaped: list[str]) -> str:
+                 reshaped: list[str], where: str) -> str:
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
@@ -348,14 +368,15 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
         cause = (f"wrong num_classes? the file's classifier has {classes} outputs: pass "
                  f"arch_kwargs={{'num_classes': {classes}}} (--arch-kwargs '{{\"num_classes\": {classes}}}')")
     elif matched < len(expected) / 2:
-        cause = "wrong architecture? fewer than half of the model's keys are in the file"
+        cause = (f"wrong architecture? only {matched} of the model's {len(expected)} keys are in {where}; "
+                 "pass key= / prefix= (--key / --prefix) if the weights are elsewhere in the file")
     else:
         cause = "wrong architecture or architecture keyword arguments?"
     return f"{path} does not fit {spec.short()}: {'; '.join(parts)} ({cause})"
 
 
 def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str, torch.Tensor],
-                 expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+                 expected: dict[str, torch.Size], where: str) -> dict[str, torch.Tensor]:
     """The file's tensors keyed exactly as the model's state dict, or :class:`CheckpointError` saying what differs."""
     tensors = dict(tensors)
     for name in expected:
@@ -365,7 +386,8 @@ def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str
     unexpected = [name for name in tensors if name not in expected]
     reshaped = [name for name in expected if name in tensors and tensors[name].shape != expected[name]]
     if missing or unexpected or reshaped:
-        raise CheckpointError(_fit_message(path, spec, model, expected, tensors, missing, unexpected, reshaped))
+        raise CheckpointError(_fit_message(path, spec, model, expected, tensors, missing, unexpected, reshaped,
+                                           where))
     return tensors
 
 
