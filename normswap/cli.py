@@ -24,6 +24,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+_NO_DOWNLOADS = {"YOLO_AUTOINSTALL": "False", "YOLO_OFFLINE": "True", "HF_HUB_OFFLINE": "1"}
+"""Environment for the libraries a checkpoint may import (a pickled ultralytics model imports ultralytics, which
+otherwise pip-installs what it misses): normswap never downloads. Variables the user set are kept."""
 
 log = logging.getLogger("normswap")
 
@@ -139,6 +144,8 @@ def _configure_logging(ctx: click.Context, level: int) -> None:
 @click.pass_context
 def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
     """Swap, freeze and inspect the normalization layers of PyTorch checkpoints."""
+    for name, value in _NO_DOWNLOADS.items():
+        os.environ.setdefault(name, value)
     ctx.meta["normswap.debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     _configure_logging(ctx, level)

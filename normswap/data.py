@@ -293,6 +293,8 @@ class ImageFiles(torch.utils.data.Dataset):
                 return self.transform(image.convert(self.mode))
         except (OSError, UnidentifiedImageError) as exc:
             raise CalibrationError(f"cannot read image '{path}': {exc}") from None
+        except Exception as exc:  # libraries that patch PIL (ultralytics) raise their own errors
+            raise CalibrationError(f"cannot read image '{path}': {type(exc).__name__}: {exc}") from None
 
 
 def open_data(
