@@ -336,7 +336,7 @@ def compare(
     """Compare two models' eval-mode outputs on the same data, output by output and layer by layer.
 
     ``model_a`` is the reference (relative differences are taken against it). Both models are run in eval mode
-    and left in the mode they were in.
+    and left in the mode and on the device they were in.
 
     Args:
         data: batches as :func:`normswap.data.iter_inputs` reads them; each model input is passed as
@@ -344,8 +344,8 @@ def compare(
         labels: every sample's class, in data order; by default the labels the batches carry (the second element
             of ``(input, labels)``, or a dict's ``label``/``labels``/``target``/``targets``/``y``), if any.
         batches: compare on the first ``batches`` batches only.
-        device: move both models (in place, as ``.to(device)`` does) and the inputs there; by default each
-            model's input goes to the device of that model's first parameter.
+        device: run both models there (they are moved, and moved back afterwards) with the inputs; by default each
+            model runs where it is, its input moved to the device of its first parameter.
         layers: also measure per-layer divergence; this keeps one batch of ``model_a``'s module outputs in memory.
         tolerance: relative difference above which a layer counts as diverged.
 
@@ -359,6 +359,7 @@ def compare(
     >>> report.max_abs, report.top1_agreement, report.first_divergence
     (0.0, 1.0, None)
     """
+    homes = [(model, _device_of(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)
         model_b.to(device)
@@ -398,6 +399,9 @@ def compare(
             probe.remove()
         for module, training in modes:
             module.training = training
+        if device is not None:
+            for model, home in homes:
+                model.to(home)
     if not stats.batches:
         raise CalibrationError("there are no batches to compare the models on")
     if all_labels is not None and all_labels.numel() != used:

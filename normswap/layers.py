@@ -54,6 +54,12 @@ class FrozenBatchNorm(nn.Module):
 
     rank: Optional[int]
 
+    _version = 2
+    """State-dict layout. 2: ``weight``, ``bias`` (absent for a layer built with ``bias=False``), ``running_mean``,
+    ``running_var``, with BatchNorm's names, so that a BatchNorm state dict (also version 2) loads as it is; a
+    BatchNorm's ``num_batches_tracked`` is dropped. A later layout raises its number and upgrades the older ones in
+    :meth:`_load_from_state_dict`."""
+
     def __init__(
         self,
         num_features: int,
@@ -94,6 +100,11 @@ class FrozenBatchNorm(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
+        version = local_metadata.get("version")
+        if version is not None and version > self._version:
+            error_msgs.append(f"{prefix or 'the layer'}: state-dict layout {version} is newer than this normswap's "
+                              f"FrozenBatchNorm ({self._version}): upgrade normswap")
+            return
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

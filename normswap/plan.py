@@ -207,14 +207,15 @@ def choose_groups(
     groups: int = 32,
     *,
     channels_per_group: Optional[int] = None,
-    policy: str = "divisor",
+    group_policy: str = "divisor",
     layer: str = "",
 ) -> int:
     """The GroupNorm group count for a layer of ``channels`` channels.
 
-    ``policy="divisor"``: the largest divisor of ``channels`` not above ``groups``; with ``channels_per_group=K``,
-    the divisor of ``channels`` nearest to ``channels / K`` (ties go to more groups). ``policy="exact"``: ``groups``
-    (or ``channels / K``) must divide evenly, else :class:`PlanError` naming the layer.
+    ``group_policy="divisor"``: the largest divisor of ``channels`` not above ``groups``; with
+    ``channels_per_group=K``, the divisor of ``channels`` nearest to ``channels / K`` (ties go to more groups).
+    ``group_policy="exact"``: ``groups`` (or ``channels / K``) must divide evenly, else :class:`PlanError` naming
+    the layer.
 
     >>> choose_groups(96, 32), choose_groups(100, 32), choose_groups(64, channels_per_group=16)
     (32, 25, 4)
@@ -223,7 +224,7 @@ def choose_groups(
     if channels_per_group is not None:
         if channels % channels_per_group == 0:
             return channels // channels_per_group
-        if policy == "exact":
+        if group_policy == "exact":
             raise PlanError(
                 f"{where} {channels} channels, not divisible by channels_per_group={channels_per_group} "
                 "(use group_policy='divisor' to take the nearest divisor)"
@@ -233,7 +234,7 @@ def choose_groups(
         return min(divisors, key=lambda d: (abs(d - wanted), -d))
     if channels % groups == 0:
         return groups
-    if policy == "exact":
+    if group_policy == "exact":
         raise PlanError(
             f"{where} {channels} channels, not divisible by {groups} groups "
             "(use group_policy='divisor' to take the largest divisor below it)"
@@ -386,7 +387,7 @@ def _plan_row(module: nn.Module, names: list[str], path: str, to: str, options: 
                 channels,
                 options["groups"],
                 channels_per_group=options["channels_per_group"],
-                policy=options["group_policy"],
+                group_policy=options["group_policy"],
                 layer=name,
             )
             if options["channels_per_group"] is None and groups != options["groups"]:

@@ -16,6 +16,21 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def exact_float32_on_gpus():
+    """Tests compare GPU results with CPU ones at float32 tolerances: TensorFloat-32, on by default for convolutions
+    on Ampere and newer, would round them to 10 bits. (A no-op without CUDA.)"""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

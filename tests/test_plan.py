@@ -466,10 +466,10 @@ def test_property_divisor_policy_picks_the_largest_divisor_not_above_groups(chan
 @settings(max_examples=200, deadline=None)
 def test_property_exact_policy_returns_groups_or_raises(channels, groups):
     if channels % groups == 0:
-        assert choose_groups(channels, groups, policy="exact") == groups
+        assert choose_groups(channels, groups, group_policy="exact") == groups
     else:
         with pytest.raises(PlanError, match=f"{channels} channels"):
-            choose_groups(channels, groups, policy="exact", layer="x")
+            choose_groups(channels, groups, group_policy="exact", layer="x")
 
 
 @given(channels=st.integers(1, 2048), per_group=st.integers(1, 256))
@@ -480,11 +480,11 @@ def test_property_channels_per_group_picks_the_divisor_nearest_to_channels_over_
     wanted = channels / per_group
     assert all(abs(chosen - wanted) <= abs(d - wanted) for d in divisors(channels))
     if channels % per_group == 0:
-        exact = choose_groups(channels, channels_per_group=per_group, policy="exact")
+        exact = choose_groups(channels, channels_per_group=per_group, group_policy="exact")
         assert chosen == channels // per_group == exact
     else:
         with pytest.raises(PlanError):
-            choose_groups(channels, channels_per_group=per_group, policy="exact")
+            choose_groups(channels, channels_per_group=per_group, group_policy="exact")
 
 
 # --- idempotence, data round trip, misfits ------------------------------------------------------------------------

@@ -45,8 +45,9 @@ def _input(name: str, model: torch.nn.Module):
                                                      "quantized_inception_v3", "levit_128s"):
         size = 299 if "inception" in name else 224
         return torch.randn(1, 3, size, size, generator=gen)
-    if name == "efficientvit_m0":
-        return torch.randn(1, 3, 224, 224, generator=gen)
+    if name in ("efficientvit_m0", "bat_resnext26ts"):
+        size = 224 if name == "efficientvit_m0" else 256
+        return torch.randn(1, 3, size, size, generator=gen)
     return torch.randn(1, 3, 96, 96, generator=gen)
 
 
