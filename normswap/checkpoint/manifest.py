@@ -102,14 +102,15 @@ def derive_manifest(model: nn.Module) -> dict[str, Any]:
     """The manifest of ``model``'s module tree (JSON-serialisable); every name of a shared module is listed."""
     modules: dict[str, dict[str, Any]] = {}
     biased: list[str] = []
-    described: list[str] = []
+    inside: Optional[str] = None  # the prefix of the described layer whose children are being walked (depth first)
     for name, module in model.named_modules(remove_duplicate=False):
-        if any(name.startswith(prefix) for prefix in described):
+        if inside is not None and name.startswith(inside):
             continue  # the drop and act of a fused layer are part of its record
+        inside = None
         entry = describe_layer(module)
         if entry is not None:
             modules[name] = entry
-            described.append(name + "." if name else "")
+            inside = name + "." if name else ""
         elif isinstance(module, _PRODUCERS) and _has_bias(module):
             biased.append(name)
     return {"version": MANIFEST_VERSION, "modules": modules, "biased": biased}
