@@ -6,9 +6,9 @@ A spec is a name and keyword arguments. normswap builds three kinds of names on 
 - a torchvision model name written ``torchvision.models:NAME`` (or ``torchvision.models.detection:NAME``...) where
   ``NAME`` is in ``torchvision.models.list_models()``, built with ``torchvision.models.get_model(NAME,
   weights=None, weights_backbone=None, **kwargs)``;
-- a Hugging Face transformers model class written ``transformers:CLASS`` (``transformers:ResNetForImageClassification``),
-  whose keyword arguments are its configuration (``config.to_diff_dict()``), built with ``CLASS(config)``: no hub,
-  no remote code (transformers is optional);
+- a Hugging Face transformers model class written ``transformers:CLASS``
+  (``transformers:ResNetForImageClassification``), whose keyword arguments are its configuration
+  (``config.to_diff_dict()``), built with ``CLASS(config)``: no hub, no remote code (transformers is optional);
 - normswap's own demo model, ``normswap.demo:DigitsResNet``.
 
 Any other name is an import path ``package.module:callable`` (``monai.networks.nets:UNet``). Importing it runs its
@@ -29,10 +29,10 @@ Example::
     >>> model = spec.build(device="meta")     # module tree only: no memory for weights, no random init
     >>> model.fc.weight.shape, model.fc.weight.device.type
     (torch.Size([10, 512]), 'meta')
-    >>> ArchSpec.from_dict({"name": "os:system", "kwargs": {"command": "true"}}).build()
+    >>> ArchSpec.from_dict({"name": "os:system", "kwargs": {"command": "true"}}).build()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    normswap.errors.ArchitectureError: this file was built with os:system(command='true'), which normswap does not import on a file's word (importing runs code): pass --arch os:system (arch='os:system') to build it
+    normswap.errors.ArchitectureError: this file was built with os:system(command='true'), ...: pass --arch os:system...
 """
 
 from __future__ import annotations

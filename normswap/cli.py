@@ -4,9 +4,10 @@ Each command is one small function: parse options, call the API, print. What com
 option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_option`), opening a checkpoint
 (:class:`CheckpointSource`), choosing and checking the output path (:func:`output_path`), writing a model
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
-``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with the same cleanup as
-Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead. timm and torchvision are imported only when an architecture or the data needs them, so
-``--help`` and usage errors do not wait for them.
+``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with
+the same cleanup as Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead.
+timm and torchvision are imported only when an architecture or the data needs them, so ``--help`` and usage errors
+do not wait for them.
 
 Example::
 

@@ -11,10 +11,10 @@ Example::
 
     >>> resolve("torchvision.models:resnet18").__name__
     'resnet18'
-    >>> resolve("normswap.arch:dataclass")
+    >>> resolve("normswap.arch:dataclass")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    normswap.errors.NormswapError: cannot use import path 'normswap.arch:dataclass': it is not a callable of the normswap package (it is defined in dataclasses); name the callable where its package defines it
+    normswap.errors.NormswapError: ... it is not a callable of the normswap package (it is defined in dataclasses); ...
 """
 
 from __future__ import annotations

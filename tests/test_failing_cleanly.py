@@ -190,7 +190,8 @@ def test_verify_on_data_of_the_wrong_channel_count_names_the_batch(ckpt, tmp_pat
     torch.save(torch.rand(8, 3, 8, 8), tmp_path / "rgb.pt")
     result = run("verify", ckpt, ckpt, *DEMO_ARCH, "--data", tmp_path / "rgb.pt")
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: batch 0 (a float32 tensor of shape [8, 3, 8, 8]) failed in the original model: "
+    assert result.stderr.startswith("error: batch 0 (a float32 tensor of shape [8, 3, 8, 8]) failed in the original "
+                                    "model: "
                                     "RuntimeError: ")
     assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
 
@@ -210,7 +211,8 @@ def test_a_fifo_is_refused_without_opening_it(ckpt, tmp_path):
     result = subprocess.run([sys.executable, "-m", "normswap", "recalibrate", str(ckpt), *DEMO_ARCH, "--data",
                              str(fifo)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr == f"error: calibration data '{fifo}' is not a regular file or a folder (a pipe or a device?)\n"
+    assert result.stderr == (f"error: calibration data '{fifo}' is not a regular file or a folder (a pipe or a "
+                             "device?)\n")
     result = subprocess.run([sys.executable, "-m", "normswap", "inspect", str(fifo)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and "is not a regular file" in result.stderr

@@ -193,7 +193,8 @@ def test_a_recipe_step_cannot_name_code_as_its_data(place):
 
 @pytest.mark.parametrize("history, message", [
     ([{"op": "exec", "code": "import os"}], "unknown op 'exec'"),
-    ([{"op": "fold", "pairs": "0,1", "freeze_rest": False}], r"step 1 \(fold\) has a missing or malformed field 'pairs'"),
+    ([{"op": "fold", "pairs": "0,1", "freeze_rest": False}],
+     r"step 1 \(fold\) has a missing or malformed field 'pairs'"),
     ([{"op": "recalibrate", "method": "exact"}], r"step 1 \(recalibrate\) has a missing or malformed field"),
     ({"op": "plan"}, "is not a list of steps"),
 ])
@@ -210,7 +211,8 @@ def test_a_recipe_field_of_the_wrong_type_is_a_clear_error(tmp_path):
     for body, message in [
         ('[[rules]]\nmatch = 5\nto = "gn"\n', r"'match' must be a glob pattern or a list of them, got 5"),
         ('[[rules]]\nmatch = "*"\nto = "gn"\ngroups = "many"\n', r"'groups' must be a whole number"),
-        ('[[rules]]\nmatch = "*"\nto = "gn"\n[output]\nsuffix = "../../etc/x"\n', r"'suffix' must be a short file-name"),
+        ('[[rules]]\nmatch = "*"\nto = "gn"\n[output]\nsuffix = "../../etc/x"\n',
+         r"'suffix' must be a short file-name"),
         ('[[rules]]\nmatch = "*"\nto = "gn"\n[[steps]]\nop = "recalibrate"\nbatches = 0\n', r"'batches' must be"),
     ]:
         path = tmp_path / "bad.toml"

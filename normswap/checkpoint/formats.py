@@ -42,8 +42,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_sha256", "file_kind", "read_safetensors", "read_safetensors_metadata", "read_torch",
-           "safetensors_size", "write_safetensors"]
+__all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "file_sha256", "read_safetensors",
+           "read_safetensors_metadata", "read_torch", "safetensors_size", "write_safetensors"]
 
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                                  pathlib.PureWindowsPath)
