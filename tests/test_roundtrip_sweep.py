@@ -39,8 +39,10 @@ def _input(name: str, model: torch.nn.Module):
     gen = torch.Generator().manual_seed(0)
     if name.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn", "retinanet", "fcos", "ssd")):
         return [torch.rand(3, 128, 128, generator=gen)]
-    if name in ("r3d_18", "mc3_18", "r2plus1d_18", "s3d"):
+    if name in ("r3d_18", "mc3_18", "r2plus1d_18", "swin3d_t"):
         return torch.randn(1, 3, 4, 64, 64, generator=gen)
+    if name == "s3d":
+        return torch.randn(1, 3, 16, 112, 112, generator=gen)
     if name.startswith(("vit", "swin")) or name in ("inception_v3", "googlenet", "quantized_googlenet",
                                                     "quantized_inception_v3", "levit_128s"):
         size = 299 if "inception" in name else 224
