@@ -42,7 +42,7 @@ def _input(name: str, model: torch.nn.Module):
     if name in ("r3d_18", "mc3_18", "r2plus1d_18", "swin3d_t"):
         return torch.randn(1, 3, 4, 64, 64, generator=gen)
     if name == "s3d":
-        return torch.randn(1, 3, 16, 112, 112, generator=gen)
+        return torch.randn(1, 3, 16, 224, 224, generator=gen)
     if name.startswith(("vit", "swin")) or name in ("inception_v3", "googlenet", "quantized_googlenet",
                                                     "quantized_inception_v3", "levit_128s"):
         size = 299 if "inception" in name else 224
