@@ -208,11 +208,11 @@ def run_demo(
 
     Rows: the original BatchNorm model; GroupNorm with the BatchNorm affine copied, reset, and fitted on
     ``calibration_images`` training images; the fitted model refined for up to ``refine_steps`` steps to reproduce
-    the original on all training images, unlabeled (:func:`normswap.refine.refine`); FrozenBatchNorm (exact: max abs difference of the logits); BatchNorm
-    folded into the convolutions (exact and faster: max abs difference, and the ratio of batch-1 forward times
-    measured in the same run); the original under a domain shift (low contrast, bright background), and after
-    recalibrating its statistics on unlabeled shifted training images (accuracy only). ``echo`` receives the table
-    (``None``: print nothing).
+    the original on all training images, unlabeled (:func:`normswap.refine.refine`); FrozenBatchNorm (exact: max
+    abs difference of the logits); BatchNorm folded into the convolutions (exact and faster: max abs difference,
+    and the ratio of batch-1 forward times measured in the same run); the original under a domain shift (low
+    contrast, bright background), and after recalibrating its statistics on unlabeled shifted training images
+    (accuracy only). ``echo`` receives the table (``None``: print nothing).
 
     >>> result = run_demo(echo=None)
     >>> result.row("GroupNorm, fitted").agreement > 0.85
