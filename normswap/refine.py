@@ -1,23 +1,24 @@
 """Label-free refinement: distilling the original model into its converted copy on unlabeled data.
 
 A BatchNorm model converted to GroupNorm (LayerNorm-, InstanceNorm-style) keeps most of its function with fitted
-affine weights (:mod:`normswap.fit`), but not all of it. :func:`refine` closes the rest of the gap with the same
-unlabeled calibration data: it trains the converted model (the student) to reproduce the original's outputs (the
-teacher) with Adam, batch after batch, and needs no labels.
+affine weights (:mod:`normswap.fit`), but not all of it. :func:`refine` closes most of the rest of the gap with the
+same unlabeled calibration data: it trains the converted model (the student) to reproduce the original's outputs
+(the teacher) with Adam and a cosine learning-rate schedule over ``steps``, and needs no labels.
 
 - ``loss="kl"`` (default): the KL divergence between the two models' class distributions (``softmax`` over dim 1 of
   the main output: a tensor, the first tensor of a tuple, or a dict's ``logits``), per sample or per pixel;
   ``"mse"``: the mean squared error of every floating-point output tensor, relative to that output's mean square;
   ``"features"``: the output loss (KL where the output has classes, else MSE) plus the relative mean squared error
   of every norm layer's output, averaged over the layers that both models have under the same name, weighted by
-  ``feature_weight``.
+  ``feature_weight``. With 256 unlabeled images (``benchmarks/bench_fit.py``), matching the norm layers' outputs
+  helped a timm resnet18 at 32 groups (top-1 agreement 98.9% against 98.2% for the logits alone) and not the small
+  demo model (97.8% against 98.4% at 8 groups, 96.9% for both at 32), so ``"kl"`` stays the default.
 - A held-out slice of the calibration data (``holdout=``, drawn at random with ``seed``) measures the top-1 agreement
-  of the two models (where the output has classes along dim 1) and the relative output error
-  ``‖y - y_original‖² / ‖y_original‖²`` before training and every ``eval_every`` steps, with the output loss (the KL
-  divergence, or the relative MSE). The student ends as the best state measured (highest agreement, then lowest
-  loss), which may be its starting state: refinement never leaves
-  the model worse on the holdout than it found it. Training stops early once ``patience`` evaluations in a row bring
-  no improvement.
+  of the two models (where the output has classes along dim 1), the output loss (the KL divergence, or the
+  relative MSE) and the relative output error ``‖y - y_original‖² / ‖y_original‖²``, before training and every
+  ``eval_every`` steps. The student ends as the best state measured (highest agreement, then lowest loss), which
+  may be its starting state: refinement never leaves the model worse on the holdout than it found it. Training
+  stops early once ``patience`` evaluations in a row bring no improvement.
 - Both models run in eval mode: dropout is off, and the BatchNorm layers the conversion kept use (and keep) their
   running statistics. Only the trainable parameters (``trainable=``) change; every other parameter and buffer,
   every training flag and ``requires_grad`` flag, and the student's device are as before afterwards.
@@ -29,6 +30,8 @@ teacher) with Adam, batch after batch, and needs no labels.
   data-parallel with ``DistributedDataParallel`` (gradients averaged over the processes; the processes start from
   rank 0's weights). Each process holds out part of its shard; the holdout figures are summed over the processes,
   so every held-out sample is measured once and every process makes the same choices and ends with the same weights.
+  A failure on one process is an error on all of them; Ctrl-C there (which reaches every process) restores the
+  student and is raised, since the processes cannot agree on a step to stop at.
 
 The calibration inputs are read once and held in memory (bound them with ``batches``). Where the inputs of all
 batches can be joined along their first dimension (tensors, tuples and dicts of tensors of one shape per sample),
@@ -239,6 +242,13 @@ def refine(
             match in shape, ``loss="kl"`` on an output without classes, no parameter is trainable, or the loss
             becomes non-finite. ``converted`` is then exactly as it was.
         CalibrationError: the data is empty or malformed.
+
+    >>> import copy, torch, normswap
+    >>> original = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
+    >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
+    >>> report = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, progress=False)
+    >>> report.loss_after <= report.loss_before
+    True
     """
     options = _Options.check(steps, lr, loss, holdout, batch_size, eval_every, patience, temperature, feature_weight)
     student = converted.module if isinstance(converted, nn.parallel.DistributedDataParallel) else converted
