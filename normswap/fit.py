@@ -311,8 +311,8 @@ class _Moments:
         self.sum_xt += (x * t).sum(1)
         self.sum_tt += (t * t).sum(1)
 
-    def solve(self, copied_scale: torch.Tensor, copied_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        dict[str, Any]]:
+    def solve(self, copied_scale: torch.Tensor,
+              copied_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Per-channel ``(a, b)`` to keep and what :class:`LayerFit` reports of them (``r2``, ``kept``, ``copy_r2``).
 
         The fit gives ``a * x̂ + b`` the mean and variance of the target and the sign of their covariance (where

@@ -77,8 +77,8 @@ class CallCounter:
             raise self.error
 
 
-def test_refinement_brings_the_fitted_demo_model_close_to_the_original_without_labels(demo_model, fitted_demo,
-                                                                                       digits):
+def test_refinement_brings_the_fitted_demo_model_close_to_the_original_without_labels(
+        demo_model, fitted_demo, digits):
     refined = copy.deepcopy(fitted_demo)
     report = refine(refined, demo_model, digits.train_images.split(64), steps=100, progress=False)
     test = digits.test_images
@@ -271,6 +271,18 @@ def test_a_monai_3d_network_converted_to_group_norm_is_refined_voxel_by_voxel():
     report = refine(converted, original, volumes, steps=12, batch_size=6, progress=False)
     assert report.agreement_before is not None  # per-voxel agreement over the 3 output channels
     assert report.loss_after < report.loss_before and report.agreement_after >= report.agreement_before
+
+
+def test_a_transformers_model_with_dict_batches_and_a_model_output_is_refined_on_its_logits():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4)
+    original = randomize_norm_layers(ResNetForImageClassification(config), seed=3).eval()
+    batches = [{"pixel_values": x} for x in images(64, size=32).split(16)]
+    converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
+    report = refine(converted, original, batches, steps=16, lr=3e-3, progress=False)
+    assert report.loss_after < report.loss_before and report.agreement_before is not None
 
 
 def test_the_features_loss_matches_the_norm_layers_outputs_too():
