@@ -18,6 +18,7 @@ from .errors import (
     NormswapError,
     OutputError,
     PlanError,
+    RefineError,
 )
 from .fit import FitReport, fit_report
 from .fold import FoldPlan, fold, plan_fold
@@ -25,6 +26,7 @@ from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
 from .recalibrate import CalibrationReport, calibration_report, recalibrate
 from .recipe import Recipe
+from .refine import RefineReport, refine, refine_report
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,8 @@ __all__ = [
     "PlanError",
     "PlanRow",
     "Recipe",
+    "RefineError",
+    "RefineReport",
     "SkippedLayer",
     "calibration_report",
     "choose_groups",
@@ -60,5 +64,7 @@ __all__ = [
     "plan_fold",
     "read_metadata",
     "recalibrate",
+    "refine",
+    "refine_report",
     "save",
 ]

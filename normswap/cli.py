@@ -299,7 +299,8 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
                     source: CheckpointSource, output: Optional[Path], force: bool, dry_run: bool, strict: bool,
                     as_json: bool, fit_options: Optional[dict[str, Any]] = None) -> None:
     """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply (and fit) and write,
-    summarise. ``fit_options`` (``data``, ``batch_size``, ``batches``, ``target``) fit GroupNorm affine weights."""
+    summarise. ``fit_options`` (``data``, ``batch_size``, and the data options of
+    :func:`normswap.plan.apply_conversion`) fit GroupNorm affine weights and refine the converted model."""
     from .plan import plan
 
     from .checkpoint import check_input
@@ -317,15 +318,18 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
         _check_plan(conversion)
         return
     _check_plan(conversion)
-    fit_summary = None
-    if plan_options.get("affine") == "fit":
+    fit_summary = refine_summary = None
+    options = dict(fit_options or {})
+    if options.get("data") is not None:
         from .data import open_data
-        from .fit import fit_affine, fit_report
+        from .fit import fit_report
+        from .plan import apply_conversion
+        from .refine import refine_report
 
-        options = dict(fit_options or {})
         data = open_data(options.pop("data"), model=model, batch_size=options.pop("batch_size"))
-        model = fit_affine(model, conversion, data=data, **options)
-        fit_summary = fit_report(model)
+        model = apply_conversion(model, conversion, data=data, **options)
+        fit_summary = fit_report(model) if plan_options.get("affine") == "fit" else None
+        refine_summary = refine_report(model) if options.get("refine") else None
     else:
         model = conversion.apply(model)
     n_bytes = write_model(model, out, force)
@@ -333,10 +337,13 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
     if as_json:
         emit_json({"output": str(out), "bytes": n_bytes, "layers": len(conversion),
                    "skipped": len(conversion.skipped), "groups": groups, "warnings": problems,
-                   "plan": conversion.to_dict(), "fit": fit_summary.to_dict() if fit_summary else None})
+                   "plan": conversion.to_dict(), "fit": fit_summary.to_dict() if fit_summary else None,
+                   "refine": refine_summary.to_dict() if refine_summary else None})
         return
     if fit_summary is not None:
         click.echo(str(fit_summary))
+    if refine_summary is not None:
+        click.echo(str(refine_summary))
     chosen = ", ".join(f"{g} x{n}" for g, n in groups.items())
     click.echo(f"converted {len(conversion)} layer(s) to {to}" + (f" (groups: {chosen})" if chosen else "")
                + (f", {len(conversion.skipped)} skipped" if conversion.skipped else ""))
@@ -368,31 +375,63 @@ def _conversion_options(command: Callable) -> Callable:
               help="GroupNorm weight and bias: copied from BatchNorm, reset to 1 and 0, or fitted on --data so "
                    "the converted model behaves like the original.")
 @click.option("--data", "data_source", metavar="PATH",
-              help="With --affine fit: calibration data (a folder of images, a tensor file or "
+              help="With --affine fit or --refine: calibration data (a folder of images, a tensor file or "
                    "package.module:callable).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="With --affine fit: samples per calibration batch.")
-@click.option("--batches", type=click.IntRange(min=1), metavar="N", help="With --affine fit: use the first N batches.")
+              help="With --data: samples per calibration batch.")
+@click.option("--batches", type=click.IntRange(min=1), metavar="N", help="With --data: use the first N batches.")
 @click.option("--fit-target", type=click.Choice(["global", "local", "auto"]), default="global", show_default=True,
               help="With --affine fit: match the original's output at each layer (global), the original layer "
                    "applied to the converted model's input (local), or try both and keep the closer model (auto).")
+@click.option("--refine", "refine_steps", type=click.IntRange(min=1), metavar="N",
+              help="Then train the converted model for up to N steps to reproduce the original's outputs on "
+                   "--data (no labels needed); a held-out part of the data picks the best state.")
+@click.option("--refine-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="With --refine: Adam's learning rate.")
+@click.option("--refine-loss", type=click.Choice(["kl", "mse", "features"]), default="kl", show_default=True,
+              help="With --refine: KL divergence of the class scores, relative MSE of the outputs, or KL plus the "
+                   "outputs of every norm layer.")
+@click.option("--refine-trainable", multiple=True, metavar="PAT",
+              help="With --refine: 'all' parameters (default), 'norm' layers only, or glob patterns over "
+                   "parameter names (repeatable).")
+@click.option("--device", metavar="DEV", help="With --data: fit and refine on this device (cpu, cuda, cuda:1).")
+@click.option("--amp", is_flag=True, help="With --refine: train under bfloat16/float16 autocast.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress bars (default: on a terminal, for runs longer than two seconds).")
 @_conversion_options
 @checkpoint_options
 @output_options
 @json_option
 def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str,
             affine: str, data_source: Optional[str], batch_size: int, batches: Optional[int], fit_target: str,
+            refine_steps: Optional[int], refine_lr: float, refine_loss: str, refine_trainable: tuple[str, ...],
+            device: Optional[str], amp: bool, progress: Optional[bool],
             include: tuple[str, ...], exclude: tuple[str, ...], unknown: str, dry_run: bool,
             strict: bool, source: CheckpointSource, output: Optional[Path], force: bool, as_json: bool) -> None:
-    """Convert the norm layers of CHECKPOINT and write <stem>-<target>.safetensors."""
+    """Convert the norm layers of CHECKPOINT and write <stem>-<target>.safetensors.
+
+    With --affine fit, GroupNorm weights are fitted on --data; with --refine N, the converted model is then trained
+    to reproduce the original on the same (unlabeled) data.
+    """
     if groups is not None and channels_per_group is not None:
         raise click.UsageError("give --groups or --channels-per-group, not both")
-    if (affine == "fit") != (data_source is not None):
-        raise click.UsageError("--affine fit needs --data, and --data is only used by --affine fit")
+    if affine == "fit" and data_source is None:
+        raise click.UsageError("--affine fit needs --data")
+    if refine_steps is not None and data_source is None:
+        raise click.UsageError("--refine needs --data")
+    if data_source is not None and affine != "fit" and refine_steps is None:
+        raise click.UsageError("--data is only used by --affine fit and --refine")
     options = {"groups": groups, "channels_per_group": channels_per_group,
                "group_policy": group_policy, "affine": affine, "include": list(include),
                "exclude": list(exclude), "unknown": unknown}
-    fit_options = {"data": data_source, "batch_size": batch_size, "batches": batches, "target": fit_target}
+    fit_options: dict[str, Any] = {"data": data_source, "batch_size": batch_size, "batches": batches,
+                                   "device": device, "progress": progress}
+    if affine == "fit":
+        fit_options["target"] = fit_target
+    if refine_steps is not None:
+        trainable: Any = list(refine_trainable) if len(refine_trainable) > 1 else (refine_trainable or ("all",))[0]
+        fit_options["refine"] = refine_steps
+        fit_options["refine_options"] = {"lr": refine_lr, "loss": refine_loss, "trainable": trainable, "amp": amp}
     _run_conversion(checkpoint, to, options, suffix=to, source=source, output=output, force=force,
                     dry_run=dry_run, strict=strict, as_json=as_json, fit_options=fit_options)
 

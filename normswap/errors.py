@@ -30,3 +30,7 @@ class OutputError(NormswapError):
 
 class CalibrationError(NormswapError):
     """Calibration data is missing, malformed, or gives non-finite statistics."""
+
+
+class RefineError(NormswapError):
+    """Refinement cannot run as asked (an invalid option, models that do not fit together, a diverging loss)."""

@@ -45,7 +45,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "recalibrate": {"method": str, "batches": int, "samples": int, "passes": int, "calibrated": list,
                     "no_data": list, "skipped": dict, "world_size": int, "forward_cost": _OPTIONAL_NUMBER},
     "fit": {"target": str, "chosen": str, "batches": int, "output_error": dict, "layers": list},
-    "refine": {"steps": int, "loss": str, "samples": int},
+    "refine": {"steps": int, "loss": str, "train_samples": int, "kept": str},
 }
 """Every op a history step can have, with the type of each field it must have."""
 

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 from dataclasses import asdict, dataclass, field
@@ -26,10 +27,10 @@ from torch import nn
 
 from . import targets
 from .errors import PlanError
-from .history import carry_memory, record_step
+from .history import carry_memory, get_history, record_step, set_history
 from .walk import find_modules, get_module, replace_module
 
-__all__ = ["Plan", "PlanRow", "SkippedLayer", "choose_groups", "convert", "freeze", "plan"]
+__all__ = ["Plan", "PlanRow", "SkippedLayer", "apply_conversion", "choose_groups", "convert", "freeze", "plan"]
 
 log = logging.getLogger("normswap")
 
@@ -468,28 +469,97 @@ def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
 
     The model is converted **in place** (like ``nn.SyncBatchNorm.convert_sync_batchnorm``): pass a
     ``copy.deepcopy`` to keep the original. Options are those of :func:`plan`; with ``affine="fit"`` also pass
-    ``data=`` (and optionally the options of :func:`normswap.fit.fit_affine`).
+    ``data=`` (and optionally the options of :func:`normswap.fit.fit_affine`). ``refine=N`` then trains the
+    converted model for up to ``N`` steps to reproduce the original's outputs on the same data
+    (:func:`normswap.refine.refine`; its other options go in ``refine_options={...}``). See
+    :func:`apply_conversion`.
 
     >>> import timm, normswap
     >>> model = normswap.convert(timm.create_model("resnet18"), "gn", groups=32)
     >>> type(model.bn1).__name__
     'GroupNorm'
     """
-    fit_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS}
-    fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: not given
+    data_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS + _REFINE_OPTIONS}
+    data_options = {key: value for key, value in data_options.items() if value is not None}  # None: not given
     p = plan(model, to, **options)
-    if p.options["affine"] != "fit":
-        if fit_options:
-            raise PlanError(f"{', '.join(fit_options)} only apply with affine='fit'")
-        return p.apply(model)
+    return apply_conversion(model, p, **data_options)
+
+
+def apply_conversion(model: nn.Module, p: Plan, **options: Any) -> nn.Module:
+    """Apply the plan ``p`` to ``model`` (in place) with the data options of :func:`convert`; returns the model.
+
+    A plan made with ``affine="fit"`` gets its affine weights fitted on ``data`` (:func:`normswap.fit.fit_affine`
+    takes ``data``, ``batches``, ``target``, ``device``, ``input_fn``, ``input_key``, ``progress``). With
+    ``refine=N``, the converted model is then refined for up to ``N`` steps on the same data, with the original
+    model as the one to reproduce (:func:`normswap.refine.refine`: ``batches``, ``device``, ``input_fn``,
+    ``input_key`` and ``progress`` apply to it too, its other options go in ``refine_options``). The work is done
+    on a copy and put into ``model`` only when all of it succeeded: if the fit or the refinement fails or is
+    stopped with an error, ``model`` is as it was.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    >>> images = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    >>> model = apply_conversion(model, plan(model, "gn", groups=2, affine="fit"), data=images, refine=5,
+    ...                          refine_options={"holdout": 0, "loss": "mse"}, progress=False)
+    >>> from normswap.history import get_history
+    >>> [step["op"] for step in get_history(model)]
+    ['plan', 'fit', 'refine']
+    """
+    unknown = sorted(set(options) - set(_FIT_OPTIONS + _REFINE_OPTIONS))
+    if unknown:
+        raise PlanError(f"unknown conversion option(s) {', '.join(unknown)}: see normswap.convert")
+    steps = options.pop("refine", None)
+    refine_options = dict(options.pop("refine_options", None) or {})
+    fitting = p.options.get("affine") == "fit"
+    if steps is None:
+        if refine_options:
+            raise PlanError("refine_options only apply with refine=N")
+        if not fitting:
+            if options:
+                raise PlanError(f"{', '.join(options)} only apply with affine='fit' or refine=N")
+            return p.apply(model)
+    elif "target" in options and not fitting:
+        raise PlanError("target only applies with affine='fit'")
+    if options.get("data") is None:
+        wanted = "affine='fit'" if fitting else "refine="
+        raise PlanError(f"{wanted} needs calibration data: pass data=")
     from .fit import fit_affine
 
-    if fit_options.get("data") is None:
-        raise PlanError("affine='fit' needs calibration data: pass data=")
-    return fit_affine(model, p, **fit_options)
+    if steps is None:
+        return fit_affine(model, p, **options)
+    return _convert_and_refine(model, p, steps, refine_options, options, fitting)
+
+
+def _convert_and_refine(model: nn.Module, p: Plan, steps: int, refine_options: dict[str, Any],
+                        options: dict[str, Any], fitting: bool) -> nn.Module:
+    """Convert (and fit) a copy of ``model``, refine it against ``model`` itself, then convert ``model`` and give
+    it the copy's weights and history: ``model`` changes only once everything has succeeded."""
+    from .fit import fit_affine
+    from .refine import refine
+
+    shared = [key for key in _SHARED_WITH_REFINE if key in refine_options]
+    if shared:
+        raise PlanError(f"pass {', '.join(shared)} to convert itself, not in refine_options: it applies to the fit "
+                        "and the refinement alike")
+    try:
+        read_once = iter(options["data"]) is options["data"]
+    except TypeError:
+        read_once = False
+    if read_once:  # an iterator: both the fit and the refinement read the data
+        options = {**options, "data": list(options["data"])}
+    working = copy.deepcopy(model)
+    converted = fit_affine(working, p, **options) if fitting else p.apply(working)
+    refine(converted, model, steps=steps, **{key: options[key] for key in _SHARED_WITH_REFINE if key in options},
+           **refine_options)
+    result = p.apply(model)
+    result.load_state_dict(converted.state_dict())
+    set_history(result, get_history(converted))
+    return result
 
 
 _FIT_OPTIONS = ("data", "batches", "target", "device", "input_fn", "input_key", "progress")
+_REFINE_OPTIONS = ("refine", "refine_options")
+_SHARED_WITH_REFINE = ("data", "batches", "device", "input_fn", "input_key", "progress")
 
 
 def freeze(model: nn.Module, *, trainable_affine: bool = False, **options: Any) -> nn.Module:

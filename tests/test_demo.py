@@ -61,6 +61,7 @@ def test_the_demo_prints_one_table_with_every_step(demo):
         "GroupNorm, copied affine",
         "GroupNorm, reset affine",
         "GroupNorm, fitted affine",
+        "GroupNorm, fitted + refined",
         "FrozenBatchNorm",
         "BatchNorm folded into convs",
         "BatchNorm, shifted domain",
@@ -75,6 +76,14 @@ def test_the_demo_shows_fit_keeping_the_model_working_where_copy_and_reset_do_no
     assert fitted.agreement >= 0.88 and fitted.accuracy >= 0.88
     for other in ("GroupNorm, copied", "GroupNorm, reset"):
         assert result.row(other).agreement < fitted.agreement - 0.5
+
+
+def test_the_demo_shows_refinement_without_labels_bringing_the_fitted_model_close_to_the_original(demo):
+    result, _ = demo
+    refined, fitted = result.row("GroupNorm, fitted + refined"), result.row("GroupNorm, fitted affine")
+    assert refined.agreement >= 0.98 and refined.agreement > fitted.agreement
+    assert refined.accuracy >= result.row("BatchNorm (original)").accuracy - 0.01
+    assert "unlabeled" in refined.detail
 
 
 def test_the_demo_shows_freezing_and_folding_are_exact(demo):

@@ -69,7 +69,7 @@ def test_fit_brings_the_output_closer_to_the_original_than_copy(to):
     assert relative_error(fitted, model, held_out) < 0.5 * relative_error(copied, model, held_out)
 
 
-def test_a_single_layer_fit_is_the_float64_least_squares_solution():
+def test_a_single_layer_fit_gives_each_channel_the_float64_mean_and_variance_of_its_target():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
     randomize_norm_layers(model, seed=3).eval()
     data = images(10, seed=2)
@@ -79,11 +79,18 @@ def test_a_single_layer_fit_is_the_float64_least_squares_solution():
         normalized = F.group_norm(x, 3, eps=model[1].eps)
         expected = F.batch_norm(x, model[1].running_mean.double(), model[1].running_var.double(),
                                 model[1].weight.double(), model[1].bias.double(), eps=model[1].eps)
+    assert [layer.kept for layer in fit_report(fitted).layers] == ["fit"]
     for c in range(6):
-        design = torch.stack([normalized[:, c].flatten(), torch.ones(normalized[:, c].numel(), dtype=torch.float64)], 1)
-        solution = torch.linalg.lstsq(design, expected[:, c].flatten().unsqueeze(1)).solution.flatten()
-        torch.testing.assert_close(fitted[1].weight[c].double(), solution[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fitted[1].bias[c].double(), solution[1], rtol=1e-5, atol=1e-6)
+        x_c, t_c = normalized[:, c].flatten(), expected[:, c].flatten()
+        design = torch.stack([x_c, torch.ones_like(x_c)], 1)
+        least_squares = torch.linalg.lstsq(design, t_c.unsqueeze(1)).solution.flatten()
+        correlation = torch.corrcoef(torch.stack([x_c, t_c]))[0, 1]
+        scale = least_squares[0] / correlation.abs()  # the least-squares slope, undone of its shrinkage
+        torch.testing.assert_close(fitted[1].weight[c].double(), scale, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fitted[1].bias[c].double(), t_c.mean() - scale * x_c.mean(), rtol=1e-5, atol=1e-6)
+        output = fitted[1].weight[c].double() * x_c + fitted[1].bias[c].double()
+        torch.testing.assert_close(output.mean(), t_c.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(output.std(), t_c.std(), rtol=1e-5, atol=1e-6)
 
 
 def test_when_group_norm_can_match_batch_norm_exactly_the_fit_finds_it():
@@ -287,3 +294,25 @@ def test_fit_runs_on_the_gpu_and_gives_the_cpu_result():
     torch.testing.assert_close(on_gpu[4].weight, on_cpu[4].weight, rtol=1e-4, atol=1e-5)
     gpu_model = normswap.convert(small_cnn().cuda(), "gn", groups=4, affine="fit", data=data)
     torch.testing.assert_close(gpu_model[4].weight.cpu(), on_cpu[4].weight, rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_keeps_the_copied_affine_where_that_matches_its_target_better_than_the_fit():
+    # Each sample is a large random offset plus one fixed spatial pattern, and the BatchNorm's running variance is
+    # that of the pattern alone. Its output is then mostly the offset, which InstanceNorm removes: the normalized
+    # input hardly correlates with the target, and a fit that gives it the target's large variance adds more error
+    # than the copied BatchNorm affine, whose scale is the least-squares one here.
+    generator = torch.Generator().manual_seed(0)
+    pattern = torch.randn(1, 2, 5, 5, generator=generator)
+    data = 5 * torch.randn(64, 2, 1, 1, generator=generator) + pattern
+    bn = nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(data.mean((0, 2, 3)))
+        bn.running_var.copy_(pattern.var((0, 2, 3)))
+        bn.weight.copy_(torch.tensor([0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2]))
+    fitted = normswap.convert(copy.deepcopy(bn), "in", affine="fit", data=data.split(16))
+    layer = fit_report(fitted).layers[0]
+    assert layer.kept == "copy" and layer.r2 == layer.copy_r2
+    torch.testing.assert_close(fitted.weight, bn.weight)
+    torch.testing.assert_close(fitted.bias, bn.bias)
+    assert "kept" in str(fit_report(fitted))

@@ -1,0 +1,959 @@
+"""Label-free refinement: distilling the original model into its converted copy on unlabeled data.
+
+A BatchNorm model converted to GroupNorm (LayerNorm-, InstanceNorm-style) keeps most of its function with fitted
+affine weights (:mod:`normswap.fit`), but not all of it. :func:`refine` closes most of the rest of the gap with the
+same unlabeled calibration data: it trains the converted model (the student) to reproduce the original's outputs
+(the teacher) with Adam and a cosine learning-rate schedule over ``steps``, and needs no labels.
+
+- ``loss="kl"`` (default): the KL divergence between the two models' class distributions (``softmax`` over dim 1 of
+  the main output: a tensor, the first tensor of a tuple, or a dict's ``logits``), per sample or per pixel;
+  ``"mse"``: the mean squared error of every floating-point output tensor, relative to that output's mean square;
+  ``"features"``: the output loss (KL where the output has classes, else MSE) plus the relative mean squared error
+  of every norm layer's output, averaged over the layers that both models have under the same name, weighted by
+  ``feature_weight``. With 256 unlabeled images (``benchmarks/bench_fit.py``), matching the norm layers' outputs
+  helped a timm resnet18 at 32 groups (top-1 agreement 98.9% against 98.2% for the logits alone) and not the small
+  demo model (97.8% against 98.4% at 8 groups, 96.9% for both at 32), so ``"kl"`` stays the default.
+- A held-out slice of the calibration data (``holdout=``, drawn at random with ``seed``) measures the top-1 agreement
+  of the two models (where the output has classes along dim 1), the output loss (the KL divergence, or the
+  relative MSE) and the relative output error ``‖y - y_original‖² / ‖y_original‖²``, before training and every
+  ``eval_every`` steps. The student ends as the best state measured (highest agreement, then lowest loss), which
+  may be its starting state: refinement never leaves the model worse on the holdout than it found it. Training
+  stops early once ``patience`` evaluations in a row bring no improvement.
+- Both models run in eval mode: dropout is off, and the BatchNorm layers the conversion kept use (and keep) their
+  running statistics. Only the trainable parameters (``trainable=``) change; every other parameter and buffer,
+  every training flag and ``requires_grad`` flag, and the student's device are as before afterwards.
+- The original model is never changed: not its weights, not its flags, not its device (when it is not on the device
+  the student runs on, a copy of it is moved there). A student that shares parameters with it is refused.
+- Failures restore the student exactly as it was. Ctrl-C stops the training: the student is then the best state
+  measured so far (or unchanged, if none was better), and the report says so.
+- Under ``torch.distributed`` (``torchrun``), every process passes its own shard of the data and the student trains
+  data-parallel with ``DistributedDataParallel`` (gradients averaged over the processes; the processes start from
+  rank 0's weights). Each process holds out part of its shard; the holdout figures are summed over the processes,
+  so every held-out sample is measured once and every process makes the same choices and ends with the same weights.
+  A failure on one process is an error on all of them; Ctrl-C there (which reaches every process) restores the
+  student and is raised, since the processes cannot agree on a step to stop at.
+
+The calibration inputs are read once and held in memory (bound them with ``batches``). Where the inputs of all
+batches can be joined along their first dimension (tensors, tuples and dicts of tensors of one shape per sample),
+they are pooled sample by sample and re-batched at random (``batch_size``); otherwise each batch is used as it came.
+
+The run is recorded in the student's history (a value-only step: ``normswap.load`` needs nothing to rebuild a
+refined model), and :func:`refine_report` reads it back.
+
+Example::
+
+    >>> import copy, torch, normswap
+    >>> _ = torch.manual_seed(0)
+    >>> original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+    ...                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    >>> images = [torch.randn(16, 3, 12, 12) for _ in range(4)]
+    >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=4, affine="fit", data=images)
+    >>> report = normswap.refine(converted, original, images, steps=20, progress=False)
+    >>> report.steps <= 20, report.holdout_samples, report.kept in ("best", "unchanged")
+    (True, 13, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import call_model, iter_inputs, move_input
+from .errors import CalibrationError, NormswapError, RefineError
+from .history import get_history, record_step
+from .targets import is_norm_layer
+from .walk import find_modules
+
+__all__ = ["LOSSES", "RefineReport", "refine", "refine_report"]
+
+log = logging.getLogger("normswap")
+
+LOSSES = ("kl", "mse", "features")
+"""Every value ``loss=`` accepts."""
+
+OUTPUT_KEYS = ("logits", "out", "output")
+"""Keys tried, in order, for the main output of a model that returns a dict."""
+
+Device = Union[str, torch.device, None]
+Trainable = Union[str, Sequence[str]]
+
+_PROGRESS_DELAY_S = 2.0
+
+
+@dataclass
+class RefineReport:
+    """What one :func:`refine` run did.
+
+    ``agreement_*`` is the top-1 agreement with the original on the holdout (``None`` where the output has no classes
+    along dim 1 or there is no holdout), ``loss_*`` the output loss there (the KL divergence, or the relative MSE for
+    ``loss="mse"`` and outputs without classes) and ``error_*`` the relative output error; ``*_before`` is measured
+    before training, ``*_after`` on the state kept. ``kept`` is ``"best"`` (the best state measured, reached at
+    ``best_step``), ``"unchanged"`` (no state measured better than the starting one, or interrupted before one was)
+    or ``"last"`` (no holdout to measure on: the state after the last step). ``stopped`` is ``"steps"`` (all
+    ``max_steps`` run), ``"early"`` (``patience`` evaluations without improvement) or ``"interrupted"`` (Ctrl-C).
+    ``evaluations`` lists every measurement: ``{"step", "agreement", "loss", "error"}``.
+    """
+
+    loss: str
+    trainable: str
+    parameters: int
+    steps: int
+    max_steps: int
+    lr: float
+    batch_size: Optional[int]
+    seed: int
+    train_samples: int
+    holdout_samples: int
+    world_size: int = 1
+    agreement_before: Optional[float] = None
+    agreement_after: Optional[float] = None
+    loss_before: Optional[float] = None
+    loss_after: Optional[float] = None
+    error_before: Optional[float] = None
+    error_after: Optional[float] = None
+    best_step: int = 0
+    kept: str = "unchanged"
+    stopped: str = "steps"
+    seconds: float = 0.0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        processes = f" over {self.world_size} processes" if self.world_size > 1 else ""
+        batch = f" of {self.batch_size}" if self.batch_size else ""
+        lines = [f"refine ({self.loss}, {self.trainable}: {self.parameters:,} parameters): {self.steps} of "
+                 f"{self.max_steps} step(s){batch} on {self.train_samples} sample(s){processes}, "
+                 f"holdout {self.holdout_samples} sample(s), {self.seconds:.1f} s"]
+        measured = []
+        if self.agreement_before is not None:
+            measured.append(f"top-1 agreement {self.agreement_before:.2%} -> {self.agreement_after:.2%}")
+        if self.loss_before is not None:
+            measured.append(f"loss {self.loss_before:.4g} -> {self.loss_after:.4g}")
+        if self.error_before is not None:
+            measured.append(f"relative output error {self.error_before:.4g} -> {self.error_after:.4g}")
+        if measured:
+            lines.append("holdout: " + ", ".join(measured))
+        stop = {"steps": "ran every step", "early": "stopped early (no improvement on the holdout)",
+                "interrupted": f"interrupted at step {self.steps}"}[self.stopped]
+        kept = {"best": f"kept the best state (step {self.best_step})",
+                "unchanged": "kept the model unchanged (no state measured better)",
+                "last": "kept the last state (no holdout to measure on)"}[self.kept]
+        lines.append(f"{stop}; {kept}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what the model's history stores); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RefineReport":
+        """The report ``to_dict`` wrote."""
+        return cls(**{key: value for key, value in data.items() if key != "op"})
+
+
+def refine_report(model: nn.Module) -> RefineReport:
+    """The report of the last :func:`refine` run on ``model``, read from its history.
+
+    >>> import torch
+    >>> refine_report(torch.nn.Linear(2, 2))
+    Traceback (most recent call last):
+        ...
+    normswap.errors.NormswapError: this model has not been refined: run normswap.refine(converted, original, data)
+    """
+    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for step in reversed(get_history(root)):
+        if step.get("op") == "refine":
+            return RefineReport.from_dict(step)
+    raise NormswapError("this model has not been refined: run normswap.refine(converted, original, data)")
+
+
+def refine(
+    converted: nn.Module,
+    original: nn.Module,
+    data: Iterable[Any],
+    *,
+    steps: int = 200,
+    lr: float = 1e-3,
+    trainable: Trainable = "all",
+    loss: str = "kl",
+    device: Device = None,
+    amp: Union[bool, torch.dtype] = False,
+    holdout: Union[float, int] = 0.2,
+    batch_size: int = 64,
+    batches: Optional[int] = None,
+    eval_every: Optional[int] = None,
+    patience: Optional[int] = 4,
+    temperature: float = 1.0,
+    feature_weight: float = 1.0,
+    seed: int = 0,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> RefineReport:
+    """Train ``converted`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place.
+
+    Args:
+        converted: the model to refine (the student), e.g. ``normswap.convert(copy.deepcopy(model), "gn",
+            affine="fit", data=...)``; a ``DistributedDataParallel`` wrapper is looked through.
+        original: the model to reproduce (the teacher); never changed.
+        data: calibration batches, see :mod:`normswap.data`: tensors, ``(input, ...)`` tuples (labels are ignored),
+            dicts, or anything with ``input_fn``. Read once and held in memory. Under ``torch.distributed``, each
+            process passes its own shard.
+        steps: the most optimizer steps to run.
+        lr: Adam's learning rate.
+        trainable: ``"all"`` parameters of ``converted``, only those of its ``"norm"`` layers (GroupNorm, LayerNorm,
+            InstanceNorm and BatchNorm weights and biases), or glob patterns over parameter names
+            (``["layer4.*", "fc.*"]``).
+        loss: ``"kl"``, ``"mse"`` or ``"features"`` (see the module documentation).
+        device: where to train (``"cuda"``): the student is moved there and back. Default: where it is.
+        amp: run the forward passes under autocast (``True``: bfloat16 where supported, else float16 with gradient
+            scaling; or a dtype); losses are computed in float32.
+        holdout: the share of the calibration samples held out to measure agreement (a fraction below 1), or their
+            number (an int; batches, where the data cannot be pooled sample by sample). ``0``: no holdout, no
+            early stopping, the last state is kept.
+        batch_size: samples per training batch, when the data is pooled sample by sample.
+        batches: read at most this many batches of ``data``.
+        eval_every: measure on the holdout every this many steps (default: an eighth of ``steps``).
+        patience: stop after this many evaluations in a row without improvement (``None``: never stop early).
+        temperature: softmax temperature of the KL loss.
+        feature_weight: weight of the norm layers' feature loss in ``loss="features"``.
+        seed: seeds the holdout split and the order of the training batches.
+        input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
+        progress: ``True`` shows a progress bar, ``False`` never; ``None`` shows one on a terminal for runs longer
+            than two seconds.
+
+    Returns:
+        The :class:`RefineReport`; it is also recorded in ``converted``'s history (:func:`refine_report`).
+
+    Raises:
+        RefineError: an option is invalid, the two models are the same or share parameters, their outputs do not
+            match in shape, ``loss="kl"`` on an output without classes, no parameter is trainable, or the loss
+            becomes non-finite. ``converted`` is then exactly as it was.
+        CalibrationError: the data is empty or malformed.
+
+    >>> import copy, torch, normswap
+    >>> original = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
+    >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
+    >>> report = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, progress=False)
+    >>> report.loss_after <= report.loss_before
+    True
+    """
+    options = _Options.check(steps, lr, loss, holdout, batch_size, eval_every, patience, temperature, feature_weight)
+    student = converted.module if isinstance(converted, nn.parallel.DistributedDataParallel) else converted
+    teacher = original.module if isinstance(original, nn.parallel.DistributedDataParallel) else original
+    _check_separate(student, teacher)
+    selected, label = _trainable_parameters(student, trainable)
+    start = time.perf_counter()
+    ranks = _Ranks()
+    run = _Run.resolve(student, device, amp)
+    with ranks.failing_together("reading the calibration data"):
+        train, held = _split(_read_inputs(data, batches, input_fn, input_key), options.holdout, seed + ranks.rank)
+    counts = ranks.sum([train.samples, held.samples])
+    if not ranks.active and not len(train) and not len(held):
+        raise CalibrationError("the calibration data is empty: refinement needs at least one batch")
+    if any(count == 0 for count in ranks.gather(len(train))):
+        raise RefineError("a process has no calibration data left to train on after the holdout: give every "
+                          "process more data, or a smaller holdout=")
+    state = _State(student, teacher, selected, run)
+    report = RefineReport(
+        loss=loss, trainable=label, parameters=sum(p.numel() for p in selected), steps=0, max_steps=steps, lr=lr,
+        batch_size=batch_size if train.pooled else None, seed=seed, train_samples=int(counts[0]),
+        holdout_samples=int(counts[1]), world_size=ranks.size,
+    )
+    try:
+        state.enter()
+        _train(state, train, held, options, ranks, report, seed + ranks.rank, progress)
+    except BaseException:
+        state.restore_initial()
+        raise
+    finally:
+        state.exit()
+    report.seconds = round(time.perf_counter() - start, 3)
+    record_step(student, {"op": "refine", **report.to_dict()})
+    log.info("%s", report)
+    return report
+
+
+@dataclass
+class _Options:
+    """The numeric options of :func:`refine`, checked."""
+
+    steps: int
+    lr: float
+    loss: str
+    holdout: Union[float, int]
+    batch_size: int
+    eval_every: int
+    patience: Optional[int]
+    temperature: float
+    feature_weight: float
+
+    @classmethod
+    def check(cls, steps: int, lr: float, loss: str, holdout: Union[float, int], batch_size: int,
+              eval_every: Optional[int], patience: Optional[int], temperature: float,
+              feature_weight: float) -> "_Options":
+        if loss not in LOSSES:
+            raise RefineError(f"unknown refinement loss '{loss}': choose kl, mse or features")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise RefineError(f"steps must be a positive integer, got {steps!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise RefineError(f"lr must be a positive number, got {lr!r}")
+        valid_fraction = isinstance(holdout, float) and 0 <= holdout < 1
+        valid_count = isinstance(holdout, int) and not isinstance(holdout, bool) and holdout >= 0
+        if not (valid_fraction or valid_count):
+            raise RefineError(f"holdout must be a fraction in [0, 1) or a number of samples, got {holdout!r}")
+        if batch_size < 1:
+            raise RefineError(f"batch_size must be at least 1, got {batch_size}")
+        if eval_every is None:
+            eval_every = max(1, steps // 8)
+        if eval_every < 1:
+            raise RefineError(f"eval_every must be at least 1, got {eval_every}")
+        if patience is not None and patience < 1:
+            raise RefineError(f"patience must be at least 1 (or None), got {patience}")
+        if not temperature > 0:
+            raise RefineError(f"temperature must be positive, got {temperature}")
+        if not feature_weight >= 0:
+            raise RefineError(f"feature_weight must be zero or positive, got {feature_weight}")
+        return cls(steps, float(lr), loss, holdout, batch_size, eval_every, patience, float(temperature),
+                   float(feature_weight))
+
+
+def _check_separate(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a student that is the teacher or shares parameter memory with it: training would change both."""
+    if student is teacher:
+        raise RefineError("the converted model is the original model itself (convert works in place): convert a "
+                          "copy, e.g. normswap.convert(copy.deepcopy(model), ...)")
+    teacher_memory = {_storage(p) for p in teacher.parameters()}
+    shared = [name for name, p in student.named_parameters() if _storage(p) in teacher_memory]
+    if shared:
+        raise RefineError(f"the converted model shares parameter '{shared[0]}' with the original, so refining it "
+                          "would change the original too: convert a copy, e.g. copy.deepcopy(model)")
+
+
+def _storage(tensor: torch.Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Norm layers whose weights ``trainable="norm"`` trains and whose outputs ``loss="features"`` matches."""
+    return is_norm_layer(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm,
+                                                        nn.modules.instancenorm._InstanceNorm))
+
+
+def _trainable_parameters(model: nn.Module, trainable: Trainable) -> tuple[list[nn.Parameter], str]:
+    """The parameters to train (each once) and how the report names the choice."""
+    named = list(model.named_parameters())
+    if trainable == "all":
+        chosen, label = [p for _, p in named], "all"
+    elif trainable == "norm":
+        norm = {id(p) for found in find_modules(model, _is_norm) for p in found.module.parameters()}
+        chosen, label = [p for _, p in named if id(p) in norm], "norm"
+    else:
+        patterns = [trainable] if isinstance(trainable, str) else list(trainable) if isinstance(
+            trainable, (list, tuple)) else []
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise RefineError(f"trainable must be 'all', 'norm' or glob patterns over parameter names, got "
+                              f"{trainable!r}")
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
+                raise RefineError(f"the trainable pattern '{pattern}' matches no parameter of the converted model "
+                                  f"(names look like '{named[0][0] if named else 'weight'}')")
+        chosen = [p for name, p in named if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+        label = ", ".join(patterns)
+    chosen = [p for p in chosen if p.is_floating_point()]
+    if not chosen:
+        raise RefineError(f"trainable={trainable!r} selects no floating-point parameter of the converted model")
+    return chosen, label
+
+
+@dataclass
+class _Run:
+    """Where and how the refinement runs."""
+
+    device: Optional[torch.device]
+    amp_dtype: Optional[torch.dtype]
+
+    @classmethod
+    def resolve(cls, model: nn.Module, device: Device, amp: Union[bool, torch.dtype]) -> "_Run":
+        if device is None:
+            target = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        else:
+            try:
+                target = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise RefineError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+        if target.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RefineError(f"device '{device or target}' was asked for but CUDA is not available")
+            if target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
+        if amp is True:
+            bf16 = target.type != "cuda" or torch.cuda.is_bf16_supported()
+            amp_dtype: Optional[torch.dtype] = torch.bfloat16 if bf16 else torch.float16
+        elif amp is False or amp is None:
+            amp_dtype = None
+        elif amp in (torch.float16, torch.bfloat16):
+            amp_dtype = amp
+        else:
+            raise RefineError(f"amp must be True, False, torch.float16 or torch.bfloat16, got {amp!r}")
+        return cls(target, amp_dtype)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def move(self, model_input: Any) -> Any:
+        return move_input(model_input, self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration inputs: read once, pooled sample by sample where possible, split into training data and holdout.
+
+
+class _NotPoolable(Exception):
+    """The batches' inputs cannot be joined along their first dimension."""
+
+
+class _Inputs:
+    """Model inputs held in memory: pooled (one structure whose tensors hold every sample along dim 0, indexed by
+    sample) or, where that is impossible, the batches as they came (indexed by batch)."""
+
+    def __init__(self, pool: Any, batches: Optional[list[Any]], samples: int, units: int) -> None:
+        self.pool, self.batches, self.samples, self.units = pool, batches, samples, units
+
+    @property
+    def pooled(self) -> bool:
+        return self.batches is None
+
+    @classmethod
+    def read(cls, inputs: list[Any]) -> "_Inputs":
+        try:
+            pool = _join(inputs)
+            samples = _leading(pool)
+            return cls(pool, None, samples, samples)
+        except _NotPoolable:
+            return cls(None, inputs, sum(_samples_of(x) for x in inputs), len(inputs))
+
+    def __len__(self) -> int:
+        return self.units
+
+    def subset(self, indices: torch.Tensor) -> "_Inputs":
+        if self.pooled:
+            return _Inputs(_take(self.pool, indices), None, len(indices), len(indices))
+        chosen = [self.batches[i] for i in indices.tolist()]
+        return _Inputs(None, chosen, sum(_samples_of(x) for x in chosen), len(chosen))
+
+    def chunks(self, size: int) -> Iterable[Any]:
+        """Every input once, in order: batches of ``size`` samples, or the batches as they came."""
+        if not self.pooled:
+            yield from self.batches
+            return
+        for start in range(0, self.units, size):
+            yield _take(self.pool, torch.arange(start, min(start + size, self.units)))
+
+    def batch(self, indices: torch.Tensor) -> Any:
+        """The training input made of these units (samples, or one batch)."""
+        return _take(self.pool, indices) if self.pooled else self.batches[int(indices[0])]
+
+
+def _read_inputs(data: Iterable[Any], batches: Optional[int], input_fn: Optional[Callable[[Any], Any]],
+                 input_key: Optional[str]) -> _Inputs:
+    inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
+    return _Inputs.read(inputs)
+
+
+def _join(inputs: list[Any]) -> Any:
+    """The inputs joined along dim 0 (tensors of one shape per sample; tuples, lists, dicts of them; equal others)."""
+    if not inputs:
+        return []
+    first = inputs[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[1:] == first.shape[1:] for x in inputs):
+            raise _NotPoolable
+        return torch.cat(inputs)
+    if isinstance(first, (tuple, list)):
+        if not all(type(x) is type(first) and len(x) == len(first) for x in inputs):
+            raise _NotPoolable
+        return type(first)(_join([x[i] for x in inputs]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        if not all(isinstance(x, Mapping) and x.keys() == first.keys() for x in inputs):
+            raise _NotPoolable
+        return {key: _join([x[key] for x in inputs]) for key in first}
+    if all(x is first or x == first for x in inputs):
+        return first
+    raise _NotPoolable
+
+
+def _leading(pool: Any) -> int:
+    """The number of samples in a pooled input: the common first dimension of its tensors."""
+    sizes = {t.shape[0] for t in _all_tensors(pool)}
+    if len(sizes) != 1:
+        raise _NotPoolable
+    return sizes.pop()
+
+
+def _samples_of(model_input: Any) -> int:
+    """Samples in one batch's input: the first dimension of its first tensor (1 if it holds none)."""
+    tensors = _all_tensors(model_input)
+    return tensors[0].shape[0] if tensors and tensors[0].dim() else 1
+
+
+def _all_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _all_tensors(item)]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _all_tensors(item)]
+    return []
+
+
+def _take(pool: Any, indices: torch.Tensor) -> Any:
+    if isinstance(pool, torch.Tensor):
+        return pool[indices]
+    if isinstance(pool, (tuple, list)):
+        return type(pool)(_take(item, indices) for item in pool)
+    if isinstance(pool, Mapping):
+        return {key: _take(item, indices) for key, item in pool.items()}
+    return pool
+
+
+def _split(inputs: _Inputs, holdout: Union[float, int], seed: int) -> tuple[_Inputs, _Inputs]:
+    """Training data and holdout, the holdout drawn at random (``seed``). An empty shard stays empty."""
+    units = len(inputs)
+    if isinstance(holdout, float):
+        held = round(units * holdout)
+        if holdout > 0 and units > 1:
+            held = max(held, 1)
+    else:
+        held = holdout
+    if units and held >= units:
+        raise RefineError(f"holdout={holdout!r} leaves no calibration data to train on ({units} "
+                          f"{'samples' if inputs.pooled else 'batches'}): give a smaller holdout or more data")
+    order = torch.randperm(units, generator=torch.Generator().manual_seed(seed))
+    return inputs.subset(order[held:].sort().values), inputs.subset(order[:held].sort().values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models while the refinement runs.
+
+
+class _State:
+    """The student and teacher while refinement runs: placement, flags and the parameter values to come back to.
+
+    ``enter`` puts both models in eval mode on the run device and makes exactly the selected parameters trainable;
+    ``exit`` puts back every flag and the student's device. ``initial`` holds the selected parameters' values as
+    they were, ``best`` those of the best state measured."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: _Run) -> None:
+        self.student, self.teacher, self.selected, self.run = student, teacher, selected, run
+        self.student_flags = [(m, m.training) for m in student.modules()]
+        self.teacher_flags = [(m, m.training) for m in teacher.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in student.parameters()]
+        self.home = next((t.device for t in (*student.parameters(), *student.buffers())), None)
+        self.initial = [p.detach().clone() for p in selected]
+        self.best = [t.clone() for t in self.initial]
+        self.teacher_on_device = teacher
+
+    def enter(self) -> None:
+        self.student.eval()
+        for p, _ in self.requires_grad:
+            p.requires_grad_(False)
+        for p in self.selected:
+            p.requires_grad_(True)
+        if self.home is not None and self.home != self.run.device:
+            self.student.to(self.run.device)
+        teacher_devices = {t.device for t in (*self.teacher.parameters(), *self.teacher.buffers())}
+        if teacher_devices and teacher_devices != {self.run.device}:
+            self.teacher_on_device = copy.deepcopy(self.teacher).to(self.run.device)
+        for module, _ in self.teacher_flags:
+            module.training = False
+        self.teacher_on_device.eval()
+
+    def keep_best(self) -> None:
+        self.best = [p.detach().clone() for p in self.selected]  # one assignment: an interrupt cannot split it
+
+    @torch.no_grad()
+    def load(self, values: list[torch.Tensor]) -> None:
+        for p, value in zip(self.selected, values):
+            p.copy_(value.to(p.device))
+
+    def restore_initial(self) -> None:
+        self.load(self.initial)
+
+    def exit(self) -> None:
+        for module, training in self.student_flags:
+            module.training = training
+        for module, training in self.teacher_flags:
+            module.training = training
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+            p.grad = None
+        if self.home is not None and self.home != self.run.device:
+            self.student.to(self.home)
+        self.teacher_on_device = self.teacher
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training.
+
+
+def _train(state: _State, train: _Inputs, held: _Inputs, options: _Options, ranks: "_Ranks", report: RefineReport,
+           seed: int, progress: Optional[bool]) -> None:
+    """Run the optimizer steps, measuring on the holdout, and leave the student in the state to keep."""
+    model = ranks.wrap(state.student, state.run.device)
+    optimizer = torch.optim.Adam(state.selected, lr=options.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps)
+    scaler = torch.amp.GradScaler(state.run.device.type, enabled=state.run.amp_dtype == torch.float16)
+    pairs = _feature_pairs(state.teacher_on_device, state.student) if options.loss == "features" else []
+    batches = _TrainingBatches(train, options.batch_size, seed)
+    measure = report.holdout_samples > 0
+    best = _evaluate(state, held, options, ranks) if measure else None
+    if best is not None:
+        report.evaluations.append(best.to_dict(0))
+        report.agreement_before, report.loss_before, report.error_before = best.agreement, best.loss, best.error
+        report.agreement_after, report.loss_after, report.error_after = best.agreement, best.loss, best.error
+        state.keep_best()  # under several processes, rank 0's starting state, which every rank now has
+    stale = 0
+    bar = tqdm(total=options.steps, desc="refine", unit="step", **_progress_setting(progress, ranks.rank))
+    try:
+        for step in range(1, options.steps + 1):
+            with ranks.failing_together(f"step {step}"):
+                value = _loss(state, model, state.run.move(batches.next()), options, pairs)
+                if not torch.isfinite(value):
+                    raise RefineError(f"the refinement loss became non-finite at step {step}: lower lr= "
+                                      "(or turn amp off)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            report.steps = step
+            bar.update(1)
+            if not measure or (step % options.eval_every and step != options.steps):
+                continue
+            score = _evaluate(state, held, options, ranks)
+            report.evaluations.append(score.to_dict(step))
+            bar.set_postfix(score.postfix())
+            if score.better_than(best):
+                best, stale = score, 0
+                state.keep_best()
+                report.best_step, report.kept = step, "best"
+                report.agreement_after, report.loss_after, report.error_after = score.agreement, score.loss, score.error
+            else:
+                stale += 1
+                if options.patience is not None and stale >= options.patience:
+                    report.stopped = "early"
+                    break
+    except KeyboardInterrupt:
+        if ranks.active:
+            raise  # the other processes cannot be told to stop at the same step: nothing is kept
+        report.stopped = "interrupted"
+        log.warning("refinement interrupted at step %d", report.steps)
+    finally:
+        bar.close()
+    if not measure:
+        report.kept = "last" if report.stopped != "interrupted" else "unchanged"
+        if report.kept == "unchanged":
+            state.restore_initial()
+    elif report.kept == "best":
+        state.load(state.best)
+    else:
+        state.restore_initial()
+
+
+class _TrainingBatches:
+    """Training inputs in a seeded random order: batches of ``batch_size`` pooled samples, epoch after epoch (every
+    sample once per epoch), or the given batches in a new order every epoch."""
+
+    def __init__(self, train: _Inputs, batch_size: int, seed: int) -> None:
+        self.train, self.size = train, batch_size if train.pooled else 1
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue: list[torch.Tensor] = []
+
+    def next(self) -> Any:
+        if not self.queue:
+            order = torch.randperm(len(self.train), generator=self.generator)
+            self.queue = list(order.split(self.size))
+            if len(self.queue) > 1 and len(self.queue[-1]) < self.size:
+                self.queue.pop()  # a short last batch would weigh its few samples more
+        return self.train.batch(self.queue.pop(0))
+
+
+def _loss(state: _State, model: nn.Module, model_input: Any, options: _Options,
+          pairs: list[tuple[str, nn.Module, nn.Module]]) -> torch.Tensor:
+    """The distillation loss of one batch (float32)."""
+    with _FeatureCapture(pairs) as capture:
+        with torch.no_grad(), state.run.autocast():
+            capture.side = 0
+            expected = call_model(state.teacher_on_device, model_input)
+        with state.run.autocast():
+            capture.side = 1
+            output = call_model(model, model_input)
+    value = _output_loss(output, expected, options)
+    if pairs:
+        value = value + options.feature_weight * capture.loss()
+    return value
+
+
+def _output_loss(output: Any, expected: Any, options: _Options) -> torch.Tensor:
+    """The loss on the outputs: KL for ``loss="kl"`` (and for ``"features"`` on class outputs), else relative MSE."""
+    kind = options.loss
+    if kind == "features":
+        kind = "kl" if _has_classes(_main_output(expected)) else "mse"
+    return _kl(output, expected, options.temperature) if kind == "kl" else _relative_mse(output, expected)
+
+
+def _kl(output: Any, expected: Any, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the class distributions along dim 1, averaged over samples (and positions)."""
+    student, teacher = _main_output(output), _main_output(expected)
+    _check_shapes([student], [teacher])
+    if not _has_classes(teacher):
+        raise RefineError(f"loss='kl' needs class scores along dim 1 of the model output, which has shape "
+                          f"{tuple(teacher.shape)}: use loss='mse'")
+    student = student.float().movedim(1, -1).reshape(-1, student.shape[1]) / temperature
+    teacher = teacher.float().movedim(1, -1).reshape(-1, teacher.shape[1]) / temperature
+    divergence = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                          reduction="batchmean")
+    return divergence * temperature ** 2
+
+
+def _relative_mse(output: Any, expected: Any) -> torch.Tensor:
+    """The mean squared error of every floating-point output tensor over its teacher's mean square, summed."""
+    students, teachers = _float_tensors(output), _float_tensors(expected)
+    _check_shapes(students, teachers)
+    if not teachers:
+        raise RefineError("the model output holds no floating-point tensor to match")
+    terms = [F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+             for s, t in zip(students, teachers)]
+    return torch.stack(terms).sum()
+
+
+def _check_shapes(students: list[torch.Tensor], teachers: list[torch.Tensor]) -> None:
+    if len(students) != len(teachers) or any(s.shape != t.shape for s, t in zip(students, teachers)):
+        shapes = [tuple(t.shape) for t in teachers], [tuple(s.shape) for s in students]
+        raise RefineError(f"the converted model's outputs {shapes[1]} do not match the original's {shapes[0]}: "
+                          "refine a conversion of the same model")
+
+
+def _main_output(output: Any) -> torch.Tensor:
+    """The tensor whose classes are compared: the output itself, the first tensor of a tuple, or a dict's logits."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in OUTPUT_KEYS:
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    tensors = _float_tensors(output)
+    if not tensors:
+        raise RefineError(f"the model returned a {type(output).__name__} without a floating-point tensor")
+    return tensors[0]
+
+
+def _has_classes(output: torch.Tensor) -> bool:
+    return output.dim() >= 2 and output.shape[1] >= 2 and output.is_floating_point()
+
+
+def _float_tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a model output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _float_tensors(item)]
+    if isinstance(output, Mapping):
+        return [t for item in output.values() for t in _float_tensors(item)]
+    return []
+
+
+def _feature_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, teacher layer, student layer)`` for every norm layer that both models have under the same name."""
+    student_layers = {name: found.module for found in find_modules(student, _is_norm) for name in found.names}
+    pairs = []
+    for found in find_modules(teacher, _is_norm):
+        name = next((name for name in found.names if name in student_layers), None)
+        if name is not None:
+            pairs.append((name, found.module, student_layers[name]))
+    if not pairs:
+        raise RefineError("loss='features' found no norm layer under the same name in both models: use loss='kl' "
+                          "or 'mse'")
+    return pairs
+
+
+class _FeatureCapture:
+    """Forward hooks recording the outputs of paired norm layers: the teacher's (``side = 0``), then the
+    student's (``side = 1``), one entry per call. ``loss`` is their mean relative squared error."""
+
+    def __init__(self, pairs: list[tuple[str, nn.Module, nn.Module]]) -> None:
+        self.pairs = pairs
+        self.side = 0
+        self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "_FeatureCapture":
+        for index, (_, teacher_layer, student_layer) in enumerate(self.pairs):
+            for side, layer in ((0, teacher_layer), (1, student_layer)):
+                self.handles.append(layer.register_forward_hook(self._recorder(index, side)))
+        return self
+
+    def _recorder(self, index: int, side: int) -> Callable:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if side == self.side and isinstance(output, torch.Tensor):
+                # a copy: an in-place activation after the layer would change the tensor it returned
+                self.outputs.setdefault((index, side), []).append(output.clone())
+        return record
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def loss(self) -> torch.Tensor:
+        terms = []
+        for index in range(len(self.pairs)):
+            for t, s in zip(self.outputs.get((index, 0), []), self.outputs.get((index, 1), [])):
+                t, s = t.float(), s.float()
+                terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12))
+        if not terms:
+            raise RefineError("loss='features': no paired norm layer ran on the calibration data")
+        return torch.stack(terms).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring on the holdout.
+
+
+@dataclass
+class _Score:
+    """Agreement, output loss and relative output error on the holdout (summed over processes)."""
+
+    agreement: Optional[float]
+    loss: Optional[float]
+    error: Optional[float]
+
+    def better_than(self, other: "_Score") -> bool:
+        """Higher agreement, then lower loss (``None`` counts as neither better nor worse)."""
+        if self.agreement is not None and other.agreement is not None and self.agreement != other.agreement:
+            return self.agreement > other.agreement
+        if self.loss is None or other.loss is None:
+            return False
+        return self.loss < other.loss
+
+    def to_dict(self, step: int) -> dict[str, Any]:
+        return {"step": step, "agreement": self.agreement, "loss": self.loss, "error": self.error}
+
+    def postfix(self) -> dict[str, str]:
+        shown = {"loss": f"{self.loss:.3g}"} if self.loss is not None else {}
+        if self.agreement is not None:
+            shown["agreement"] = f"{self.agreement:.1%}"
+        return shown
+
+
+@torch.no_grad()
+def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") -> _Score:
+    """Measure the student against the teacher on this process's holdout; figures summed over processes."""
+    agree = predictions = 0
+    squared_error = squared_reference = loss_sum = loss_weight = 0.0
+    with ranks.failing_together("measuring on the holdout"):
+        for chunk in held.chunks(options.batch_size):
+            model_input = state.run.move(chunk)
+            with state.run.autocast():
+                expected = call_model(state.teacher_on_device, model_input)
+                output = call_model(state.student, model_input)
+            students, teachers = _float_tensors(output), _float_tensors(expected)
+            _check_shapes(students, teachers)
+            for s, t in zip(students, teachers):
+                s, t = s.double(), t.double()
+                squared_error += (s - t).pow(2).sum().item()
+                squared_reference += t.pow(2).sum().item()
+            main_s, main_t = _main_output(output), _main_output(expected)
+            weight = main_t.shape[0] if main_t.dim() else 1
+            loss_sum += weight * _output_loss(output, expected, options).item()
+            loss_weight += weight
+            if _has_classes(main_t):
+                predictions += main_t.argmax(1).numel()
+                agree += int((main_t.argmax(1) == main_s.argmax(1)).sum())
+    agree, predictions, squared_error, squared_reference, loss_sum, loss_weight = ranks.sum(
+        [agree, predictions, squared_error, squared_reference, loss_sum, loss_weight])
+    return _Score(
+        agreement=agree / predictions if predictions else None,
+        loss=loss_sum / loss_weight if loss_weight else None,
+        error=squared_error / squared_reference if squared_reference > 0 else None,
+    )
+
+
+def _progress_setting(progress: Optional[bool], rank: int) -> dict[str, Any]:
+    """tqdm keyword arguments: always, never, or on a terminal for long runs (rank 0 only)."""
+    if progress is None:
+        return {"disable": None if rank == 0 else True, "delay": _PROGRESS_DELAY_S}
+    return {"disable": not progress or rank != 0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes.
+
+
+class _Ranks:
+    """The processes refining together (``torch.distributed``), or just this one."""
+
+    def __init__(self) -> None:
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.size = dist.get_world_size() if self.active else 1
+        self.rank = dist.get_rank() if self.active else 0
+
+    def _device(self) -> torch.device:
+        if "nccl" in str(dist.get_backend()):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (float64)."""
+        if not self.active:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def gather(self, value: int) -> list[int]:
+        """One number from every process, in rank order."""
+        if not self.active:
+            return [value]
+        table = torch.zeros(self.size, dtype=torch.float64, device=self._device())
+        table[self.rank] = value
+        dist.all_reduce(table)
+        return [int(v) for v in table.cpu().tolist()]
+
+    @contextlib.contextmanager
+    def failing_together(self, what: str) -> Any:
+        """Run the block; under several processes, tell the others whether it failed, so that a failure on one
+        process is an error on every process instead of a hang in the next collective."""
+        try:
+            yield
+        except Exception:
+            if self.active:
+                self.gather(1)
+            raise
+        if self.active:
+            failing = [rank for rank, failed in enumerate(self.gather(0)) if failed]
+            if failing:
+                raise RefineError(f"refinement failed on rank {failing[0]} while {what} (see its error)")
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model as it trains: under several processes, in ``DistributedDataParallel`` (which starts every
+        process from rank 0's weights)."""
+        if not self.active:
+            return model
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                                   find_unused_parameters=True)
