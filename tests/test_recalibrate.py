@@ -432,6 +432,28 @@ def test_only_running_statistics_change_and_flags_momentum_and_counters_are_rest
     assert "forward" not in model.bn1.__dict__
 
 
+class MakesTensorConstants(nn.Module):
+    """Makes tensors in its forward: a symbolic tracer would store them on the model as ``_tensor_constant0``..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) * torch.tensor([2.0]) + torch.arange(4.0).view(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("method", ["exact", "sequential"])
+def test_recalibration_leaves_nothing_on_the_model(method):
+    model = MakesTensorConstants().eval()
+    attributes = {module: set(module.__dict__) for module in model.modules()}
+    keys = set(model.state_dict())
+    recalibrate(model, images([2, 3], shape=(3, 4, 4)), method=method)
+    attributes[model].add("_normswap_history")  # the run is recorded in the model's history, by design
+    assert {module: set(module.__dict__) for module in model.modules()} == attributes
+    assert set(model.state_dict()) == keys
+
+
 def test_the_buffers_keep_their_identity_so_references_to_them_stay_valid():
     model = small_cnn()
     buffer = model[1].running_var

@@ -98,18 +98,20 @@ def values_per_channel(x: torch.Tensor) -> int:
 
 
 def add_input_statistics(layer: Layer, x: torch.Tensor) -> None:
-    """Merge the per-channel mean and unbiased variance of one input of ``layer``, as BatchNorm's own batch-statistics
-    kernel computes them (float32 or float64 accumulation, faster than ``torch.var_mean``) into momentum-1 buffers;
-    the normalized output is discarded, and nothing of the activation is kept."""
+    """Merge the per-channel mean and sum of squared deviations of one input of ``layer``: two passes, the second
+    over the centered values (never ``E[x²] - E[x]²``), accumulated in float32 (float64 for float64 inputs). On CPU
+    this costs a third of a train-mode BatchNorm kernel in the default layout, and nothing of the activation is
+    kept."""
     count = values_per_channel(x)
     if count == 1:
         layer.moments.add(1, x.reshape(-1), torch.zeros_like(layer.moments.m2))
     elif count > 1:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
-        var = torch.ones_like(mean)
-        torch.nn.functional.batch_norm(x, mean, var, None, None, True, 1.0, 1.0)
-        layer.moments.add(count, mean, var, m2_scale=count - 1)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims)
+        centered = x - mean.view([1, -1] + [1] * (x.dim() - 2))
+        layer.moments.add(count, mean, centered.mul_(centered).sum(dims))
 
 
 def check_finite(layers: list[Layer]) -> None:
