@@ -86,6 +86,7 @@ class _Lane:
         self.output: Any = None
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
+        self.wake = threading.Semaphore(0)
 
 
 class Lockstep:
@@ -116,8 +117,8 @@ class Lockstep:
         self.on_arrive = on_arrive
         self.choose = choose or _first_seen
         self.settled: dict[int, int] = {}
-        self.condition = threading.Condition()
-        self.current: Optional[_Lane] = None
+        self.queue: list[_Lane] = []
+        self.main = threading.Semaphore(0)
         self.aborting = False
         self.local = threading.local()
 
@@ -131,10 +132,10 @@ class Lockstep:
             pending = list(self.lanes)
             step = 0
             while True:
-                for lane in pending:
-                    self._advance(lane)
-                    if lane.error is not None:
-                        raise lane.error
+                self._run_lanes(pending)
+                failed = next((lane.error for lane in pending if lane.error is not None), None)
+                if failed is not None:
+                    raise failed
                 paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
                 for stop in sorted(paused - set(first_seen)):
                     first_seen[stop] = step
@@ -174,19 +175,30 @@ class Lockstep:
 
         return pause
 
-    def _advance(self, lane: _Lane) -> None:
-        """Let ``lane`` run (start it, or release it from its stop) until it pauses again or finishes."""
-        with self.condition:
-            self.current = lane
-            if lane.state == "new":
-                lane.state = "running"
-                lane.thread = threading.Thread(target=self._body, args=(lane,), daemon=True,
-                                               name=f"normswap-lane-{lane.index}")
-                lane.thread.start()
-            else:
-                lane.state = "running"
-                self.condition.notify_all()
-            self.condition.wait_for(lambda: lane.state != "running")
+    def _run_lanes(self, lanes: list[_Lane]) -> None:
+        """Let each of ``lanes`` run in turn (start it, or release it from its stop) until it pauses again or
+        finishes; each hands over directly to the next, the last one back to this thread."""
+        if not lanes:
+            return
+        self.queue = list(lanes[1:])
+        self._resume(lanes[0])
+        self.main.acquire()
+
+    def _resume(self, lane: _Lane) -> None:
+        lane.state = "running"
+        if lane.thread is None:
+            lane.thread = threading.Thread(target=self._body, args=(lane,), daemon=True,
+                                           name=f"normswap-lane-{lane.index}")
+            lane.thread.start()
+        else:
+            lane.wake.release()
+
+    def _hand_over(self) -> None:
+        """Called by the running lane when it pauses or finishes: the next queued lane runs, or the main thread."""
+        if self.queue and not self.aborting:
+            self._resume(self.queue.pop(0))
+        else:
+            self.main.release()
 
     def _body(self, lane: _Lane) -> None:
         self.local.lane = lane
@@ -200,25 +212,25 @@ class Lockstep:
         except BaseException as exc:  # handed to the main thread, which raises it
             lane.error = exc
         finally:
-            with self.condition:
-                lane.state = "finished"
-                lane.arrival = None
-                self.condition.notify_all()
+            lane.state = "finished"
+            lane.arrival = None
+            self._hand_over()
 
     def _pause(self, lane: _Lane, stop: int, arrival: Arrival) -> None:
-        with self.condition:
-            lane.state, lane.stop, lane.arrival = "paused", stop, arrival
-            self.condition.notify_all()
-            self.condition.wait_for(lambda: self.aborting or (self.current is lane and lane.state == "running"))
-            lane.arrival = None
-            if self.aborting:
-                raise _Abort
+        lane.state, lane.stop, lane.arrival = "paused", stop, arrival
+        if not self.aborting:
+            self._hand_over()
+            lane.wake.acquire()
+        lane.arrival = None
+        if self.aborting:
+            raise _Abort
 
     def _abort(self) -> None:
-        """End every lane: the paused ones raise where they wait, a running one at its next stop."""
-        with self.condition:
-            self.aborting = True
-            self.condition.notify_all()
+        """End every lane: a paused one raises where it waits, a running one at its next stop."""
+        self.aborting = True
+        self.queue = []
+        for lane in self.lanes:
+            lane.wake.release()
         for lane in self.lanes:
             if lane.thread is not None:
                 lane.thread.join()
