@@ -236,7 +236,7 @@ def _freeze_plan(model: nn.Module, left: list[LeftLayer]) -> Optional[Plan]:
 def format_fold_plan(p: FoldPlan) -> str:
     """The plan as a table of folded pairs, followed by the layers left and why."""
     frozen = f", {sum(layer.frozen for layer in p.left)} of the rest frozen" if p.options.get("freeze_rest") else ""
-    example = f" (example input {p.example})" if p.example else ""
+    example = f", example input {p.example}" if p.example else ""
     out = [f"fold: folded {len(p.pairs)} of {p.layers} BatchNorm layer(s){frozen}{example}"]
     if not p.captured:
         out.append(f"nothing folded: {p.capture_error}")
@@ -300,7 +300,7 @@ def plan_fold(
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
     >>> print(plan_fold(model))
-    fold: folded 1 of 1 BatchNorm layer(s) (example input 2x12 (guessed from the input of layer 0))
+    fold: folded 1 of 1 BatchNorm layer(s), example input 2x12 (guessed from the input of layer 0)
     layer  into        C  bias     keeps
     1      0 (Linear)  4  updated
     """

@@ -30,9 +30,17 @@ Limits, and how they are guarded:
 - Tensors reached only through objects other than tuples, lists, dicts and dataclasses (for a module's inputs
   and outputs), or through code the function mode does not see (TorchScript, C++ extensions that do not dispatch
   through ``torch.ops``), appear without a producer.
-- Running the model is the model's own business: capture restores every module attribute and buffer the forward
-  changed (caches such as YOLO's anchors), the training flags and the random number generators, and refuses a model
-  with uninitialized lazy modules, which the first forward would change. Nothing is stored on the model.
+- A tensor changed through another view of its memory gets a new value without producer (taken to depend on the
+  input), so what reads it is not mistaken for a reader of the old value.
+- Running a model can change it: capture puts back every module attribute and buffer the forward changed (caches
+  such as YOLO's anchors), the training flags and the random number generators, and refuses a model with
+  uninitialized lazy modules, which the first forward would change. Nothing is stored on the model.
+
+Why a recorded eager forward: ``torch.fx`` symbolic tracing fails on most models from outside timm (YOLO,
+transformers, smp, torchvision detection); ``torch.export(strict=False)`` fails on every torchvision detection model
+(data-dependent shapes in its post-processing) and ``make_fx`` costs two to ten forwards and fails on Mask R-CNN,
+both giving aten-level graphs without module calls; recording one eager forward costs about one forward and works on
+every model that runs (``python benchmarks/bench_fold.py --capture`` measures all four).
 
 Example::
 

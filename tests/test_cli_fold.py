@@ -41,7 +41,7 @@ def test_fold_writes_a_checkpoint_that_loads_and_matches_the_eval_output(files):
     result = run("fold", checkpoint, *ARCH)
     assert result.exit_code == 0, result.output
     out = checkpoint.with_name("resnet18-folded.safetensors")
-    assert "fold: folded 20 of 20 BatchNorm layer(s) (example input 2x3x224x224 (timm's data config))" \
+    assert "fold: folded 20 of 20 BatchNorm layer(s), example input 2x3x224x224 (timm's data config)" \
         in result.output and f"wrote {out}" in result.output
     assert sha256(checkpoint) == before, "the input checkpoint is not touched"
     folded = load(out).eval()
@@ -68,7 +68,7 @@ def test_fold_runs_the_model_on_the_input_shape_or_the_data_given(files):
     _, checkpoint, data = files
     result = run("fold", checkpoint, *ARCH, "--dry-run", "--input-shape", "1,3,64,64")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("fold: folded 20 of 20 BatchNorm layer(s) (example input 1x3x64x64 (input_shape))")
+    assert result.output.startswith("fold: folded 20 of 20 BatchNorm layer(s), example input 1x3x64x64 (input_shape)")
     result = run("fold", checkpoint, *ARCH, "--dry-run", "--json", "--data", data)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["example"] == "2x3x32x32 (the first batch of the data)"

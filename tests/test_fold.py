@@ -445,7 +445,7 @@ def test_the_plan_reads_as_a_table_and_serialises_to_json():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), BatchNormAct2d(4), nn.BatchNorm2d(4))
     p = plan_fold(model, input_shape=(1, 3, 4, 4))
     text = str(p)
-    assert text.splitlines()[0] == "fold: folded 1 of 2 BatchNorm layer(s) (example input 1x3x4x4 (input_shape))"
+    assert text.splitlines()[0] == "fold: folded 1 of 2 BatchNorm layer(s), example input 1x3x4x4 (input_shape)"
     assert "0 (Conv2d)" in text and "new" in text and "ReLU" in text
     assert "left (its input comes from relu in 1.act, not from a Conv, ConvTranspose or Linear layer): 2" in text
     plan = json.loads(json.dumps(p.to_dict()))

@@ -46,7 +46,7 @@ def fold_and_compare(model: nn.Module, x: Any, *, run: Callable[[nn.Module, Any]
                      **options) -> tuple[nn.Module, Any, float]:
     """Plan and fold a randomized ``model`` (planning on the example its architecture gives, unless ``options``
     say), and return the folded model, the plan, and the largest relative difference of its output on ``x`` from the
-    unfused eval model's. The difference is checked against the model's own float32-vs-float64 difference."""
+    unfused eval model's: at most 1e-5 where the model's own float32-vs-float64 difference is below that."""
     torch.manual_seed(0)
     model = randomize_norm_layers(model).eval()
     original = copy.deepcopy(model)
@@ -56,7 +56,7 @@ def fold_and_compare(model: nn.Module, x: Any, *, run: Callable[[nn.Module, Any]
         expected = run(original, x)
         difference = relative_difference(run(folded, x), expected)
         rounding = relative_difference(expected, run(copy.deepcopy(original).double(), _double(x)))
-    assert difference <= max(1e-5, 10 * rounding), (difference, rounding)
+    assert difference <= 1e-5 or rounding >= 1e-5, (difference, rounding)
     return folded, p, difference
 
 
