@@ -50,6 +50,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
         layer.module.running_mean.copy_(mean)
         layer.module.running_var.copy_(var)
     calls = ranks.most_calls(_count_calls(model, layers, held, run), len(layers))
+    probes = ranks.merge([], [1 if held else 0])[0]
     ranks.start_over()
     try:
         order, passes = _in_step(model, layers, held, run, ranks, show, calls)
@@ -59,8 +60,8 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
             f"layer '{name}' is called a different number of times in different batches, so it has no "
             "eval-consistent statistics: use method='exact'"
         ) from None
-    # the first run (at most one forward), a forward of the first batch to count the calls, and the second run
-    return totals, order, passes, 2.0 + 1.0 / max(1, len(held))
+    # the first run (at most one forward), a forward of each process's first batch to count the calls, the second run
+    return totals, order, passes, 2.0 + probes / totals[0]
 
 
 def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Run, ranks: Ranks,
