@@ -1,77 +1,301 @@
-"""Benchmark: eval forward time of a folded timm resnet50 against the same model with its BatchNorm layers, on CPU.
+"""Benchmark of folding: coverage on the models users bring, exactness, and the folded model's forward time.
 
-Both models are timed in the same run, interleaved round by round (so load from other processes hits both alike),
-with a fixed intra-op thread count (2 by default, printed). The figure is the ratio of medians; the target is a
-folded model at most 0.85x the BatchNorm model's time. The folded model's output is checked against the original's.
+Three tables, printed as markdown:
+
+1. Coverage: for each model (randomly initialised, BatchNorm statistics randomized), its BatchNorm layers, how many
+   ``normswap.fold`` folds (planning on the example input its architecture gives), how many the library's own fuse
+   folds (ultralytics' ``model.fuse()``) or, where the model traces, ``torch.fx.experimental.optimization.fuse``,
+   and the largest relative difference of the folded model's output from the unfused eval model's (detection
+   models: of the backbone features, which hold every BatchNorm), beside the model's own float32-vs-float64
+   difference.
+2. Forward time: folded against BatchNorm eval forward of YOLOv8n at 640x640 and timm resnet50 at 224x224, timed
+   in interleaved rounds in the same run (the ratio of medians is the figure).
+3. With ``--capture``: how the graph is captured. For each model, seconds for normswap's capture (one recorded
+   eager forward), ``torch.export.export(strict=False)`` and ``make_fx`` (real tensors), or how they fail; a
+   plain eval forward for scale.
 
 Usage::
 
-    python benchmarks/bench_fold.py [--threads 2] [--batch 4] [--size 224] [--rounds 15] [--channels-last]
+    python benchmarks/bench_fold.py [--threads 2] [--rounds 15] [--skip coverage time] [--channels-last] [--capture]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import statistics
+import sys
 import time
+import warnings
+from typing import Any, Callable, Optional
 
 import timm
 import torch
+import torchvision
 from torch import nn
 
+from normswap.data import call_model
 from normswap.fold import plan_fold
+from normswap.graph import capture, find_example
+
+BatchNorms = (nn.modules.batchnorm._BatchNorm, torchvision.ops.misc.FrozenBatchNorm2d)
+
+
+def yolo(config: str) -> nn.Module:
+    from ultralytics import YOLO
+
+    return YOLO(config).model
+
+
+def transformers_model(name: str) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, f"{name}Model")(getattr(transformers, f"{name}Config")())
+
+
+def smp_model(name: str) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return getattr(smp, name)(encoder_weights=None)
+
+
+def detection(name: str) -> nn.Module:
+    return getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None)
+
+
+def dynunet() -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                   upsample_kernel_size=[2, 2], norm_name="batch")
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "ultralytics YOLOv8n": lambda: yolo("yolov8n.yaml"),
+    "ultralytics YOLO11n": lambda: yolo("yolo11n.yaml"),
+    "transformers ResNet-50": lambda: transformers_model("ResNet"),
+    "transformers MobileNetV2": lambda: transformers_model("MobileNetV2"),
+    "transformers RegNet": lambda: transformers_model("RegNet"),
+    "smp FPN (resnet34)": lambda: smp_model("FPN"),
+    "smp DeepLabV3Plus (resnet34)": lambda: smp_model("DeepLabV3Plus"),
+    "torchvision Faster R-CNN R50-FPN": lambda: detection("fasterrcnn_resnet50_fpn"),
+    "torchvision Mask R-CNN R50-FPN": lambda: detection("maskrcnn_resnet50_fpn"),
+    "torchvision Keypoint R-CNN R50-FPN": lambda: detection("keypointrcnn_resnet50_fpn"),
+    "torchvision RetinaNet R50-FPN": lambda: detection("retinanet_resnet50_fpn"),
+    "torchvision FCOS R50-FPN": lambda: detection("fcos_resnet50_fpn"),
+    "torchvision Faster R-CNN MobileNetV3-FPN": lambda: detection("fasterrcnn_mobilenet_v3_large_fpn"),
+    "torchvision SSDlite MobileNetV3": lambda: detection("ssdlite320_mobilenet_v3_large"),
+    "torchvision r3d_18": lambda: torchvision.models.video.r3d_18(),
+    "torchvision mc3_18": lambda: torchvision.models.video.mc3_18(),
+    "MONAI DynUNet (3-D, 3 levels)": dynunet,
+    "timm resnet50": lambda: timm.create_model("resnet50"),
+    "timm efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
+    "timm densenet121": lambda: timm.create_model("densenet121"),
+}
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with non-trivial running statistics and affine values."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BatchNorms):
+                module.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                module.running_var.uniform_(0.5, 2.0, generator=gen)
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.uniform_(-0.3, 0.3, generator=gen)
+    return model.eval()
+
+
+def count_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, BatchNorms) for m in model.modules())
+
+
+def tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def relative_difference(got: Any, expected: Any) -> float:
+    return max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+               for a, b in zip(tensors(got), tensors(expected)) if a.is_floating_point())
+
+
+def compared_output(model: nn.Module, example: Any) -> Any:
+    """What the comparison runs: the model, or a detection model's backbone features (NMS thresholds would turn
+    float rounding into different boxes)."""
+    if hasattr(model, "backbone") and hasattr(model, "transform"):
+        batch, _ = model.transform(example)
+        return model.backbone(batch.tensors)
+    return call_model(model, example)
+
+
+def as_double(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.double()
+    if isinstance(x, dict):
+        return {key: as_double(value) for key, value in x.items()}
+    return type(x)(as_double(item) for item in x)
+
+
+def library_fuse(name: str, model: nn.Module, example: Any) -> str:
+    """BatchNorm layers folded by ultralytics' own fuse, or by torch.fx's fuse, or how that fails."""
+    model = copy.deepcopy(model)
+    before = count_norms(model)
+    if name.startswith("ultralytics"):
+        model.fuse(verbose=False)
+        return f"{before - count_norms(model)} (ultralytics fuse)"
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(model)
+    except Exception as exc:  # untraceable models: the point of the column
+        return f"fails ({type(exc).__name__}, torch.fx fuse)"
+    # what is left: BatchNorm modules the graph calls, and BatchNorm functions of the modules it traced through
+    # (timm's BatchNormAct2d, torchvision's FrozenBatchNorm2d)
+    left = sum(1 for node in fused.graph.nodes
+               if (node.op == "call_module" and isinstance(fused.get_submodule(node.target), BatchNorms))
+               or (node.op == "call_function" and getattr(node.target, "__name__", "") == "batch_norm"))
+    frozen = sum(1 for m in model.modules() if isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d))
+    return f"{before - left - frozen} (torch.fx fuse)"
+
+
+def bench_coverage(names: list[str]) -> str:
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = randomized(MODELS[name]())
+        example = find_example(model)
+        start = time.perf_counter()
+        plan = plan_fold(copy.deepcopy(model))
+        seconds = time.perf_counter() - start
+        folded = plan.apply(copy.deepcopy(model))
+        with torch.no_grad():
+            expected = compared_output(model, example.value)
+            error = relative_difference(compared_output(folded, example.value), expected)
+            in_float64 = compared_output(copy.deepcopy(model).double(), as_double(example.value))
+            rounding = relative_difference(expected, in_float64)
+        reasons = sorted({layer.reason for layer in plan.left})
+        rows.append([name, plan.layers, len(plan), library_fuse(name, model, example.value), f"{error:.1e}",
+                     f"{rounding:.1e}", str(example), f"{seconds:.1f}", "; ".join(reasons)[:120]])
+        print(f"  {name}: {len(plan)}/{plan.layers}", file=sys.stderr, flush=True)
+    header = ["model", "BatchNorm layers", "folded by normswap", "folded by the library's / torch.fx fuse",
+              "max relative error", "float32 vs float64", "example input", "plan s", "left because"]
+    return table(header, rows)
 
 
 def time_forward(model: nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one eval forward pass."""
     start = time.perf_counter()
     with torch.inference_mode():
         model(x)
     return time.perf_counter() - start
 
 
-def main() -> None:
+def bench_time(rounds: int, channels_last: bool = False) -> str:
+    rows = []
+    for name, build, shape in (("ultralytics YOLOv8n", lambda: yolo("yolov8n.yaml"), (1, 3, 640, 640)),
+                               ("timm resnet50", lambda: timm.create_model("resnet50"), (4, 3, 224, 224))):
+        torch.manual_seed(0)
+        original = randomized(build())
+        plan = plan_fold(copy.deepcopy(original))
+        folded = plan.apply(copy.deepcopy(original))
+        x = torch.randn(shape)
+        if channels_last:
+            original, folded = (m.to(memory_format=torch.channels_last) for m in (original, folded))
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            error = relative_difference(folded(x), original(x))
+        models = {"bn": original, "folded": folded}
+        if name.startswith("ultralytics"):
+            models["library"] = copy.deepcopy(original).fuse(verbose=False)
+        for _ in range(2):
+            for model in models.values():
+                time_forward(model, x)
+        times: dict[str, list[float]] = {key: [] for key in models}
+        for _ in range(rounds):
+            for key, model in models.items():
+                times[key].append(time_forward(model, x))
+        median = {key: statistics.median(measured) for key, measured in times.items()}
+        library = f"{median['library'] / median['bn']:.3f}" if "library" in median else "-"
+        rows.append([name, "x".join(map(str, shape)), f"{len(plan)}/{plan.layers}", f"{median['bn'] * 1000:.1f}",
+                     f"{median['folded'] * 1000:.1f}", f"{median['folded'] / median['bn']:.3f}", library,
+                     f"{error:.1e}"])
+    header = ["model", "input", "folded", "BatchNorm eval ms (median)", "folded ms (median)", "folded / BatchNorm",
+              "library fuse / BatchNorm", "max relative error"]
+    layout = ", models and input channels-last" if channels_last else ""
+    return f"{rounds} interleaved rounds after 2 warm-up, inference mode{layout}\n\n" + table(header, rows)
+
+
+def seconds_or_failure(fn: Callable[[], Any]) -> str:
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except Exception as exc:  # the point of the table: which capture fails, and how
+        return f"fails ({type(exc).__name__}) after {time.perf_counter() - start:.1f}"
+    return f"{time.perf_counter() - start:.2f}"
+
+
+def bench_capture(names: list[str]) -> str:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = MODELS[name]().eval()
+        example = find_example(model).value
+        args, kwargs = ((), example) if isinstance(example, dict) else ((example,), {})
+        with torch.no_grad():
+            call_model(model, example)
+            forward = seconds_or_failure(lambda: call_model(model, example))
+            recorded = seconds_or_failure(lambda: capture(model, example))
+            exported = seconds_or_failure(lambda: torch.export.export(model, args, kwargs, strict=False))
+            traced = seconds_or_failure(lambda: make_fx(lambda *a: model(*a, **kwargs), tracing_mode="real",
+                                                        record_module_stack=True)(*args))
+        rows.append([name, forward, recorded, exported, traced])
+        print(f"  capture {name}", file=sys.stderr, flush=True)
+    header = ["model", "eval forward s", "normswap capture s", "torch.export (strict=False) s", "make_fx (real) s"]
+    return table(header, rows)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--channels-last", action="store_true", help="run both models and the input channels-last")
-    args = parser.parse_args()
-
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (set explicitly; default 2)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["coverage", "time"])
+    parser.add_argument("--channels-last", action="store_true", help="time the models in channels-last layout")
+    parser.add_argument("--capture", action="store_true", help="also compare ways of capturing the graph")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    original = timm.create_model(args.model, pretrained=False).eval()
-    folded = copy.deepcopy(original)
-    p = plan_fold(folded)
-    folded = p.apply(folded)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    if args.channels_last:
-        original, folded = (m.to(memory_format=torch.channels_last) for m in (original, folded))
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    with torch.inference_mode():
-        expected, out = original(x), folded(x)
-    error = float((out - expected).abs().max() / expected.abs().max())
-
-    for _ in range(2):
-        time_forward(original, x)
-        time_forward(folded, x)
-    times_bn, times_folded = [], []
-    for _ in range(args.rounds):
-        times_bn.append(time_forward(original, x))
-        times_folded.append(time_forward(folded, x))
-    median_bn, median_folded = statistics.median(times_bn), statistics.median(times_folded)
-
-    print(f"{args.model}, CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"input {args.batch}x3x{args.size}x{args.size}" + (" channels-last" if args.channels_last else "")
-          + f", {args.rounds} interleaved rounds after 2 warm-up")
-    print(f"folded {len(p)} BatchNorm layer(s), left {len(p.left)}; max output difference {error:.2e} (relative)")
-    print(f"BatchNorm model eval forward: median {median_bn * 1000:.1f} ms")
-    print(f"folded model eval forward:    median {median_folded * 1000:.1f} ms")
-    print(f"ratio folded / BatchNorm: {median_folded / median_bn:.3f}x (target <= 0.85x)")
+    print(f"# normswap fold benchmark\n\ntorch {torch.__version__}, timm {timm.__version__}, "
+          f"torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU thread(s)")
+    if "coverage" not in args.skip:
+        print("\n## Coverage and exactness\n")
+        print(bench_coverage(args.models), flush=True)
+    if "time" not in args.skip:
+        print("\n## Folded against BatchNorm eval forward time (CPU)\n")
+        print(bench_time(args.rounds, args.channels_last), flush=True)
+    if args.capture:
+        print("\n## Capturing the graph\n")
+        print(bench_capture(args.models), flush=True)
 
 
 if __name__ == "__main__":

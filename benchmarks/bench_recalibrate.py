@@ -16,12 +16,17 @@ Three tables, printed as markdown:
 3. Accuracy: a small BatchNorm CNN trained here on scikit-learn's digits, tested on shifted domains (low contrast and
    bright, noise, blur) before and after recalibrating on unlabeled shifted training images with each method, at
    calibration batch sizes 2, 8 and 64.
+4. Sequential cost: on the models users bring (ultralytics, transformers, smp, MONAI, torchvision video) and the
+   timm/torchvision models where it used to cost the most, the sequential method's passes and ``forward_cost``
+   (what its passes compute, in forwards over the data) and its time against a plain no-grad eval forward over
+   the same batches, best of ``--rounds`` interleaved rounds.
 
 The baselines are here for comparison only. ``precise_bn`` follows the population-variance estimator of fvcore's
 precise BN (batch-size-weighted running averages of the batch means and mean squares, in the buffers' dtype,
 variance as ``E[x²] - E[x]²``); it is a re-implementation, not fvcore's code.
 
-Run: ``python benchmarks/bench_recalibrate.py [--threads 1] [--rounds 3]``. The thread count is set explicitly (one
+Run: ``python benchmarks/bench_recalibrate.py [--threads 1] [--rounds 3] [--skip throughput exactness accuracy
+sequential]``. The thread count is set explicitly (one
 intra-op thread by default: the figures are meant to be compared within one run, on a shared machine).
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from normswap.data import call_model
 from normswap.recalibrate import calibration_report, recalibrate
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -218,25 +225,26 @@ def bench_throughput(device: torch.device, rounds: int, *, batch: int, size: int
                     model_cl(x)
 
         methods["plain no-grad eval forward, channels-last copy"] = under_amp(plain_channels_last)
+    methods["normswap sequential"] = lambda: recalibrate(model, batches, method="sequential", amp=amp,
+                                                         channels_last=channels_last, progress=False)
     methods["plain no-grad eval forward"]()
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             times[name].append(timed(fn, device))
-    sequential = timed(lambda: recalibrate(model, batches, method="sequential", amp=amp,
-                                           channels_last=channels_last, progress=False), device)
     report = calibration_report(model)
-    passes = f"{report.passes} passes costing {report.forward_cost:.2f} forwards"
+    times[f"normswap sequential ({report.passes} passes costing {report.forward_cost:.2f} forwards)"] = times.pop(
+        "normswap sequential")
     base = min(times["plain no-grad eval forward"])
     floor = min(times["forward with BatchNorm in train mode, nothing accumulated"])
     samples = batch * count
     rows = []
-    for name, measured in list(times.items()) + [(f"normswap sequential ({passes})", [sequential])]:
+    for name, measured in times.items():
         best = min(measured)
         rows.append([name, f"{best:.3f}", f"{samples / best:.1f}", f"{base / best:.3f}", f"{floor / best:.3f}"])
     what = (f"resnet50, {count} batches of {batch}x3x{size}x{size}, {device.type}"
             + (", bf16 autocast" if amp else "") + (", channels_last" if channels_last else "")
-            + f", best of {rounds} interleaved rounds (sequential: one run)")
+            + f", best of {rounds} interleaved rounds")
     header = ["method", "seconds", "images/s", "throughput vs plain forward", "vs train-mode BN forward"]
     return f"{what}\n\n" + table(header, rows)
 
@@ -371,11 +379,94 @@ def bench_accuracy() -> str:
             + table(header, rows))
 
 
+# --- 4. sequential cost -------------------------------------------------------------------------------------------
+
+
+def _yolo() -> nn.Module:
+    from ultralytics import YOLO
+
+    return YOLO("yolov8n.yaml").model
+
+
+def _transformers(name: str) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, f"{name}Model")(getattr(transformers, f"{name}Config")())
+
+
+def _smp(name: str) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return getattr(smp, name)(encoder_weights=None)
+
+
+def _dynunet() -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                   upsample_kernel_size=[2, 2], norm_name="batch")
+
+
+def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    import torchvision
+
+    return lambda: getattr(torchvision.models.video if "3d" in name else torchvision.models, name)(**kwargs)
+
+
+SEQUENTIAL_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], Optional[str]]] = {
+    "ultralytics YOLOv8n": (_yolo, (4, 3, 320, 320), None),
+    "transformers ResNet-50": (lambda: _transformers("ResNet"), (4, 3, 128, 128), "pixel_values"),
+    "transformers MobileNetV2": (lambda: _transformers("MobileNetV2"), (4, 3, 128, 128), "pixel_values"),
+    "transformers RegNet": (lambda: _transformers("RegNet"), (4, 3, 128, 128), "pixel_values"),
+    "smp FPN (resnet34)": (lambda: _smp("FPN"), (4, 3, 128, 128), None),
+    "smp DeepLabV3Plus (resnet34)": (lambda: _smp("DeepLabV3Plus"), (4, 3, 128, 128), None),
+    "MONAI DynUNet (3-D)": (_dynunet, (2, 1, 32, 32, 32), None),
+    "torchvision r3d_18": (_torchvision("r3d_18"), (2, 3, 8, 64, 64), None),
+    "torchvision shufflenet_v2_x1_0": (_torchvision("shufflenet_v2_x1_0"), (4, 3, 128, 128), None),
+    "timm efficientvit_m0": (lambda: timm.create_model("efficientvit_m0"), (4, 3, 224, 224), None),
+    "timm bat_resnext26ts": (lambda: timm.create_model("bat_resnext26ts"), (4, 3, 256, 256), None),
+    "timm resnet50": (lambda: timm.create_model("resnet50"), (4, 3, 128, 128), None),
+}
+
+
+def bench_sequential(rounds: int, batches: int = 4) -> str:
+    rows = []
+    for name, (build, shape, key) in SEQUENTIAL_MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        data = [torch.randn(shape) for _ in range(batches)]
+        inputs = [{key: x} if key else x for x in data]
+
+        def plain() -> None:
+            with torch.no_grad():
+                for x in inputs:
+                    call_model(model, x)
+
+        def sequential() -> None:
+            recalibrate(model, inputs, method="sequential", progress=False)
+
+        plain()
+        times: dict[str, list[float]] = {"plain": [], "sequential": []}
+        for _ in range(rounds):
+            times["plain"].append(timed(plain, torch.device("cpu")))
+            times["sequential"].append(timed(sequential, torch.device("cpu")))
+        report = calibration_report(model)
+        ratio = min(times["sequential"]) / min(times["plain"])
+        rows.append([name, "x".join(map(str, shape)), len(report.calibrated), report.passes,
+                     f"{report.forward_cost:.2f}", f"{min(times['plain']):.2f}", f"{min(times['sequential']):.2f}",
+                     f"{ratio:.2f}"])
+        print(f"  sequential {name}: {ratio:.2f}x", file=sys.stderr, flush=True)
+    header = ["model", "batch", "layers", "passes", "forward_cost", "plain eval s", "sequential s",
+              "time vs plain eval"]
+    return (f"{batches} batches per model, CPU, best of {rounds} interleaved rounds\n\n" + table(header, rows))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (set explicitly; default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "exactness", "accuracy"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["throughput", "exactness", "accuracy", "sequential"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# normswap recalibrate benchmark\n\ntorch {torch.__version__}, timm {timm.__version__}, "
@@ -396,6 +487,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "accuracy" not in args.skip:
         print("\n## Accuracy recovered after a domain shift\n")
         print(bench_accuracy(), flush=True)
+    if "sequential" not in args.skip:
+        print("\n## Sequential recalibration: cost on the models users bring\n")
+        print(bench_sequential(args.rounds), flush=True)
 
 
 if __name__ == "__main__":

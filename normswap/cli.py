@@ -453,40 +453,77 @@ def freeze(checkpoint: Path, trainable_affine: bool, include: tuple[str, ...], e
                     dry_run=dry_run, strict=strict, as_json=as_json)
 
 
+def _parse_input_shape(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple]:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(size) for size in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise click.BadParameter(f"'{value}' is not a shape: write sizes separated by commas, like 1,3,640,640")
+    return shape
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--freeze-rest", is_flag=True, help="Freeze the BatchNorm layers that cannot be folded.")
-@click.option("--within", metavar="NAME",
-              help="Fold inside this submodule only, for a model whose own forward cannot be traced.")
+@click.option("--within", metavar="NAME", help="Fold only the layers inside this submodule.")
+@click.option("--input-shape", callback=_parse_input_shape, metavar="N,C,H,W",
+              help="Shape of the example input the model is run on to find what feeds each BatchNorm, e.g. "
+                   "1,3,640,640 (default: from the architecture).")
+@click.option("--data", "data_source", metavar="PATH",
+              help="Run the model on the first two samples of this data instead (a folder of images, a tensor file "
+                   "or package.module:callable).")
 @click.option("--dry-run", is_flag=True, help="Print what would be folded and why the rest is not; write nothing.")
 @click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics.")
 @checkpoint_options
 @output_options
 @json_option
-def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], dry_run: bool, strict: bool,
-         source: CheckpointSource, output: Optional[Path], force: bool, as_json: bool) -> None:
+def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape: Optional[tuple],
+         data_source: Optional[str], dry_run: bool, strict: bool, source: CheckpointSource, output: Optional[Path],
+         force: bool, as_json: bool) -> None:
     """Fold the BatchNorm layers of CHECKPOINT into the layers before them; writes <stem>-folded.safetensors.
 
-    The folded model computes the original's eval-mode output. Layers that cannot be folded safely stay, and the
-    table says why.
+    The model is run once on an example input to find which layer feeds each BatchNorm. The folded model computes
+    the original's eval-mode output. Layers that cannot be folded safely stay, and the table says why; when none
+    can be folded, nothing is written and the exit status is 1.
     """
+    from .errors import PlanError
     from .fold import plan_fold
 
+    if input_shape is not None and data_source is not None:
+        raise click.UsageError("give --input-shape or --data, not both")
     out = None if dry_run else output_path(checkpoint, output, "folded", force)
     model = source.open(checkpoint)
     problems = _check_statistics(model, strict)
-    folding = plan_fold(model, freeze_rest=freeze_rest, within=within)
-    if dry_run:
+    data = None
+    if data_source is not None:
+        from .data import open_data
+
+        data = open_data(data_source, model=model, batch_size=2)
+    folding = plan_fold(model, freeze_rest=freeze_rest, within=within, data=data, input_shape=input_shape)
+    if dry_run or not folding.pairs:
         emit_json(folding.to_dict()) if as_json else click.echo(str(folding))
+        if not folding.pairs:
+            raise PlanError(_nothing_folded(folding))
         return
     model = folding.apply(model)
     n_bytes = write_model(model, out, force)
     if as_json:
-        emit_json({"output": str(out), "bytes": n_bytes, "folded": len(folding), "left": len(folding.left),
-                   "warnings": problems, "fold": folding.to_dict()})
+        emit_json({"output": str(out), "bytes": n_bytes, "folded": len(folding), "layers": folding.layers,
+                   "left": len(folding.left), "warnings": problems, "fold": folding.to_dict()})
         return
     click.echo(str(folding))
     click.echo(f"wrote {out} ({_size(n_bytes)})")
+
+
+def _nothing_folded(folding: Any) -> str:
+    """The one-sentence error of a fold that folds nothing."""
+    if not folding.layers:
+        return "the model has no BatchNorm layer to fold: nothing written"
+    reason = folding.capture_error if not folding.captured else folding.left[0].reason
+    return f"folded 0 of {folding.layers} BatchNorm layer(s), nothing written (first reason: {reason})"
 
 
 @main.command()

@@ -59,7 +59,9 @@ from tqdm.auto import tqdm
 
 from .data import call_model, iter_inputs, move_input
 from .errors import CalibrationError, NormswapError, PlanError
+from .graph import capture
 from .history import get_history, record_step, set_history
+from .lockstep import Arrival, Lockstep, Revisited
 from .plan import Plan, PlanRow
 from .targets import SourceLayer
 from .walk import get_module, replace_module
@@ -243,17 +245,19 @@ def fit_affine(
 
 def _fit(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
          progress: Optional[bool]) -> FitReport:
-    """Fit every layer for each target tried and keep the fit with the smallest output error."""
+    """Fit every layer for each target tried and keep the fit with the smallest output error. The reference model
+    runs once per batch, the converted model once per batch and target."""
     fitted = [row for row in rows if row.affine == "fit"]
     initial = _affine_values(converted, fitted)
-    layers = [get_module(converted, row.name) for row in fitted]
-    calls = _count_calls(converted, layers, inputs[0])
     candidates = ("global", "local") if target == "auto" else (target,)
     results = {}
+    expected: Optional[list[Any]] = None
     for name in candidates:
         _set_affine_values(converted, initial)
-        layer_fits = _fit_layers(converted, reference, rows, calls, inputs, name, progress)
-        error = _output_error(converted, reference, inputs)
+        layer_fits, outputs, reference_outputs = _fit_layers(converted, reference, rows, inputs, name, progress,
+                                                             run_reference=name == "global" or expected is None)
+        expected = reference_outputs if reference_outputs is not None else expected
+        error = _output_error(outputs, expected)
         results[name] = (layer_fits, error, _affine_values(converted, fitted))
     chosen = min(candidates, key=lambda name: (results[name][1] is None, results[name][1] or 0.0))
     _set_affine_values(converted, results[chosen][2])
@@ -266,17 +270,80 @@ def _fit(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs
     )
 
 
-def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], calls: dict[nn.Module, int],
-                inputs: list[Any], target: str, progress: Optional[bool]) -> list[LayerFit]:
-    """Fit the layers the data runs through, in the order they run, and report every row of the plan."""
-    position = {module: index for index, module in enumerate(calls)}
-    layer_of = {row.name: get_module(converted, row.name) for row in rows}
-    runnable = [row for row in rows if row.affine == "fit" and layer_of[row.name] in calls]
-    runnable.sort(key=lambda row: position[layer_of[row.name]])
-    fits = {}
-    for row in tqdm(runnable, desc=f"fit ({target})", unit="layer", disable=not progress):
-        layer = layer_of[row.name]
-        fits[row.name] = _fit_layer(converted, reference, row, layer, calls[layer], inputs, target)
+def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
+                progress: Optional[bool], *,
+                run_reference: bool) -> tuple[list[LayerFit], list[Any], Optional[list[Any]]]:
+    """Fit the layers the data runs through, in the order they run, and report every row of the plan; returns the
+    report rows, the converted model's outputs (with every layer fitted) and, with ``run_reference``, the reference
+    model's outputs.
+
+    The batches' forwards run in step (:class:`normswap.lockstep.Lockstep`), each pausing before every layer to fit:
+    once all have paused there, the layer is fitted on what they bring and they go on, through the fitted layer.
+    With the global target the reference model's forward of each batch runs in step too, pausing at the same layers,
+    so that its BatchNorm input is at hand when the converted model's arrives. A layer called several times per
+    forward is found when a forward reaches it again: the calls are then counted (:func:`normswap.graph.capture`)
+    and the fit starts again."""
+    calls: dict[int, int] = {}
+    initial = _affine_values(converted, [row for row in rows if row.affine == "fit"])
+    try:
+        return _fit_in_step(converted, reference, rows, inputs, target, progress, calls, run_reference)
+    except Revisited:
+        _set_affine_values(converted, initial)
+    with torch.no_grad():
+        graph = capture(converted, inputs[0])
+    fit_rows = [row for row in rows if row.affine == "fit"]
+    calls = {stop: graph.call_count(get_module(converted, row.name)) for stop, row in enumerate(fit_rows)}
+    try:
+        return _fit_in_step(converted, reference, rows, inputs, target, progress, calls, run_reference)
+    except Revisited as revisit:
+        raise CalibrationError(
+            f"layer '{fit_rows[revisit.stop].name}' is called a different number of times in different batches "
+            "(or by the original and the converted model): fit it with target='local' or convert with "
+            "affine='copy'"
+        ) from None
+
+
+def _fit_in_step(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
+                 progress: Optional[bool], calls: dict[int, int],
+                 run_reference: bool) -> tuple[list[LayerFit], list[Any], Optional[list[Any]]]:
+    """One fit with every batch's forwards run in step; see :func:`_fit_layers`."""
+    fit_rows = [row for row in rows if row.affine == "fit"]
+    layers = [get_module(converted, row.name) for row in fit_rows]
+    sources = [SourceLayer.read(get_module(reference, row.name)) for row in fit_rows]
+    stops = {layer: stop for stop, layer in enumerate(layers)}
+    lanes: list[tuple[str, int]] = []
+    forwards = []
+    for batch, model_input in enumerate(inputs):
+        if run_reference:
+            lanes.append(("reference", batch))
+            forwards.append(lambda x=model_input: call_model(reference, x))
+        lanes.append(("converted", batch))
+        forwards.append(lambda x=model_input: call_model(converted, x))
+    if target == "global":
+        stops.update({get_module(reference, row.name): stop for stop, row in enumerate(fit_rows)})
+    moments = [_Moments(row.channels, layer.weight.device) for row, layer in zip(fit_rows, layers)]
+    waiting: dict[tuple[int, int, int], torch.Tensor] = {}
+    fits: dict[str, float] = {}
+
+    def arrive(stop: int, arrival: Arrival, call: int) -> None:
+        kind, batch = lanes[arrival.lane]
+        x = arrival.args[0].detach()
+        if kind == "reference":
+            waiting[(batch, stop, call)] = x
+        elif target == "local":
+            moments[stop].add(_group_normalized(layers[stop], x), _batch_norm_eval(sources[stop], x))
+        else:
+            seen = waiting.pop((batch, stop, call), None)
+            if seen is not None:
+                moments[stop].add(_group_normalized(layers[stop], x), _batch_norm_eval(sources[stop], seen))
+
+    with tqdm(total=len(fit_rows), desc=f"fit ({target})", unit="layer", disable=not progress) as bar:
+        def settle(stop: int, arrivals: list[Arrival], final: bool) -> None:
+            if final:
+                fits[fit_rows[stop].name] = _fit_layer(fit_rows[stop], layers[stop], moments[stop])
+                bar.update()
+
+        outputs = Lockstep(forwards, stops, calls=calls, context=torch.no_grad, on_arrive=arrive).run(settle)
     report = []
     for row in rows:
         if row.name in fits:
@@ -288,7 +355,9 @@ def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow],
             report.append(LayerFit(list(row.names), row.channels, row.groups, None,
                                    "not run by the calibration data: affine copied"))
             log.warning("layer '%s' did not run on the calibration data: its affine weights were copied", row.name)
-    return report
+    converted_outputs = [out for (kind, _), out in zip(lanes, outputs) if kind == "converted"]
+    reference_outputs = [out for (kind, _), out in zip(lanes, outputs) if kind == "reference"]
+    return report, converted_outputs, reference_outputs if run_reference else None
 
 
 class _Moments:
@@ -352,45 +421,10 @@ def _r2(error: float, variance: float) -> float:
     return 1.0 if error <= 0 else 0.0
 
 
-class _StopForward(BaseException):
-    """Raised by a hook to end a forward pass once the layer being fitted has seen all its inputs."""
-
-
 @torch.no_grad()
-def _fit_layer(converted: nn.Module, reference: nn.Module, row: PlanRow, layer: nn.Module, expected_calls: int,
-               inputs: list[Any], target: str) -> dict[str, Any]:
-    """Fit one layer over all inputs, write the affine weights it keeps, and return what :class:`LayerFit` reports
-    of them."""
-    reference_layer = get_module(reference, row.name)
-    source = SourceLayer.read(reference_layer)
-    moments = _Moments(row.channels, layer.weight.device)
-    reference_inputs: list[torch.Tensor] = []
-    seen = [0]
-
-    def capture_reference(module: nn.Module, args: Any) -> None:
-        reference_inputs.append(args[0].detach().clone())
-        if len(reference_inputs) == expected_calls:
-            raise _StopForward
-
-    def accumulate(module: nn.Module, args: Any) -> None:
-        x = args[0].detach()
-        index = seen[0]
-        seen[0] += 1
-        if target == "local":
-            moments.add(_group_normalized(layer, x), _batch_norm_eval(source, x))
-        elif index < len(reference_inputs):
-            moments.add(_group_normalized(layer, x), _batch_norm_eval(source, reference_inputs[index]))
-        if seen[0] == expected_calls:
-            raise _StopForward
-
-    for model_input in inputs:
-        reference_inputs.clear()
-        seen[0] = 0
-        if target == "global":
-            with _pre_hook(reference_layer, capture_reference):
-                _forward(reference, model_input)
-        with _pre_hook(layer, accumulate):
-            _forward(converted, model_input)
+def _fit_layer(row: PlanRow, layer: nn.Module, moments: _Moments) -> dict[str, Any]:
+    """Fit one layer from the sums gathered over all inputs, write the affine weights it keeps, and return what
+    :class:`LayerFit` reports of them."""
     if moments.count == 0:
         raise CalibrationError(f"layer '{row.name}' saw no calibration values to fit")
     scale, shift, quality = moments.solve(layer.weight.detach(), layer.bias.detach())
@@ -423,55 +457,14 @@ def _batch_norm_eval(source: SourceLayer, x: torch.Tensor) -> torch.Tensor:
     return out * source.weight.to(torch.float64).view(shape) + source.bias.to(torch.float64).view(shape)
 
 
-class _pre_hook:
-    """A forward pre-hook on ``module`` for the duration of a ``with`` block."""
-
-    def __init__(self, module: nn.Module, hook: Callable[[nn.Module, Any], None]) -> None:
-        self.module, self.hook = module, hook
-
-    def __enter__(self) -> None:
-        self.handle = self.module.register_forward_pre_hook(self.hook)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-
-
-def _forward(model: nn.Module, model_input: Any) -> Any:
-    """One forward pass (see :func:`normswap.data.call_model`); ``None`` if a hook stopped it."""
-    try:
-        return call_model(model, model_input)
-    except _StopForward:
-        return None
-
-
-@torch.no_grad()
-def _count_calls(model: nn.Module, layers: list[nn.Module], first_input: Any) -> dict[nn.Module, int]:
-    """How many times each layer runs in one forward pass, keyed in the order the layers first run."""
-    calls: dict[nn.Module, int] = {}
-
-    def count(module: nn.Module, args: Any) -> None:
-        calls[module] = calls.get(module, 0) + 1
-
-    handles = [layer.register_forward_pre_hook(count) for layer in layers]
-    try:
-        _forward(model, first_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-@torch.no_grad()
-def _output_error(converted: nn.Module, reference: nn.Module, inputs: list[Any]) -> Optional[float]:
+def _output_error(outputs: list[Any], expected: list[Any]) -> Optional[float]:
     """``‖y - y_ref‖² / ‖y_ref‖²`` over the calibration inputs and every float tensor in the outputs.
 
     ``None`` if the outputs hold no floating-point tensor.
     """
     squared_error = squared_reference = 0.0
-    for model_input in inputs:
-        outputs = _tensors(_forward(converted, model_input))
-        expected = _tensors(_forward(reference, model_input))
-        for y, y_ref in zip(outputs, expected):
+    for output, reference in zip(outputs, expected):
+        for y, y_ref in zip(_tensors(output), _tensors(reference)):
             y, y_ref = y.to(torch.float64), y_ref.to(torch.float64)
             squared_error += (y - y_ref).pow(2).sum().item()
             squared_reference += y_ref.pow(2).sum().item()

@@ -6,23 +6,27 @@ output of a Conv/ConvTranspose/Linear layer and nothing else reads that output, 
 layer's weight and bias and the BatchNorm removed: the folded model computes the original model's **eval** output
 (in train mode the original would use batch statistics, the folded model cannot).
 
-Pairs are found in the dataflow graph of the model's eval-mode forward (``torch.fx`` symbolic trace, with timm's
-not-traced modules and functions kept whole). A BatchNorm is folded only when all of these are proven:
+Pairs are found by running the model once on an example input (:mod:`normswap.graph`): ``example_input``, the
+first batch of ``data``, a tensor of ``input_shape``, or an input made from the architecture. A BatchNorm is folded
+only when the run shows all of these:
 
-- its only input is the output of an ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d``, ``nn.Linear`` or timm
-  ``Conv2dSame`` (exact class: a subclass may override ``forward``, as weight-standardized convs do), with as many
-  output channels as the BatchNorm has features;
-- nothing but the BatchNorm reads that output (no fan-out), the layer is called once and is reachable under one
-  name, its weight is not shared with another module and not read directly by ``forward``;
-- the BatchNorm is called once, is reachable under one name, has running statistics, and is a class normswap knows
-  (:func:`normswap.targets.classify`);
-- for a Linear layer: its output is ``(N, C)`` (BatchNorm normalizes dim 1, which on ``(N, L, C)`` would be ``L``),
-  proven from the graph (a ``flatten``/``view`` to two dims feeds it) or from ``example_input``.
+- it is called once, with one argument, is a class normswap knows (:func:`normswap.targets.classify`), has running
+  statistics and no hooks, and nothing but its own forward reads its tensors;
+- its input was produced, inside one call of a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear layer (or a subclass,
+  or timm's ``Conv2dSame``), by the convolution or linear function applied to that layer's own weight and bias, and
+  that layer returned it unchanged; a layer without bias must run its base class's forward, which will use the
+  bias folding gives it;
+- nothing else reads that output, and the model does not return it;
+- the layer is called once, has no hooks, shares no parameter with another module, and nothing else reads its
+  weight or bias; it has as many output channels as the BatchNorm has features;
+- its output is batched: ``(N, C, ...)`` for a convolution, ``(N, C)`` for a Linear (BatchNorm1d on ``(N, L, C)``
+  normalizes dim 1, the ``L`` positions);
+- no branch on input-dependent tensor values in the module call that wires the two together (or in the code
+  around it, before it) could wire them differently for another input (:meth:`normswap.graph.Graph.
+  decision_affecting`).
 
-Conv layers are taken to receive batched ``(N, C, ...)`` input, the layout BatchNorm is made for; pass
-``example_input`` to have that checked too. A model that cannot be traced is not folded at all (the plan says why);
-its traceable part can be folded with ``within="backbone"``, which asserts that the rest of the model only calls that
-part and does not reach into it.
+A layer registered under several names is still one layer: what counts is how often the forward calls it. Layers the
+example does not reach are left. With ``within="backbone"`` only the layers inside that submodule are folded.
 
 The BatchNorm is replaced by ``nn.Identity``, or, for a layer with a fused activation (timm ``BatchNormAct2d``, frozen
 and sync variants), by :class:`FoldedAct` holding its ``drop`` and ``act`` modules. A conv without bias gets one,
@@ -54,18 +58,18 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from . import targets
-from .data import call_model
 from .errors import CheckpointError, PlanError
+from .graph import Call, Example, Graph, GraphError, Value, capture, find_example
 from .history import record_step
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
-from .walk import find_modules, get_module, replace_module, timm_untraceable
+from .walk import find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold", "replay_fold"]
 
@@ -79,19 +83,34 @@ _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SPATIAL_RANK: dict[type, int] = {
     cls: rank for rank, group in enumerate(zip(_CONVS, _CONV_TRANSPOSES), 1) for cls in group
 }
-"""Every conv class a BatchNorm folds into, with its spatial rank; timm's ``Conv2dSame`` once timm is imported."""
+"""Every conv class a BatchNorm folds into (and their subclasses), with its spatial rank."""
+
+_FUNCTIONS: dict[type, tuple[str, ...]] = {
+    nn.Linear: ("torch.nn.functional.linear", "torch._C._nn.linear"),
+    **{cls: (f"torch.nn.functional.conv{rank}d", f"torch.conv{rank}d") for rank, cls in enumerate(_CONVS, 1)},
+    **{cls: (f"torch.nn.functional.conv_transpose{rank}d", f"torch.conv_transpose{rank}d")
+       for rank, cls in enumerate(_CONV_TRANSPOSES, 1)},
+}
+"""The function each class a BatchNorm folds into computes its output with, as :mod:`normswap.graph` names it."""
 
 
-def _is_producer(module: nn.Module) -> bool:
-    """True for the exact classes a BatchNorm can fold into: Conv1d/2d/3d, ConvTranspose, Linear, timm Conv2dSame."""
+def _base_class(module: nn.Module) -> Optional[type]:
+    """The Conv/ConvTranspose/Linear class that ``module`` is or derives from, or ``None``."""
+    return next((cls for cls in type(module).__mro__ if cls in _FUNCTIONS), None)
+
+
+def _runs_base_forward(module: nn.Module, base: type) -> bool:
+    """True if the module computes its output with its base class's forward, or timm's ``Conv2dSame`` forward
+    (both use the bias folding gives a layer that has none)."""
+    cls = type(module)
     timm_convs = sys.modules.get("timm.layers.conv2d_same")
-    if timm_convs is not None and hasattr(timm_convs, "Conv2dSame"):
-        _SPATIAL_RANK.setdefault(timm_convs.Conv2dSame, 2)
-    return type(module) in _SPATIAL_RANK or type(module) is nn.Linear
+    if cls is base or cls is getattr(timm_convs, "Conv2dSame", None):
+        return True
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
 
 
-_SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
-                  nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.BatchNorm1d)
+def _output_channels(conv: nn.Module) -> int:
+    return conv.weight.shape[1] * conv.groups if isinstance(conv, _CONV_TRANSPOSES) else conv.weight.shape[0]
 
 
 @dataclass
@@ -121,17 +140,25 @@ class LeftLayer:
 class FoldPlan:
     """What folding changes: the pairs folded and the layers left, each with its reason.
 
-    ``len(plan)`` counts the folded pairs; ``str(plan)`` is a table; :meth:`apply` performs it.
+    ``len(plan)`` counts the folded pairs; ``str(plan)`` is a table; :meth:`apply` performs it. ``example`` describes
+    the input the model was run on; ``captured`` is false when it could not be run (``capture_error`` says why) and
+    nothing is folded.
     """
 
     pairs: list[FoldPair] = field(default_factory=list)
     left: list[LeftLayer] = field(default_factory=list)
-    traced: bool = True
-    trace_error: str = ""
+    captured: bool = True
+    capture_error: str = ""
+    example: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    @property
+    def layers(self) -> int:
+        """How many BatchNorm-like layers the model has: folded and left."""
+        return len(self.pairs) + len(self.left)
 
     def __str__(self) -> str:
         return format_fold_plan(self)
@@ -141,8 +168,9 @@ class FoldPlan:
         return {
             "pairs": [asdict(pair) for pair in self.pairs],
             "left": [asdict(layer) for layer in self.left],
-            "traced": self.traced,
-            "trace_error": self.trace_error,
+            "captured": self.captured,
+            "capture_error": self.capture_error,
+            "example": self.example,
             "options": dict(self.options),
         }
 
@@ -166,12 +194,17 @@ class FoldPlan:
                     conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
                 else:
                     conv.bias.copy_(bias)
-            replace_module(model, [pair.bn], replacement)
+            replace_module(model, _names(model, get_module(model, pair.bn)), replacement)
         record_step(model, self.step())
         if freeze_plan is not None:
             model = freeze_plan.apply(model)
-        log.info("folded %d BatchNorm layer(s), left %d", len(self.pairs), len(self.left))
+        log.info("folded %d of %d BatchNorm layer(s)", len(self.pairs), self.layers)
         return model
+
+
+def _names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every qualified name ``module`` is registered under in ``model``."""
+    return [name for name, found in model.named_modules(remove_duplicate=False) if found is module]
 
 
 def _freeze_plan(model: nn.Module, left: list[LeftLayer]) -> Optional[Plan]:
@@ -185,10 +218,11 @@ def _freeze_plan(model: nn.Module, left: list[LeftLayer]) -> Optional[Plan]:
 
 def format_fold_plan(p: FoldPlan) -> str:
     """The plan as a table of folded pairs, followed by the layers left and why."""
-    out = [f"fold: {len(p.pairs)} BatchNorm layer(s) folded, {len(p.left)} left"
-           + (f" ({sum(layer.frozen for layer in p.left)} frozen)" if p.options.get("freeze_rest") else "")]
-    if not p.traced:
-        out.append(f"the model could not be traced, nothing folded: {p.trace_error}")
+    frozen = f", {sum(layer.frozen for layer in p.left)} of the rest frozen" if p.options.get("freeze_rest") else ""
+    example = f", example input {p.example}" if p.example else ""
+    out = [f"fold: folded {len(p.pairs)} of {p.layers} BatchNorm layer(s){frozen}{example}"]
+    if not p.captured:
+        out.append(f"nothing folded: {p.capture_error}")
     if p.pairs:
         header = ("layer", "into", "C", "bias", "keeps")
         rows = [(pair.bn, f"{pair.conv} ({pair.conv_class.rsplit('.', 1)[-1]})", str(pair.channels),
@@ -205,95 +239,23 @@ def format_fold_plan(p: FoldPlan) -> str:
     return "\n".join(out)
 
 
-class _Tracer(fx.Tracer):
-    """Symbolic tracer that keeps norm layers, foldable layers and timm's not-traced modules whole."""
-
-    def __init__(self) -> None:
-        functions, self._notrace = timm_untraceable()
-        super().__init__(autowrap_functions=functions)
-        self.proxy_buffer_attributes = True
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if targets.is_norm_layer(m) or _is_producer(m) or type(m) in self._notrace:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(module: nn.Module) -> fx.Graph:
-    """The eval-mode graph of ``module``, which is left as it was (training flags, and no tensor constants that
-    the tracer stores on the module it traces)."""
-    modes = [(m, m.training) for m in module.modules()]
-    attributes = set(module.__dict__)
-    module.eval()
-    try:
-        return _Tracer().trace(module)
-    finally:
-        for m, training in modes:
-            m.training = training
-        for added in set(module.__dict__) - attributes:
-            del module.__dict__[added]
-
-
-def _output_ranks(model: nn.Module, example_input: Any) -> dict[int, int]:
-    """Output rank of every Conv/ConvTranspose/Linear layer on one eval forward of ``example_input`` (by ``id``)."""
-    ranks: dict[int, int] = {}
-
-    def remember(module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            ranks.setdefault(id(module), output.dim())
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_hook(remember) for m in model.modules() if _is_producer(m)]
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes:
-            m.training = training
-    return ranks
-
-
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def _proves_two_dims(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> bool:
-    """True when the graph shows that ``node`` is a 2-D ``(N, C)`` tensor."""
-    if not isinstance(node, fx.Node) or depth > 64:
-        return False
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, nn.Flatten):
-            return module.start_dim == 1 and module.end_dim == -1
-        if type(module) in _SHAPE_KEEPING or type(module) is nn.Linear:
-            return bool(node.args) and _proves_two_dims(node.args[0], modules, depth + 1)
-        return False
-    if node.op in ("call_function", "call_method"):
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return start == 1 and end == -1
-        if node.op == "call_method" and name in ("view", "reshape"):
-            shape = node.args[1:]
-            if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-                shape = shape[0]
-            return len(shape) == 2
-    return False
-
-
 @dataclass
 class _Candidate:
-    bn_name: str
+    names: list[str]
     bn: nn.Module
     source: str
     reason: Optional[str] = None
     conv_name: str = ""
     conv: Optional[nn.Module] = None
+
+    @property
+    def bn_name(self) -> str:
+        return self.names[0]
 
 
 def plan_fold(
@@ -302,74 +264,76 @@ def plan_fold(
     freeze_rest: bool = False,
     within: Optional[str] = None,
     example_input: Any = None,
+    data: Optional[Iterable[Any]] = None,
+    input_shape: Optional[Sequence[int]] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
+
+    The model is run once, in eval mode, on an example input: ``example_input`` (one model input, as
+    :func:`normswap.data.call_model` takes it), else the first batch of ``data``, else a random tensor of
+    ``input_shape``, else one made from the architecture (:func:`normswap.graph.find_example`). If it cannot be
+    run, nothing is folded and the plan says why.
 
     Args:
         freeze_rest: plan to convert the BatchNorm layers that are not folded to FrozenBatchNorm (those without
             running statistics and unknown subclasses stay as they are).
-        within: qualified name of the submodule to analyse instead of the whole model, for a model whose own
-            forward cannot be traced. You assert that the rest of the model only calls this submodule.
-        example_input: one model input (as :func:`normswap.data.call_model` takes it) to run once, in eval mode,
-            to check the rank of each Conv/Linear output; needed to fold a Linear whose ``(N, C)`` output the
-            graph does not prove.
+        within: qualified name of a submodule: fold only the layers inside it.
+        example_input, data, input_shape: the example input, see above.
 
     >>> from torch import nn
-    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
+    >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
     >>> print(plan_fold(model))
-    fold: 1 BatchNorm layer(s) folded, 0 left
+    fold: folded 1 of 1 BatchNorm layer(s), example input 2x12 (guessed from the input of layer 0)
     layer  into        C  bias     keeps
-    2      1 (Linear)  4  updated
+    1      0 (Linear)  4  updated
     """
-    options = {"freeze_rest": freeze_rest, "within": within, "example_input": example_input is not None}
-    scope = model
+    options = {"freeze_rest": freeze_rest, "within": within, "example_input": example_input is not None,
+               "data": data is not None, "input_shape": list(input_shape) if input_shape is not None else None}
     prefix = ""
     if within:
         try:
-            scope = get_module(model, within)
+            get_module(model, within)
         except KeyError:
             raise PlanError(f"the model has no submodule '{within}' to fold within") from None
         prefix = within + "."
-    names_of: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(module), []).append(name)
     candidates = [
-        _Candidate(found.names[0], found.module, targets.class_path(type(found.module)))
+        _Candidate(found.names, found.module, targets.class_path(type(found.module)))
         for found in find_modules(model, lambda m: targets.classify(m) in (*FOLDABLE_KINDS, "unknown", "lazy"))
     ]
     result = FoldPlan(options=options)
+    graph: Optional[Graph] = None
+    if candidates:
+        try:
+            example = Example(example_input, "example_input") if example_input is not None else find_example(
+                model, data, input_shape)
+            result.example = str(example)
+            graph = capture(model, example.value, example=result.example)
+        except GraphError as exc:
+            given = example_input is not None or data is not None or input_shape is not None
+            hint = "" if given else ("; give the input it takes (input_shape=, data= or example_input=; "
+                                     "--input-shape or --data on the command line)")
+            result.captured, result.capture_error = False, f"{exc}{hint}"
+    shared = _shared_parameters(model)
     for cand in candidates:
-        cand.reason = _layer_reason(cand.bn, names_of[id(cand.bn)])
-    try:
-        graph = _trace(scope)
-    except Exception as exc:
-        message = str(exc).strip().splitlines()
-        result.traced = False
-        result.trace_error = f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")
-        graph = None
-    ranks = _output_ranks(model, example_input) if example_input is not None else {}
-    if graph is not None:
-        _match_pairs(model, scope, prefix, graph, candidates, names_of, ranks)
-    for cand in candidates:
-        if cand.reason is None and cand.conv is None:
-            if graph is None:
-                cand.reason = "the model could not be traced"
-            elif not cand.bn_name.startswith(prefix):
-                cand.reason = f"outside {within}"
-            else:
-                cand.reason = "not called by the traced forward"
+        cand.reason = _layer_reason(cand.bn)
+        if cand.reason is None and within and not any(name.startswith(prefix) for name in cand.names):
+            cand.reason = f"outside {within}"
+        if cand.reason is None:
+            cand.reason = "the model could not be run" if graph is None else _pair_reason(graph, cand, shared)
+        if cand.reason is None and within and not cand.conv_name.startswith(prefix):
+            cand.reason = f"its input comes from {cand.conv_name}, outside {within}"
         if cand.reason is None:
             result.pairs.append(_pair(cand))
         else:
             kind = targets.classify(cand.bn)
             freezable = freeze_rest and kind in FOLDABLE_KINDS and not kind.startswith("frozen") \
                 and targets.SourceLayer.read(cand.bn).has_stats
-            result.left.append(LeftLayer(list(names_of[id(cand.bn)]), cand.source, cand.reason, freezable))
+            result.left.append(LeftLayer(list(cand.names), cand.source, cand.reason, freezable))
     _freeze_plan(model, result.left)  # a layer that cannot be frozen raises here, before anything changes
     return result
 
 
-def _layer_reason(bn: nn.Module, names: list[str]) -> Optional[str]:
+def _layer_reason(bn: nn.Module) -> Optional[str]:
     """Why this norm layer cannot be folded whatever feeds it, or ``None``."""
     kind = targets.classify(bn)
     if kind == "lazy":
@@ -378,58 +342,8 @@ def _layer_reason(bn: nn.Module, names: list[str]) -> Optional[str]:
         return "a BatchNorm subclass normswap does not know (its forward may differ)"
     if not targets.SourceLayer.read(bn).has_stats:
         return "no running statistics (track_running_stats=False)"
-    if len(names) > 1:
-        return f"shared: reachable as {', '.join(names)}"
     if _has_hooks(bn):
         return "has hooks"
-    return None
-
-
-def _match_pairs(
-    model: nn.Module,
-    scope: nn.Module,
-    prefix: str,
-    graph: fx.Graph,
-    candidates: list[_Candidate],
-    names_of: dict[int, list[str]],
-    ranks: dict[int, int],
-) -> None:
-    """Give each candidate its producer layer, or the reason it has none."""
-    modules = dict(scope.named_modules())
-    calls: dict[int, int] = {}
-    called_names = set()
-    attr_reads = set()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[id(modules[node.target])] = calls.get(id(modules[node.target]), 0) + 1
-            called_names.add(node.target)
-        elif node.op == "get_attr":
-            attr_reads.add(node.target)
-    shared_params = _shared_parameters(model)
-    by_module = {id(cand.bn): cand for cand in candidates}
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        cand = by_module.get(id(modules[node.target]))
-        if cand is None or cand.reason is not None:
-            continue
-        cand.reason = _pair_reason(node, cand, prefix, modules, calls, called_names, attr_reads, shared_params,
-                                   names_of, ranks)
-    for cand in candidates:
-        if cand.reason is None and cand.conv is None and calls.get(id(cand.bn), 0) == 0:
-            outer = _untraced_ancestor(cand.bn_name, prefix, called_names)
-            if outer is not None:
-                cand.reason = f"inside {outer}, which is not traced through"
-
-
-def _untraced_ancestor(name: str, prefix: str, called_names: set) -> Optional[str]:
-    """The module called as a whole by the graph that contains ``name``, if any."""
-    if not name.startswith(prefix):
-        return None
-    parts = name[len(prefix):].split(".")
-    for end in range(1, len(parts)):
-        if ".".join(parts[:end]) in called_names:
-            return prefix + ".".join(parts[:end])
     return None
 
 
@@ -443,66 +357,87 @@ def _shared_parameters(model: nn.Module) -> set:
     return {key for key, found in owners.items() if len(found) > 1}
 
 
-def _pair_reason(
-    node: fx.Node,
-    cand: _Candidate,
-    prefix: str,
-    modules: dict[str, nn.Module],
-    calls: dict[int, int],
-    called_names: set,
-    attr_reads: set,
-    shared_params: set,
-    names_of: dict[int, list[str]],
-    ranks: dict[int, int],
-) -> Optional[str]:
-    """Why this BatchNorm call cannot be folded into its input's producer, or ``None`` (then ``cand.conv`` is set)."""
-    bn_local = cand.bn_name[len(prefix):]
-    outer = _untraced_ancestor(cand.bn_name, prefix, called_names)
-    if outer is not None:
-        return f"inside {outer}, which is not traced through"
-    if calls[id(cand.bn)] > 1:
-        return f"called {calls[id(cand.bn)]} times"
-    if any(read == bn_local or read.startswith(bn_local + ".") for read in attr_reads):
+def _short(name: str) -> str:
+    """A function's name without its module: ``torch.Tensor.add_`` -> ``add_``."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _where(call: Call) -> str:
+    return f" in {call.parent.name or '<model>'}" if call.parent is not None else ""
+
+
+def _pair_reason(graph: Graph, cand: _Candidate, shared: set) -> Optional[str]:
+    """Why this BatchNorm cannot be folded into the layer that produced its input in the captured forward, or
+    ``None`` (then ``cand.conv`` and ``cand.conv_name`` are set)."""
+    calls = graph.module_calls(cand.bn)
+    if not calls:
+        return "not called by the example forward"
+    if len(calls) > 1:
+        return f"called {len(calls)} times"
+    call = calls[0]
+    if call.positional != 1 or len(call.inputs) != 1:
+        return "not called with its input as the one positional argument"
+    own = [graph.parameter(getattr(cand.bn, name, None))
+           for name in ("weight", "bias", "running_mean", "running_var")]
+    if any(graph.readers(value, outside=call) for value in own if value is not None):
         return "its tensors are read directly by the forward"
-    if len(node.args) != 1 or node.kwargs:
-        return "called with more than one argument"
-    source = node.args[0]
-    if not isinstance(source, fx.Node) or source.op != "call_module":
-        what = source.target if isinstance(source, fx.Node) else type(source)
-        what = getattr(what, "__name__", what)
-        return f"its input is not the output of a layer it can fold into (it comes from {what})"
-    conv = modules[source.target]
-    conv_name = prefix + source.target
-    label = f"{conv_name} ({type(conv).__name__})"
-    if not _is_producer(conv):
-        return f"its input comes from {label}, not a Conv, ConvTranspose or Linear layer"
-    if _untraced_ancestor(conv_name, prefix, called_names) is not None:
-        return f"{label} is inside a module that is not traced through"
-    if len(source.users) > 1:
-        return f"the output of {label} also feeds other operations"
-    if calls[id(conv)] > 1:
-        return f"{label} is called {calls[id(conv)]} times"
-    if len(names_of[id(conv)]) > 1:
-        return f"{label} is shared: reachable as {', '.join(names_of[id(conv)])}"
-    if any(id(p) in shared_params for p in conv.parameters(recurse=False)):
+    value = call.inputs[0]
+    producer = value.producer
+    if producer is None:
+        return "its input is an input of the model" if value.from_input and value.name is None else \
+            "its input comes from outside the computation normswap sees"
+    conv_call = producer.parent
+    conv = conv_call.module if conv_call is not None else None
+    base = _base_class(conv) if conv is not None else None
+    if base is None or producer.name not in _FUNCTIONS[base]:
+        return f"its input comes from {_short(producer.name)}{_where(producer)}, not from a Conv, ConvTranspose or " \
+               "Linear layer"
+    label = f"{conv_call.name} ({type(conv).__name__})"
+    reason = _producer_reason(graph, conv, base, label, producer, conv_call, value, shared)
+    if reason is not None:
+        return reason
+    readers = graph.readers(value, outside=call)
+    if readers:
+        return f"the output of {label} also feeds {_short(readers[0].name)}{_where(readers[0])}"
+    if graph.is_output(value):
+        return f"the output of {label} is also an output of the model"
+    wiring = graph.common_caller(call, conv_call)
+    decision = graph.decision_affecting(wiring) if wiring is not None else None
+    if decision is not None:
+        return f"the forward branches on tensor values ({_short(decision.name)}{_where(decision)}), which could " \
+               f"wire {label} differently for other inputs"
+    features = targets.SourceLayer.read(cand.bn).num_features
+    if _output_channels(conv) != features:
+        return f"{label} has {_output_channels(conv)} output channels, the layer has {features}"
+    rank = len(value.shape)
+    if base is nn.Linear and rank != 2:
+        return f"{label} outputs {rank}-D tensors, and BatchNorm normalizes their dim 1, not the features"
+    if base is not nn.Linear and rank != _SPATIAL_RANK[base] + 2:
+        return f"{label} runs on unbatched input"
+    cand.conv_name, cand.conv = conv_call.name, conv
+    return None
+
+
+def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, producer: Call, conv_call: Call,
+                     value: Value, shared: set) -> Optional[str]:
+    """Why ``conv`` (which computed the BatchNorm's input in ``producer``) cannot take the fold, or ``None``."""
+    weight, bias = graph.parameter(conv.weight), graph.parameter(conv.bias)
+    if len(producer.inputs) < 2 or producer.inputs[1] is not weight:
+        return f"{label} does not compute with its own weight (its forward changes it, as weight standardization does)"
+    if producer.inputs[2:] != ([bias] if bias is not None else []):
+        return f"{label} does not add its own bias in its {_short(producer.name)}"
+    if conv.bias is None and not _runs_base_forward(conv, base):
+        return f"{label} has no bias and its own forward, which might not use the bias folding would give it"
+    if not any(output is value for output in conv_call.outputs):
+        return f"{label} does not return the output of its {_short(producer.name)} unchanged"
+    if graph.call_count(conv) > 1:
+        return f"{label} is called {graph.call_count(conv)} times"
+    if any(id(p) in shared for p in conv.parameters(recurse=False)):
         return f"{label} shares its weight with another module"
-    if any(read == source.target or read.startswith(source.target + ".") for read in attr_reads):
+    if any(graph.readers(param, outside=producer) for param in (weight, bias) if param is not None):
         return f"the weights of {label} are read directly by the forward"
     if _has_hooks(conv):
         return f"{label} has hooks"
-    channels = conv.weight.shape[1] * conv.groups if type(conv) in _CONV_TRANSPOSES else conv.weight.shape[0]
-    features = targets.SourceLayer.read(cand.bn).num_features
-    if channels != features:
-        return f"{label} has {channels} output channels, the layer has {features}"
-    rank = ranks.get(id(conv))
-    if type(conv) is nn.Linear:
-        if rank is None and not _proves_two_dims(source.args[0] if source.args else None, modules):
-            return f"cannot prove that {label} outputs (N, C): pass example_input"
-        if rank is not None and rank != 2:
-            return f"{label} outputs {rank}-D tensors, and BatchNorm normalizes their dim 1, not the features"
-    elif rank is not None and rank != _SPATIAL_RANK[type(conv)] + 2:
-        return f"{label} runs on unbatched input"
-    cand.conv_name, cand.conv = conv_name, conv
     return None
 
 
@@ -554,7 +489,7 @@ def _fold_values(model: nn.Module, pair: FoldPair) -> tuple[nn.Module, torch.Ten
     weight = conv.weight.detach()
     scale = scale.to(weight.device)
     shift = shift.to(weight.device)
-    if type(conv) in _CONV_TRANSPOSES:
+    if isinstance(conv, _CONV_TRANSPOSES):
         grouped = weight.to(compute).reshape(conv.groups, weight.shape[0] // conv.groups, *weight.shape[1:])
         shape = [conv.groups, 1, weight.shape[1]] + [1] * (weight.dim() - 2)
         folded = (grouped * scale.reshape(shape)).reshape(weight.shape)
@@ -571,6 +506,8 @@ def fold(
     freeze_rest: bool = False,
     within: Optional[str] = None,
     example_input: Any = None,
+    data: Optional[Iterable[Any]] = None,
+    input_shape: Optional[Sequence[int]] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -581,22 +518,24 @@ def fold(
     >>> model = timm.create_model("efficientnet_b0").eval()
     >>> x = torch.randn(1, 3, 32, 32)
     >>> expected = model(x)
-    >>> model = fold(model)
+    >>> model = fold(model, input_shape=(1, 3, 64, 64))
     >>> model.bn1, torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
     (FoldedAct(
       (drop): Identity()
       (act): SiLU(inplace=True)
     ), True)
     """
-    return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input).apply(model)
+    return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
+                     input_shape=input_shape).apply(model)
 
 
 def replay_fold(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     """Make the structural change of a recorded fold step on a freshly built model, so its checkpoint loads strictly.
 
     Each folded conv gets a bias parameter if it has none (zeros, trainable like the weight) and each folded norm
-    layer is replaced as :func:`fold` replaced it. Weights are not computed: they come from the checkpoint. The step
-    is recorded in the model's history. ``freeze_rest`` is not replayed here: freezing is its own recorded step.
+    layer is replaced as :func:`fold` replaced it, under every name it has. Weights are not computed: they come from
+    the checkpoint. The step is recorded in the model's history. ``freeze_rest`` is not replayed here: freezing is
+    its own recorded step.
 
     >>> from torch import nn
     >>> model = replay_fold(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)),
@@ -615,17 +554,16 @@ def replay_fold(model: nn.Module, step: dict[str, Any]) -> nn.Module:
             raise CheckpointError(
                 f"the checkpoint's fold step does not fit this architecture: it has no layer '{exc.args[0]}'"
             ) from None
-        if not _is_producer(conv) or targets.classify(bn) not in FOLDABLE_KINDS:
+        if _base_class(conv) is None or targets.classify(bn) not in FOLDABLE_KINDS:
             raise CheckpointError(
                 f"the checkpoint's fold step does not fit this architecture: '{conv_name}' is a "
                 f"{type(conv).__name__} and '{bn_name}' a {type(bn).__name__}"
             )
-        changes.append((conv, bn_name, _replacement(bn)))
-    for conv, bn_name, replacement in changes:
+        changes.append((conv, _names(model, bn), _replacement(bn)))
+    for conv, bn_names, replacement in changes:
         if conv.bias is None:
-            out = conv.weight.shape[1] * conv.groups if type(conv) in _CONV_TRANSPOSES else conv.weight.shape[0]
-            bias = torch.zeros(out, dtype=conv.weight.dtype, device=conv.weight.device)
+            bias = torch.zeros(_output_channels(conv), dtype=conv.weight.dtype, device=conv.weight.device)
             conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-        replace_module(model, [bn_name], replacement)
+        replace_module(model, bn_names, replacement)
     record_step(model, dict(step))
     return model

@@ -16,13 +16,12 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-__all__ = ["FoundModule", "find_modules", "get_module", "replace_module", "timm_untraceable"]
+__all__ = ["FoundModule", "find_modules", "get_module", "replace_module"]
 
 
 @dataclass
@@ -75,15 +74,3 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> nn.Mod
         parent_name, _, child = name.rpartition(".")
         get_module(model, parent_name)._modules[child] = new
     return root
-
-
-def timm_untraceable() -> tuple[tuple[Callable, ...], tuple[type, ...]]:
-    """The functions and module classes timm marks as not traceable by ``torch.fx``, for a tracer to keep opaque.
-
-    Empty until timm is imported (a model can only use them then), so normswap never imports timm to trace.
-    """
-    if "timm.layers" not in sys.modules:
-        return (), ()
-    from timm.layers import get_notrace_functions, get_notrace_modules
-
-    return tuple(f for f in get_notrace_functions() if callable(f)), tuple(get_notrace_modules())

@@ -41,7 +41,8 @@ def test_fold_writes_a_checkpoint_that_loads_and_matches_the_eval_output(files):
     result = run("fold", checkpoint, *ARCH)
     assert result.exit_code == 0, result.output
     out = checkpoint.with_name("resnet18-folded.safetensors")
-    assert "fold: 20 BatchNorm layer(s) folded, 0 left" in result.output and f"wrote {out}" in result.output
+    assert "fold: folded 20 of 20 BatchNorm layer(s), example input 2x3x224x224 (timm's data config)" \
+        in result.output and f"wrote {out}" in result.output
     assert sha256(checkpoint) == before, "the input checkpoint is not touched"
     folded = load(out).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -61,6 +62,44 @@ def test_fold_dry_run_prints_json_and_writes_nothing(files):
         "bn_class": "torch.nn.modules.batchnorm.BatchNorm2d", "channels": 64, "new_bias": True, "keeps": None}
     assert plan["options"]["freeze_rest"] is True
     assert not checkpoint.with_name("resnet18-folded.safetensors").exists()
+
+
+def test_fold_runs_the_model_on_the_input_shape_or_the_data_given(files):
+    _, checkpoint, data = files
+    result = run("fold", checkpoint, *ARCH, "--dry-run", "--input-shape", "1,3,64,64")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("fold: folded 20 of 20 BatchNorm layer(s), example input 1x3x64x64 (input_shape)")
+    result = run("fold", checkpoint, *ARCH, "--dry-run", "--json", "--data", data)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["example"] == "2x3x32x32 (the first batch of the data)"
+
+
+def test_fold_that_folds_nothing_writes_nothing_and_exits_1_with_the_reason(files):
+    _, checkpoint, _ = files
+    out = checkpoint.with_name("resnet18-folded.safetensors")
+    result = CliRunner().invoke(main, ["fold", str(checkpoint), *ARCH, "--within", "fc"])
+    assert result.exit_code == 1
+    assert "fold: folded 0 of 20 BatchNorm layer(s)" in result.output and "left (outside fc): bn1" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: folded 0 of 20 BatchNorm layer(s), nothing written (first reason: outside fc)")
+    assert not out.exists()
+
+    result = CliRunner().invoke(main, ["fold", str(checkpoint), *ARCH, "--input-shape", "1,5,32,32"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines()[-1].startswith(
+        "error: folded 0 of 20 BatchNorm layer(s), nothing written (first reason: the model fails on the example "
+        "input 1x5x32x32: RuntimeError: Given groups=1")
+    assert "Traceback" not in result.output
+
+
+def test_fold_input_shape_and_data_are_checked(files):
+    _, checkpoint, data = files
+    for shape in ("1,3,x", "0,3,8,8", ""):
+        result = CliRunner().invoke(main, ["fold", str(checkpoint), *ARCH, "--input-shape", shape])
+        assert result.exit_code == 2 and "is not a shape" in result.output, result.output
+    result = CliRunner().invoke(main, ["fold", str(checkpoint), *ARCH, "--input-shape", "1,3,8,8", "--data",
+                                       str(data)])
+    assert result.exit_code == 2 and "not both" in result.output
 
 
 def test_fold_refuses_to_overwrite_without_force(files):

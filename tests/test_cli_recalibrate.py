@@ -58,7 +58,7 @@ def test_recalibrate_json_reports_batches_passes_and_layers(files, tmp_path):
                  "--method", "sequential", "-o", out, "--json", "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert (report["batches"], report["samples"], report["passes"]) == (3, 3, 17)
+    assert (report["batches"], report["samples"], report["passes"], report["forward_cost"]) == (3, 3, 20, 1.0)
     assert report["output"] == str(out) and len(report["calibrated"]) == 20
 
 

@@ -263,15 +263,53 @@ class FailsOnSecondCall(nn.Module):
 
 def test_an_error_after_some_layers_were_fitted_restores_the_model_and_its_parameters():
     model = small_cnn()
-    model.insert(3, FailsOnSecondCall())  # after the first BatchNorm: reached again only when fitting the second
+    model.insert(3, FailsOnSecondCall())  # after the first BatchNorm: the second batch reaches it once that is fitted
     before = affine_state(model)
     weight_object = model[1].weight
     with pytest.raises(RuntimeError, match="interrupted"):
-        normswap.convert(model, "gn", groups=4, affine="fit", data=[images(4)])
+        normswap.convert(model, "gn", groups=4, affine="fit", data=[images(4), images(4, seed=1)])
     assert type(model[1]) is nn.BatchNorm2d and model[1].weight is weight_object
     assert get_history(model) == []
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+class CountsForwards(nn.Module):
+    """Counts the forwards of every copy of the model it is in (the reference the fit keeps is a deep copy)."""
+
+    calls: dict = {}
+
+    def forward(self, x):
+        CountsForwards.calls[id(self)] = CountsForwards.calls.get(id(self), 0) + 1
+        return x
+
+
+@pytest.mark.parametrize("target, converted_runs", [("global", 1), ("local", 1), ("auto", 2)])
+def test_each_model_runs_once_per_batch_and_target_not_once_per_layer(target, converted_runs):
+    model = small_cnn()
+    model.insert(0, CountsForwards())
+    CountsForwards.calls = {}
+    data = images(12).split(4)
+    fitted = normswap.convert(model, "gn", groups=4, affine="fit", data=data, target=target)
+    converted = CountsForwards.calls.pop(id(fitted[0]))
+    (reference,) = CountsForwards.calls.values()
+    assert (converted, reference) == (converted_runs * len(data), len(data))
+
+
+def test_a_layer_called_twice_is_fitted_on_both_calls():
+    torch.manual_seed(0)
+    model = randomize_norm_layers(OverwritesItsInput(inplace=False), seed=2).eval()
+    fitted = normswap.convert(copy.deepcopy(model), "gn", groups=2, affine="fit", data=images(16).split(8))
+    x = images(16)
+    with torch.no_grad():
+        y = model.conv(x)
+        targets = torch.cat([model.bn(y), model.bn(y * -0.5)]).double()
+        normalized = torch.cat([F.group_norm(y, 2, eps=model.bn.eps), F.group_norm(y * -0.5, 2, eps=model.bn.eps)])
+    for c in range(8):  # both calls' values, pooled: the fitted output has the target's mean and spread
+        x, t = normalized[:, c].flatten().double(), targets[:, c].flatten()
+        scale = torch.sign(((x - x.mean()) * (t - t.mean())).mean()) * t.std(unbiased=False) / x.std(unbiased=False)
+        torch.testing.assert_close(fitted.bn.weight[c].double(), scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fitted.bn.bias[c].double(), t.mean() - scale * x.mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_options_are_checked():

@@ -38,7 +38,8 @@ def assert_same_output(model, x, expected, rtol=1e-5):
 
 
 def fold_and_check(model, x, **options):
-    """Fold ``model`` (randomized, in place) and check its output against the original eval output."""
+    """Fold ``model`` (randomized, in place) and check its output against the original eval output on ``x``. The
+    plan runs the model on the example ``options`` give, or on one made from the architecture."""
     randomize_norm_layers(model, seed=1)
     expected = eval_output(model, x)
     p = plan_fold(model, **options)
@@ -86,19 +87,73 @@ class LoopedBatchNorm(nn.Module):
         return self.bn(self.conv2(self.bn(self.conv1(x))))
 
 
-class Untraceable(nn.Module):
-    """A model whose forward branches on tensor values, around a traceable backbone."""
+class BranchesOnValues(nn.Module):
+    """A forward that branches on tensor values after its backbone (torch.fx cannot trace it), then runs a head."""
 
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Conv2d(8, 2, 1)
+        self.head = nn.Sequential(nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
 
     def forward(self, x):
         y = self.backbone(x)
         if y.sum() > 0:
             y = y * 2
         return self.head(y)
+
+
+class ResidualOnlyForLargeInputs(nn.Module):
+    """conv -> bn, plus the conv output itself for inputs with a large mean: a branch an example does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.mean() > 100:
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+class SequenceModel(nn.Module):
+    """Linear + BatchNorm1d over (N, L, C) sequences, transposed so that BatchNorm normalizes the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.proj(x).transpose(1, 2))
+
+
+class Conv3dSubclass(nn.Conv3d):
+    """A conv subclass that keeps its base class's forward, as torchvision's video models define them."""
+
+
+class OwnForwardWithoutBias(nn.Conv2d):
+    """A conv subclass with a forward of its own and no bias: whether it would use a bias it is given is unknown."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight, None, self.stride, self.padding)
+
+
+class CachesAndMutates(nn.Module):
+    """A forward that leaves traces on its module: a cached attribute, a tensor constant, a buffer changed in
+    place. Running it to find the graph must leave none of them behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.last_shape = x.shape
+        self.calls += 1
+        return self.bn(self.conv(x)) * torch.tensor([2.0])
 
 
 class ReadsRunningVar(nn.Module):
@@ -163,7 +218,7 @@ FOLDABLE = {
 
 
 @pytest.mark.parametrize("case", list(FOLDABLE))
-def test_each_layer_kind_folds_to_the_same_eval_output(case):
+def test_each_layer_kind_folds_to_the_same_eval_output_without_an_example_input(case):
     make_conv, make_norm, shape = FOLDABLE[case]
     conv = make_conv()
     channels = conv.out_channels
@@ -182,19 +237,15 @@ def test_a_fused_activation_stays_in_the_norm_layers_place():
     assert "1.act.weight" in model.state_dict()
 
 
-def test_linear_then_batchnorm1d_folds_when_the_graph_shows_two_dims():
+def test_linear_then_batchnorm1d_folds_without_an_example_input():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(),
                           nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8))
     model, p = fold_and_check(model, torch.randn(4, 3, 4, 4))
     assert [(pair.conv, pair.bn) for pair in p.pairs] == [("1", "2"), ("5", "6")]
+    assert "guessed from the input of layer 1" in p.example
 
-
-def test_linear_on_unknown_input_rank_needs_an_example_input():
-    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
-    p = plan_fold(model)
-    assert not p.pairs and "example_input" in p.left[0].reason
-    fold_and_check(model, torch.randn(4, 6), example_input=torch.randn(2, 6))
-    assert isinstance(model[1], nn.Identity)
+    model, p = fold_and_check(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), torch.randn(4, 6))
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("0", "1")] and isinstance(model[1], nn.Identity)
 
 
 def test_linear_on_sequences_is_not_folded_even_when_lengths_match_features():
@@ -203,6 +254,40 @@ def test_linear_on_sequences_is_not_folded_even_when_lengths_match_features():
     model, p = fold_and_check(model, torch.randn(3, 5, 6), example_input=torch.randn(2, 5, 6))
     assert not p.pairs and "3-D" in p.left[0].reason
     assert isinstance(model[1], nn.BatchNorm1d)
+
+
+def test_linear_features_transposed_for_batchnorm1d_are_not_folded():
+    model, p = fold_and_check(SequenceModel(), torch.randn(2, 7, 6), input_shape=(2, 7, 6))
+    assert not p.pairs and p.left[0].reason == "its input comes from transpose in <model>, not from a Conv, " \
+        "ConvTranspose or Linear layer"
+
+
+def test_the_example_input_can_be_given_as_data_or_as_a_shape():
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    assert plan_fold(model, input_shape=(3, 6)).example == "3x6 (input_shape)"
+    assert plan_fold(model, data=[(torch.randn(4, 6), torch.zeros(4))]).example == "4x6 (the first batch of the data)"
+    assert plan_fold(model, example_input=torch.randn(1, 6)).example == "1x6 (example_input)"
+
+
+def test_a_model_that_fails_on_its_example_input_folds_nothing_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    p = plan_fold(model)
+    assert not p.captured and not p.pairs and len(p.left) == 1
+    assert p.capture_error.startswith("the model fails on the example input 2x3x256x256: RuntimeError: mat1")
+    assert p.capture_error.endswith("give the input it takes (input_shape=, data= or example_input=; "
+                                    "--input-shape or --data on the command line)")
+    assert "nothing folded: the model fails" in str(p) and p.left[0].reason == "the model could not be run"
+    assert len(plan_fold(model, input_shape=(1, 3, 8, 8))) == 1
+
+
+def test_a_conv_subclass_that_keeps_its_base_forward_folds_like_its_base():
+    model = nn.Sequential(Conv3dSubclass(3, 4, 3, bias=False), nn.BatchNorm3d(4))
+    model, p = fold_and_check(model, torch.randn(2, 3, 5, 5, 5))
+    assert len(p) == 1 and p.pairs[0].new_bias
+
+    model, p = fold_and_check(nn.Sequential(OwnForwardWithoutBias(3, 4, 3, bias=False), nn.BatchNorm2d(4)),
+                              torch.randn(2, 3, 6, 6))
+    assert not p.pairs and "has no bias and its own forward" in p.left[0].reason
 
 
 def test_a_conv_without_bias_gets_one_trainable_like_its_weight():
@@ -227,11 +312,12 @@ def test_the_fold_matches_a_float64_reference():
 
 
 @pytest.mark.parametrize("model_class, reason", [
-    (Residual, "also feeds other operations"),
-    (WeightStandardized, "it comes from conv2d"),
+    (Residual, "the output of conv (Conv2d) also feeds add in <model>"),
+    (WeightStandardized, "conv (StdConv2d) does not compute with its own weight"),
     (ReusedConv, "called 2 times"),
     (LoopedBatchNorm, "called 2 times"),
-    (ReadsRunningVar, "read directly"),
+    (ReadsRunningVar, "its tensors are read directly by the forward"),
+    (ResidualOnlyForLargeInputs, "the forward branches on tensor values (__bool__ in <model>)"),
 ])
 def test_unsafe_pairs_are_left_with_a_reason(model_class, reason):
     model, p = fold_and_check(model_class(), torch.randn(2, 3 if model_class is ReadsRunningVar else 4, 6, 6))
@@ -240,12 +326,32 @@ def test_unsafe_pairs_are_left_with_a_reason(model_class, reason):
     assert all(isinstance(m, nn.BatchNorm2d) for name, m in model.named_children() if name.startswith("bn"))
 
 
-def test_a_batchnorm_shared_between_two_places_is_not_folded():
+def test_a_batchnorm_called_in_two_places_is_not_folded():
     bn = nn.BatchNorm2d(4)
     model = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.Conv2d(4, 4, 1), bn)
     model, p = fold_and_check(model, torch.randn(2, 4, 5, 5))
     assert not p.pairs
-    assert p.left[0].names == ["1", "3"] and p.left[0].reason.startswith("shared")
+    assert p.left[0].names == ["1", "3"] and p.left[0].reason == "called 2 times"
+
+
+class RegisteredTwice(nn.Module):
+    """A block registered under two names but called once, as MONAI's DynUNet registers its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+        self.skip = nn.ModuleDict({"same_block": self.block})
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_layer_registered_under_two_names_but_called_once_folds_and_loads_again():
+    model, p = fold_and_check(RegisteredTwice(), torch.randn(2, 3, 8, 8))
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("block.0", "block.1")]
+    assert isinstance(model.block[1], nn.Identity) and isinstance(model.skip.same_block[1], nn.Identity)
+    fresh = replay_fold(RegisteredTwice(), get_history(model)[0])
+    fresh.load_state_dict(model.state_dict(), strict=True)
 
 
 def test_a_conv_shared_between_two_places_is_not_folded():
@@ -282,30 +388,39 @@ def test_batchnorm_without_running_statistics_stays_and_is_not_frozen():
     assert reasons["2"][1] is True
     assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is FrozenBatchNorm
     assert [step["op"] for step in get_history(model)] == ["fold", "plan"]
-    assert "1 frozen" in str(p)
+    assert "folded 1 of 3 BatchNorm layer(s), 1 of the rest frozen" in str(p)
 
 
-def test_an_untraceable_model_is_left_unchanged_unless_a_traceable_part_is_named():
-    model, p = fold_and_check(Untraceable(), torch.randn(2, 3, 6, 6))
-    assert not p.traced and not p.pairs
-    assert "could not be traced" in str(p)
-    assert isinstance(model.backbone[1], nn.BatchNorm2d)
-
-    model = Untraceable()
-    model.head = nn.Sequential(nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
-    model, p = fold_and_check(model, torch.randn(2, 3, 6, 6), within="backbone")
+def test_a_model_that_branches_on_tensor_values_folds_what_the_branch_cannot_rewire():
+    model, p = fold_and_check(BranchesOnValues(), torch.randn(2, 3, 6, 6))
     assert [(pair.conv, pair.bn) for pair in p.pairs] == [("backbone.0", "backbone.1")]
-    assert p.left[0].names == ["head.1"] and p.left[0].reason == "outside backbone"
+    (left,) = p.left
+    assert left.names == ["head.1"] and left.reason.startswith("the forward branches on tensor values (__bool__")
+
+
+def test_within_folds_only_inside_the_submodule_named():
+    model, p = fold_and_check(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)),
+                                            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), torch.randn(2, 3, 5, 5),
+                              within="0")
+    assert [(pair.conv, pair.bn) for pair in p.pairs] == [("0.0", "0.1")]
+    assert p.left[0].names == ["2"] and p.left[0].reason == "outside 0"
     with pytest.raises(PlanError, match="no submodule 'neck'"):
         plan_fold(model, within="neck")
 
 
-def test_tracing_keeps_training_flags_and_the_fold_equals_the_eval_output():
+def test_running_the_model_to_plan_leaves_it_as_it_was():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).train()
     model.layer1.eval()
     plan_fold(model)
     assert model.training and not model.layer1.training and model.layer2.training
     fold_and_check(model, torch.randn(2, 3, 32, 32))
+
+    model = CachesAndMutates()
+    attributes, state = dict(model.__dict__), copy.deepcopy(model.state_dict())
+    assert len(plan_fold(model)) == 1
+    assert model.__dict__.keys() == attributes.keys() and "_tensor_constant0" not in model.__dict__
+    assert all(model.__dict__[key] is value for key, value in attributes.items())
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
 def test_a_failing_freeze_leaves_the_model_unchanged():
@@ -328,12 +443,13 @@ def test_a_plan_for_another_model_is_refused_before_any_change():
 
 def test_the_plan_reads_as_a_table_and_serialises_to_json():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), BatchNormAct2d(4), nn.BatchNorm2d(4))
-    p = plan_fold(model)
+    p = plan_fold(model, input_shape=(1, 3, 4, 4))
     text = str(p)
-    assert text.splitlines()[0] == "fold: 1 BatchNorm layer(s) folded, 1 left"
+    assert text.splitlines()[0] == "fold: folded 1 of 2 BatchNorm layer(s), example input 1x3x4x4 (input_shape)"
     assert "0 (Conv2d)" in text and "new" in text and "ReLU" in text
-    assert "left (its input comes from 1 (BatchNormAct2d), not a Conv, ConvTranspose or Linear layer): 2" in text
-    assert json.loads(json.dumps(p.to_dict()))["pairs"][0]["bn"] == "1"
+    assert "left (its input comes from relu in 1.act, not from a Conv, ConvTranspose or Linear layer): 2" in text
+    plan = json.loads(json.dumps(p.to_dict()))
+    assert plan["pairs"][0]["bn"] == "1" and plan["captured"] and plan["example"] == "1x3x4x4 (input_shape)"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050", "efficientnet_b0"])
@@ -355,7 +471,8 @@ def test_densenet_folds_only_the_batchnorms_that_follow_a_conv():
 def test_torchvision_vgg11_bn_features_fold_every_batchnorm():
     vgg = torchvision.models.vgg
     model = nn.Sequential(vgg.make_layers(vgg.cfgs["A"], batch_norm=True), nn.Flatten(), nn.Linear(512, 10))
-    _, p = fold_and_check(model, torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    _, p = fold_and_check(model, x, example_input=x)
     assert len(p) == 8 and not p.left
 
 
@@ -389,6 +506,7 @@ def test_replaying_a_fold_that_does_not_fit_raises():
 def test_folding_a_model_on_cuda():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).cuda()
     model, p = fold_and_check(model, torch.randn(2, 3, 32, 32, device="cuda"))
+    assert "2x3x224x224" in p.example
     assert len(p) == 20 and model.conv1.bias.is_cuda
 
 
@@ -401,4 +519,4 @@ def test_folding_a_model_on_cuda():
 def test_timm_sweep_folded_output_equals_eval_output(name):
     model = timm.create_model(name, pretrained=False, num_classes=10)
     _, p = fold_and_check(model, torch.randn(2, 3, 64, 64))
-    assert len(p) > 0
+    assert len(p) > 0 and p.captured

@@ -42,6 +42,29 @@ def make_model() -> nn.Module:
     return randomize_norm_layers(model, seed=5).eval()
 
 
+class FailsOnABatchOfOne(nn.Module):
+    """Raises on a batch of one sample, after the first BatchNorm: a failure in the middle of a calibration."""
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            raise ValueError("a batch of one")
+        return x
+
+
+class CallsALayerTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_a, self.conv, self.bn_b = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn_a(self.bn_b(self.conv(self.bn_a(x))))
+
+
+def twice_model() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_norm_layers(CallsALayerTwice(), seed=6).eval()
+
+
 def all_batches() -> list[torch.Tensor]:
     return images([3, 5, 2, 4, 1], shape=(3, 6, 6), seed=7)
 
@@ -63,13 +86,23 @@ def _worker(rank: int, port: int, out: Path) -> None:
             model = recalibrate(make_model(), shard(rank), method=method, progress=False)
             results[method] = running_statistics(model)
             results[f"{method} report"] = calibration_report(model).to_dict()
-        model = recalibrate(make_model(), shard(0) if rank == 0 else [], progress=False)
-        results["empty shard"] = running_statistics(model)
+        for method in ("exact", "sequential"):
+            model = recalibrate(make_model(), shard(0) if rank == 0 else [], method=method, progress=False)
+            results[f"{method} empty shard"] = running_statistics(model)
         bad = shard(rank) + (["not a batch"] if rank == 1 else [])
         try:
             recalibrate(make_model(), bad, progress=False)
         except CalibrationError as exc:
             results["failure"] = str(exc)
+        failing = make_model()
+        failing.insert(2, FailsOnABatchOfOne())  # rank 0's shard ends with a batch of one
+        try:
+            recalibrate(failing, shard(rank), method="sequential", progress=False)
+        except CalibrationError as exc:
+            results["sequential failure"] = str(exc)
+        model = recalibrate(twice_model(), shard(rank), method="sequential", progress=False)
+        results["called twice"] = running_statistics(model)
+        results["called twice report"] = calibration_report(model).to_dict()
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -115,13 +148,25 @@ def test_the_report_counts_the_data_of_all_ranks(ranks):
         assert len(report["calibrated"]) == 3
 
 
-def test_a_rank_without_data_contributes_nothing(ranks):
-    expected = running_statistics(recalibrate(make_model(), shard(0)))
+@pytest.mark.parametrize("method", ["exact", "sequential"])
+def test_a_rank_without_data_contributes_nothing(ranks, method):
+    expected = running_statistics(recalibrate(make_model(), shard(0), method=method, channels_last=False))
     for rank in ranks:
         for key, value in expected.items():
-            assert torch.allclose(rank["empty shard"][key], value, rtol=1e-6, atol=1e-7), key
+            assert torch.allclose(rank[f"{method} empty shard"][key], value, rtol=1e-6, atol=1e-7), key
 
 
 def test_a_failure_on_one_rank_is_an_error_on_every_rank_instead_of_a_hang(ranks):
     assert "batch 2 is a str" in ranks[1]["failure"]
     assert "failed on rank 1" in ranks[0]["failure"]
+    assert "ValueError: a batch of one" in ranks[0]["sequential failure"]
+    assert "failed on rank 0" in ranks[1]["sequential failure"]
+
+
+def test_ranks_agree_on_a_layer_called_twice_and_end_as_one_process_over_all_the_data(ranks):
+    single = running_statistics(recalibrate(twice_model(), all_batches(), method="sequential"))
+    for rank in ranks:
+        for key, value in single.items():
+            assert torch.allclose(rank["called twice"][key], value, rtol=1e-6, atol=1e-7), key
+        report = rank["called twice report"]
+        assert report["calibrated"] == ["bn_b", "bn_a"] and report["forward_cost"] == pytest.approx(2 + 2 / 5)

@@ -2,8 +2,9 @@
 
 For each model and target: the conversion leaves no layer of another norm family behind, the converted model runs
 forward and backward, and the targets that keep the statistics (frozen, sync, and bn back from sync or from frozen)
-give the original model's eval output. The default run covers one model of each kind of norm layer; the whole set
-(more than 20 architectures) runs with ``-m slow``.
+give the original model's eval output. Each model is also folded (the folded model gives the eval output) and
+recalibrated with the sequential method, at the cost of one forward per batch. The default run covers one model of
+each kind of norm layer; the whole set (more than 20 architectures) runs with ``-m slow``.
 """
 
 import copy
@@ -20,6 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import normswap
 from normswap.errors import PlanError
+from normswap.recalibrate import calibration_report
 from normswap.targets import TARGETS, classify
 
 from .helpers import randomize_norm_layers
@@ -158,6 +160,12 @@ def check_architecture(arch: Architecture, backward: tuple) -> None:
         else:
             with torch.no_grad():
                 assert torch.isfinite(flat_output(model.eval()(x))).all(), to
+    folded = normswap.plan_fold(copy.deepcopy(original), input_shape=arch.input_shape)
+    assert folded.captured and len(folded) > 0, str(folded)
+    assert_same_output(folded.apply(copy.deepcopy(original)), x, expected, "fold")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in original.modules()):  # not only frozen ones
+        calibrated = normswap.recalibrate(copy.deepcopy(original), [x, x.flip(0)], method="sequential")
+        assert calibration_report(calibrated).forward_cost <= 1.5
 
 
 @pytest.mark.parametrize("name", FAST)

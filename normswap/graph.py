@@ -1,0 +1,658 @@
+"""Graph knowledge from running the model: who produced each tensor, who else read it, how often each module ran.
+
+:func:`capture` runs the model once on an example input, in eval mode and without gradients, and records every call
+it makes: every module call (through process-wide forward hooks) and every torch function or tensor method call
+inside them (through a :class:`~torch.overrides.TorchFunctionMode`). Real Python runs, so control flow, list and dict
+inputs, ``torch.ops`` calls and every library's own code take part as they do in deployment; nothing has to be
+traceable. The :class:`Graph` it returns answers, for every tensor the forward touched (activations, parameters and
+buffers):
+
+- the call that produced it (the last one that wrote it: an in-place operation is a new producer),
+- every call that read it (queries of shape, dtype or device are not reads),
+- the module calls around every call, and how many times each module was *called* (a module registered under
+  several names but called once is called once),
+- which tensors the model returned.
+
+:func:`example_input` makes the example: the first batch of ``data``, a tensor of ``input_shape``, or an input
+derived from the architecture (timm's data config, the documented input of torchvision, transformers and
+ultralytics models, otherwise the first layer's input channels or features), packaged as the model takes it
+(a list of images for torchvision's detection models, ``pixel_values=`` for transformers).
+
+Limits, and how they are guarded:
+
+- Only the path the example takes is seen. A module the example does not call has no calls in the graph, and users
+  of the graph treat that as "unknown" (fold leaves such layers alone). A branch on tensor *values* (``if
+  x.sum() > 0``, ``.item()``, ``.tolist()``, ``nonzero``) is recorded as a :attr:`Call.decides` call when the value
+  depends on the input; :meth:`Graph.decision_affecting` finds such a branch inside a module call or in the code
+  around it that ran before it, and fold refuses what such a branch could wire differently. Branches on Python
+  values computed elsewhere from tensor values, and branches on input *shapes*, are taken as the example takes
+  them: give an example of the shape the model is used with (``input_shape=``).
+- Tensors reached only through objects other than tuples, lists, dicts and dataclasses (for a module's inputs
+  and outputs), or through code the function mode does not see (TorchScript, C++ extensions that do not dispatch
+  through ``torch.ops``), appear without a producer.
+- A tensor changed through another view of its memory gets a new value without producer (taken to depend on the
+  input), so what reads it is not mistaken for a reader of the old value.
+- Running a model can change it: capture puts back every module attribute and buffer the forward changed (caches
+  such as YOLO's anchors), the training flags and the random number generators, and refuses a model with
+  uninitialized lazy modules, which the first forward would change. Nothing is stored on the model.
+
+Why a recorded eager forward: ``torch.fx`` symbolic tracing fails on most models from outside timm (YOLO,
+transformers, smp, torchvision detection); ``torch.export(strict=False)`` fails on every torchvision detection model
+(data-dependent shapes in its post-processing) and ``make_fx`` costs two to ten forwards and fails on Mask R-CNN,
+both giving aten-level graphs without module calls; recording one eager forward costs about one forward and works on
+every model that runs (``python benchmarks/bench_fold.py --capture`` measures all four).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    >>> graph = capture(model, example_input(model))
+    >>> bn_call, = graph.module_calls(model[1])
+    >>> producer = bn_call.inputs[0].producer
+    >>> producer.name, producer.parent.name, graph.call_count(model[0])
+    ('torch.nn.functional.conv2d', '0', 1)
+    >>> [reader.name for reader in graph.readers(bn_call.inputs[0], outside=bn_call)]
+    []
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .data import call_model, iter_inputs
+from .errors import NormswapError
+
+__all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
+           "find_example"]
+
+
+class GraphError(NormswapError):
+    """The model could not be run on its example input, or no example input could be made."""
+
+
+# Tensor methods and attributes that return facts about a tensor, not its values: not reads.
+_METADATA = frozenset(f"torch.Tensor.{name}" for name in (
+    "shape.__get__", "ndim.__get__", "dtype.__get__", "device.__get__", "layout.__get__", "requires_grad.__get__",
+    "is_cuda.__get__", "is_cpu.__get__", "is_mps.__get__", "is_meta.__get__", "is_sparse.__get__",
+    "is_quantized.__get__", "is_leaf.__get__", "is_nested.__get__", "grad_fn.__get__", "names.__get__",
+    "itemsize.__get__", "nbytes.__get__", "_version.__get__", "dim", "ndimension", "size", "stride", "numel",
+    "nelement", "element_size", "is_contiguous", "is_floating_point", "is_complex", "is_signed", "is_pinned",
+    "get_device", "__len__", "data_ptr", "storage_offset", "has_names", "dim_order", "is_inference",
+))
+
+# Calls that turn tensor values into Python values, or whose output shape depends on the values: where code can
+# branch on the data.
+_DECISIONS = frozenset({
+    "torch.Tensor.__bool__", "torch.Tensor.item", "torch.Tensor.tolist", "torch.Tensor.__int__",
+    "torch.Tensor.__float__", "torch.Tensor.__index__", "torch.Tensor.__complex__", "torch.Tensor.numpy",
+    "torch.Tensor.__array__", "torch.Tensor.is_nonzero", "torch.Tensor.equal", "torch.Tensor.allclose",
+    "torch.is_nonzero", "torch.equal", "torch.allclose", "torch.Tensor.nonzero", "torch.nonzero",
+    "torch.Tensor.argwhere", "torch.argwhere", "torch.Tensor.masked_select", "torch.masked_select",
+    "torch.Tensor.unique", "torch.unique", "torch.unique_consecutive", "torch.Tensor.unique_consecutive",
+    "torch.Tensor.bincount", "torch.bincount", "torch.Tensor.nonzero_static", "torchvision.nms",
+})
+
+# Calls whose outputs do not depend on the values of their tensor arguments (only on shape, dtype, device).
+_VALUE_FREE = frozenset({
+    "torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like", "torch.rand_like",
+    "torch.randn_like", "torch.randint_like", "torch.Tensor.new_zeros", "torch.Tensor.new_ones",
+    "torch.Tensor.new_empty", "torch.Tensor.new_full", "torch.Tensor.new_tensor",
+})
+
+_MAX_DEPTH = 8
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor state seen during the forward: an activation, a parameter or a buffer.
+
+    ``producer`` is the function call that produced it (``None`` for the model's inputs, parameters, buffers and
+    tensors made where the recorder cannot see); an in-place operation makes a new value of the same tensor.
+    ``readers`` are the function calls that read it. ``name`` is the qualified name of a parameter or buffer.
+    ``from_input`` says whether its values depend on the model's input. A tensor changed through another view of
+    its memory (its version counter moved while the recorder was not looking) gets a new value without producer,
+    taken to depend on the input.
+    """
+
+    index: int
+    shape: tuple[int, ...]
+    producer: Optional["Call"] = None
+    readers: list["Call"] = field(default_factory=list)
+    name: Optional[str] = None
+    from_input: bool = False
+    version: Optional[int] = None
+
+    def __repr__(self) -> str:
+        what = self.name or (self.producer.name if self.producer is not None else "input")
+        return f"Value({self.index}, {list(self.shape)}, {what})"
+
+
+@dataclass(eq=False)
+class Call:
+    """One call during the forward: of a module (``module`` is set) or of a torch function or tensor method.
+
+    ``name`` is the module's first qualified name or the function's name (``torch.nn.functional.conv2d``).
+    ``parent`` is the innermost module call around this one; calls nested in a module call have indices from its
+    ``index`` to its ``end`` (a function call's ``end`` is its ``index``). ``inputs`` are the tensors among the
+    arguments, in order (for a module call: among the positional ones, which ``positional`` counts; keyword
+    arguments of module calls are not seen). ``decides`` marks a function call that turned input-dependent values
+    into Python values (see the module documentation).
+    """
+
+    index: int
+    name: str
+    parent: Optional["Call"]
+    module: Optional[nn.Module] = None
+    inputs: list[Value] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+    end: int = -1
+    positional: int = 0
+    decides: bool = False
+
+    def __repr__(self) -> str:
+        return f"Call({self.index}, {self.name})"
+
+    @property
+    def is_module(self) -> bool:
+        return self.module is not None
+
+    def within(self, outer: "Call") -> bool:
+        """True if this call is ``outer`` or ran inside it."""
+        return outer.index <= self.index <= outer.end
+
+    def ancestors(self) -> Iterator["Call"]:
+        """The module calls around this call, innermost first."""
+        call = self.parent
+        while call is not None:
+            yield call
+            call = call.parent
+
+
+@dataclass
+class Graph:
+    """What one forward did; see the module documentation. Build it with :func:`capture`."""
+
+    calls: list[Call]
+    values: list[Value]
+    outputs: list[Value]
+    names: dict[int, list[str]]
+    registered: dict[int, Value] = field(default_factory=dict)
+    example: str = ""
+
+    def __post_init__(self) -> None:
+        self._by_module: dict[int, list[Call]] = {}
+        for call in self.calls:
+            if call.module is not None:
+                self._by_module.setdefault(id(call.module), []).append(call)
+        self._decisions = [call for call in self.calls if call.decides]
+
+    def module_calls(self, module: nn.Module) -> list[Call]:
+        """Every call of ``module``, in order."""
+        return self._by_module.get(id(module), [])
+
+    def call_count(self, module: nn.Module) -> int:
+        """How many times ``module`` was called (0: the example did not reach it)."""
+        return len(self.module_calls(module))
+
+    def parameter(self, tensor: Optional[torch.Tensor]) -> Optional[Value]:
+        """The value of one of the model's parameters or buffers as the forward first used it (``None`` if it did
+        not use it)."""
+        return None if tensor is None else self.registered.get(id(tensor))
+
+    def readers(self, value: Value, *, outside: Optional[Call] = None) -> list[Call]:
+        """The function calls that read ``value``, except ``outside`` and the calls inside it."""
+        return [reader for reader in value.readers if outside is None or not reader.within(outside)]
+
+    def is_output(self, value: Value) -> bool:
+        """True if the model returned this tensor."""
+        return any(output is value for output in self.outputs)
+
+    def common_caller(self, first: Call, second: Call) -> Optional[Call]:
+        """The innermost module call around both calls: the one whose code wires them together."""
+        around = {id(call) for call in first.ancestors()}
+        return next((call for call in second.ancestors() if id(call) in around), None)
+
+    def decision_affecting(self, call: Call) -> Optional[Call]:
+        """An input-dependent branch that could have changed what happens inside module call ``call``: one inside
+        it, or one in the own code of a module call around it, before it started; ``None`` if there is none."""
+        for decision in self._decisions:
+            if decision.within(call):
+                return decision
+            if decision.index < call.index and decision.parent is not None and call.within(decision.parent):
+                return decision
+        return None
+
+    @property
+    def decisions(self) -> list[Call]:
+        """Every call that turned input-dependent tensor values into Python values, in order."""
+        return list(self._decisions)
+
+
+@dataclass
+class Example:
+    """A model input and where it came from (``source``), for reports."""
+
+    value: Any
+    source: str
+
+    def __str__(self) -> str:
+        return f"{describe_input(self.value)} ({self.source})"
+
+
+def describe_input(model_input: Any) -> str:
+    """A short description of a model input: ``2x3x224x224``, ``[3x800x800]``, ``{pixel_values: 1x3x224x224}``.
+
+    >>> describe_input((torch.zeros(2, 3), {"mask": torch.zeros(2)}))
+    '(2x3, {mask: 2})'
+    """
+    if isinstance(model_input, torch.Tensor):
+        return "x".join(map(str, model_input.shape)) or "scalar"
+    if isinstance(model_input, list):
+        return "[" + ", ".join(describe_input(item) for item in model_input) + "]"
+    if isinstance(model_input, tuple):
+        return "(" + ", ".join(describe_input(item) for item in model_input) + ")"
+    if isinstance(model_input, Mapping):
+        return "{" + ", ".join(f"{key}: {describe_input(item)}" for key, item in model_input.items()) + "}"
+    return type(model_input).__name__
+
+
+def example_input(
+    model: nn.Module,
+    data: Optional[Iterable[Any]] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    *,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
+) -> Any:
+    """One input for ``model``: the first batch of ``data``, else a random tensor of ``input_shape``, else one made
+    from the architecture (see :func:`find_example`). On the model's device and in its floating dtype.
+
+    >>> model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    >>> example_input(model).shape
+    torch.Size([2, 6])
+    >>> example_input(model, input_shape=(5, 6)).shape
+    torch.Size([5, 6])
+    """
+    return find_example(model, data, input_shape, input_fn=input_fn, input_key=input_key).value
+
+
+def find_example(
+    model: nn.Module,
+    data: Optional[Iterable[Any]] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    *,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
+) -> Example:
+    """:func:`example_input` with where the input came from.
+
+    Without ``data`` or ``input_shape``, the main input tensor's shape comes from, in order: timm's data config
+    (``pretrained_cfg["input_size"]``), the documented input of a transformers model (``config.image_size``,
+    ``config.num_channels``), an ultralytics model (640x640) or a torchvision model (224x224; 299x299 for Inception
+    v3; 16 frames of 112x112 for the video models; the image size of a ViT), and otherwise the first layer: a
+    Conv1d/2d/3d's input channels (at 256, 256x256 or 32x32x32), a Linear's or BatchNorm's features, an Embedding's
+    token ids. The tensor is then packaged as the model takes it: a list of 3-D images for torchvision's detection
+    models, ``{main_input_name: tensor}`` for transformers models.
+
+    Raises:
+        GraphError: ``data`` is empty, ``input_shape`` is not a shape, or nothing says what the model takes.
+    """
+    if data is not None:
+        for _, model_input in iter_inputs(data, batches=1, input_fn=input_fn, input_key=input_key):
+            return Example(model_input, "the first batch of the data")
+        raise GraphError("the data is empty: an example input needs at least one batch")
+    placement = _placement(model)
+    if input_shape is not None:
+        shape = _checked_shape(input_shape)
+        return Example(_package(model, torch.randn(shape, **placement)), "input_shape")
+    for derive in (_timm_shape, _transformers_input, _ultralytics_shape, _torchvision_shape):
+        found = derive(model)
+        if found is None:
+            continue
+        if isinstance(found[0], torch.Tensor):
+            return Example(found[0].to(placement["device"]), found[1])
+        shape, source = found
+        return Example(_package(model, torch.randn(shape, **placement)), source)
+    found = _first_layer_input(model, placement)
+    if found is None:
+        raise GraphError(f"cannot tell what input a {type(model).__name__} takes: pass an example input, "
+                         "input_shape= (--input-shape on the command line) or data=")
+    return Example(_package(model, found[0]), found[1])
+
+
+def _checked_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(size) for size in input_shape)
+    except (TypeError, ValueError):
+        raise GraphError(f"input_shape must be a sequence of sizes like (1, 3, 640, 640), got {input_shape!r}") \
+            from None
+    if not shape or any(size < 1 for size in shape) or any(float(a) != b for a, b in zip(input_shape, shape)):
+        raise GraphError(f"input_shape must be positive whole sizes like (1, 3, 640, 640), got {input_shape!r}")
+    return shape
+
+
+def _placement(model: nn.Module) -> dict[str, Any]:
+    """``device`` and floating ``dtype`` of the model's first parameter or buffer."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+    return {"device": device, "dtype": dtype}
+
+
+def _package(model: nn.Module, tensor: torch.Tensor) -> Any:
+    """The main input tensor as the model takes it."""
+    if _is_torchvision_detection(model):
+        return [image for image in tensor] if tensor.dim() == 4 else [tensor]
+    name = _transformers_input_name(model)
+    if name is not None:
+        return {name: tensor}
+    return tensor
+
+
+def _is_torchvision_detection(model: nn.Module) -> bool:
+    transform = sys.modules.get("torchvision.models.detection.transform")
+    return transform is not None and isinstance(getattr(model, "transform", None),
+                                                transform.GeneralizedRCNNTransform)
+
+
+def _transformers_input_name(model: nn.Module) -> Optional[str]:
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return None
+    return getattr(model, "main_input_name", None) or None
+
+
+def _timm_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]]:
+    config = getattr(model, "pretrained_cfg", None)
+    if "timm" not in sys.modules or not isinstance(config, Mapping) or "input_size" not in config:
+        return None
+    return (2, *config["input_size"]), "timm's data config"
+
+
+def _transformers_input(model: nn.Module) -> Optional[tuple[Any, str]]:
+    name = _transformers_input_name(model)
+    if name is None:
+        return None
+    config = model.config
+    if name in ("pixel_values", "pixel_values_videos"):
+        size = getattr(config, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        return (2, getattr(config, "num_channels", 3), height, width), "the transformers config"
+    if name == "input_ids":
+        tokens = torch.randint(0, max(1, getattr(config, "vocab_size", 2)), (2, 16))
+        return tokens, "random token ids"
+    return None
+
+
+def _ultralytics_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]]:
+    tasks = sys.modules.get("ultralytics.nn.tasks")
+    if tasks is None or not isinstance(model, tasks.BaseModel):
+        return None
+    channels = model.yaml.get("ch", 3) if isinstance(getattr(model, "yaml", None), Mapping) else 3
+    size = 224 if isinstance(model, getattr(tasks, "ClassificationModel", ())) else 640
+    return (1, channels, size, size), "ultralytics' documented input size"
+
+
+def _torchvision_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]]:
+    module = type(model).__module__
+    if not module.startswith("torchvision.models"):
+        return None
+    source = "torchvision's documented input size"
+    if _is_torchvision_detection(model):
+        return (1, 3, 224, 224), source
+    if module.startswith("torchvision.models.video"):
+        size = 224 if type(model).__name__ in ("S3D", "MViT", "SwinTransformer3d") else 112
+        return (2, 3, 16, size, size), source
+    size = getattr(model, "image_size", None) or (299 if type(model).__name__ == "Inception3" else 224)
+    return (2, 3, size, size), source
+
+
+def _first_layer_input(model: nn.Module, placement: dict[str, Any]) -> Optional[tuple[torch.Tensor, str]]:
+    """A random input for the first layer in definition order that says what it takes."""
+    for name, module in model.named_modules():
+        shape: Optional[tuple[int, ...]] = None
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            shape = (2, module.in_channels, 256)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            shape = (2, module.in_channels, 256, 256)
+        elif isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            shape = (2, module.in_channels, 32, 32, 32)
+        elif isinstance(module, nn.Linear):
+            shape = (2, module.in_features)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+                module, nn.modules.lazy.LazyModuleMixin):
+            shape = (2, module.num_features) + (8,) * max(0, _norm_rank(module) - 1)
+        elif isinstance(module, nn.Embedding):
+            tokens = torch.randint(0, module.num_embeddings, (2, 16), device=placement["device"])
+            return tokens, f"token ids for {name or 'the model'}"
+        if shape is not None:
+            where = f"layer {name}" if name else "the model"
+            return torch.randn(shape, **placement), f"guessed from the input of {where}"
+    return None
+
+
+def _norm_rank(module: nn.Module) -> int:
+    return {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(module), 1)
+
+
+# --- capture -----------------------------------------------------------------------------------------------------
+
+
+def capture(model: nn.Module, model_input: Any, *, example: str = "") -> Graph:
+    """Run ``model`` once on ``model_input`` (see :func:`normswap.data.call_model`) in eval mode without gradients,
+    and return the :class:`Graph` of what it did. The model is left exactly as it was.
+
+    Raises:
+        GraphError: the model has uninitialized lazy modules, or fails on the input.
+    """
+    lazy = [name for name, module in model.named_modules() if isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()]
+    if lazy:
+        raise GraphError(f"layer '{lazy[0]}' is an uninitialized lazy module: run the model once before folding")
+    recorder = _Recorder(model)
+    with _restored(model), torch.no_grad():
+        model.eval()
+        try:
+            with recorder.recording(model_input):
+                output = call_model(model, model_input)
+        except NormswapError:
+            raise
+        except Exception as exc:
+            message = str(exc).strip().splitlines()
+            raise GraphError(f"the model fails on the example input {describe_input(model_input)}: "
+                             f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")) from exc
+        outputs = [recorder.value(tensor) for tensor in _tensors(output)]
+    return Graph(recorder.calls, recorder.values_seen, outputs, recorder.names, recorder.registered_values,
+                 example or describe_input(model_input))
+
+
+class _Recorder(TorchFunctionMode):
+    """Records module calls (global forward hooks) and function calls (this mode) of one forward, on one thread."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), []).append(name)
+        self.registered: dict[int, tuple[torch.Tensor, str]] = {}
+        for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+            for name, tensor in named:
+                self.registered.setdefault(id(tensor), (tensor, name))
+        self.registered_values: dict[int, Value] = {}
+        self.calls: list[Call] = []
+        self.values_seen: list[Value] = []
+        self.stack: list[Call] = []
+        self.known: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.thread = threading.get_ident()
+        self.busy = False
+        self.function_names: dict[Any, str] = {}
+
+    @contextlib.contextmanager
+    def recording(self, model_input: Any) -> Iterator[None]:
+        for tensor in _tensors(model_input):
+            self.value(tensor).from_input = True
+        before = nn.modules.module.register_module_forward_pre_hook(self._enter)
+        # (not with_kwargs=True: torch 2.x leaves such a global hook's flag behind when it is removed)
+        after = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
+        try:
+            with self:
+                yield
+        finally:
+            before.remove()
+            after.remove()
+
+    def value(self, tensor: torch.Tensor) -> Value:
+        """The current value of ``tensor``, registered on first sight."""
+        found = self.known.get(tensor)
+        if found is None:
+            registered = self.registered.get(id(tensor))
+            name = registered[1] if registered is not None and registered[0] is tensor else None
+            found = self._new_value(tensor, None, name=name)
+            if name is not None:
+                self.registered_values[id(tensor)] = found
+        elif found.version != _version(tensor):
+            found = self._new_value(tensor, None, name=found.name, from_input=True)
+        return found
+
+    def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], *, name: Optional[str] = None,
+                   from_input: bool = False) -> Value:
+        value = Value(len(self.values_seen), tuple(tensor.shape), producer, name=name, from_input=from_input,
+                      version=_version(tensor))
+        self.values_seen.append(value)
+        self.known[tensor] = value
+        return value
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        self.busy = True
+        try:
+            names = self.names.get(id(module)) or [type(module).__name__]
+            call = Call(len(self.calls), names[0], self.stack[-1] if self.stack else None, module,
+                        [self.value(t) for t in _tensors(args)], positional=len(args))
+            self.calls.append(call)
+            self.stack.append(call)
+        finally:
+            self.busy = False
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if threading.get_ident() != self.thread or not self.stack or self.stack[-1].module is not module:
+            return
+        self.busy = True
+        try:
+            call = self.stack.pop()
+            call.outputs = [self.value(t) for t in _tensors(output)]
+            call.end = len(self.calls) - 1
+        finally:
+            self.busy = False
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if self.busy or threading.get_ident() != self.thread:
+            return func(*args, **kwargs)
+        name = self.function_names.get(func)
+        if name is None:
+            name = self.function_names[func] = resolve_name(func) or getattr(func, "__name__", repr(func))
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        self.busy = True
+        try:
+            tensors = _tensors((args, kwargs))
+            inputs = [self.value(tensor) for tensor in tensors]
+        finally:
+            self.busy = False
+        output = func(*args, **kwargs)
+        self.busy = True
+        try:
+            self._record(name, tensors, inputs, args, output)
+        finally:
+            self.busy = False
+        return output
+
+    def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
+        outputs = _tensors(output)
+        changed = [tensor for tensor, value in zip(tensors, inputs) if _version(tensor) != value.version]
+        if not changed and outputs and all(any(out is t for t in tensors) for out in outputs):
+            return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
+        depends = any(value.from_input for value in inputs) and name not in _VALUE_FREE
+        decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
+                               or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
+        index = len(self.calls)
+        call = Call(index, name, self.stack[-1] if self.stack else None, inputs=inputs, end=index, decides=decides)
+        self.calls.append(call)
+        for value in inputs:
+            if not value.readers or value.readers[-1] is not call:
+                value.readers.append(call)
+        for tensor in changed:
+            self._new_value(tensor, call, from_input=depends)
+        call.outputs = [self.known[out] if any(out is t for t in changed) else
+                        self._new_value(out, call, from_input=depends) for out in outputs]
+
+
+def _bool_index(args: tuple) -> bool:
+    index = args[1] if len(args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
+
+
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in ``obj``, through tuples, lists, dicts and dataclasses, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth >= _MAX_DEPTH:
+        return []
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item, depth + 1)]
+    if isinstance(obj, Mapping):
+        return [t for item in obj.values() for t in _tensors(item, depth + 1)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name, None), depth + 1)]
+    return []
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Put back, afterwards, everything a forward may change on the model: every module's attributes (a cached
+    anchor grid), its parameter, buffer and child entries, the values of its buffers, the training flags, and the
+    random number generators."""
+    modules = list(model.modules())
+    attributes = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers),
+                   dict(module._modules)) for module in modules]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    versions = [_version(buffer) for buffer, _ in buffers]
+    devices = [t.device.index for t in list(model.parameters())[:1] if t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for module, saved, parameters, own_buffers, children in attributes:
+                for name in set(module.__dict__) - set(saved):
+                    del module.__dict__[name]
+                module.__dict__.update(saved)
+                for entries, before in ((module._parameters, parameters), (module._buffers, own_buffers),
+                                        (module._modules, children)):
+                    entries.clear()
+                    entries.update(before)
+            with torch.no_grad():
+                for (buffer, copy), version in zip(buffers, versions):
+                    if _version(buffer) != version:
+                        buffer.copy_(copy)

@@ -1,0 +1,241 @@
+"""Running one forward per batch in step: every forward pauses at chosen layers until all of them got there.
+
+Sequential recalibration and fitted affine weights both need, for each layer in forward order, something computed
+from *all* calibration batches (statistics, a least-squares fit) before any batch goes past that layer. Running one
+forward per layer, or re-running the model from the start for each layer, costs as many forwards as there are
+layers; replaying a traced graph does not see the model's real control flow. :class:`Lockstep` instead runs each
+batch's forward (a *lane*) exactly once, in its own thread, and pauses every lane at each *stop* (a forward
+pre-hook on a chosen module): when every lane is paused or finished, the stop reached first is *settled* (the
+caller computes what it needs from the inputs that arrived there) and the lanes waiting at it go on. Each batch's
+forward runs once, on any model that runs, whatever its control flow.
+
+Only one lane runs at a time, handed over explicitly, so the calls into the model are as sequential and
+deterministic as a loop over the batches (the threads exist only to keep each forward's Python stack while it
+waits). Each lane runs under the context its caller gives (no_grad, autocast, device: thread-local state in torch).
+
+A stop can be settled several times per forward when its layer is called several times (``calls=``): round ``r``
+is settled once every lane that will call it an ``r``-th time has paused there. A lane that reaches a stop after its
+last round was settled (a layer called more often than ``calls`` says, or in a different order in another batch)
+makes :meth:`Lockstep.run` raise :class:`Revisited`, after stopping every lane.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    >>> batches = [torch.ones(1, 2), torch.zeros(1, 2)]
+    >>> seen = []
+    >>> run = Lockstep([lambda x=x: model(x) for x in batches], {model[0]: 0, model[2]: 1})
+    >>> outputs = run.run(lambda stop, arrivals, final: seen.append((stop, [a.lane for a in arrivals])))
+    >>> seen
+    [(0, [0, 1]), (1, [0, 1])]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Optional
+
+from torch import nn
+
+__all__ = ["Arrival", "Lockstep", "Revisited"]
+
+
+class Revisited(Exception):
+    """A lane reached a stop whose last round had been settled; ``stop`` names it."""
+
+    def __init__(self, stop: int, lane: int) -> None:
+        super().__init__(f"lane {lane} reached stop {stop} after it was settled")
+        self.stop = stop
+        self.lane = lane
+
+
+class _Abort(BaseException):
+    """Raised inside a paused lane to end it when the run stops early. A BaseException, so that a model's own
+    ``except Exception`` does not swallow it."""
+
+
+class _Passing(BaseException):
+    """Carries an error raised at a stop (by ``on_arrive``, or :class:`Revisited`) out of the model's forward,
+    through any ``except Exception`` of the model's own."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class Arrival:
+    """One lane paused at a stop: its index, the module and the positional arguments it is about to be called with."""
+
+    lane: int
+    module: nn.Module
+    args: tuple
+
+
+class _Lane:
+    def __init__(self, index: int, forward: Callable[[], Any]) -> None:
+        self.index = index
+        self.forward = forward
+        self.state = "new"  # new, running, paused, finished
+        self.arrival: Optional[Arrival] = None
+        self.stop: Optional[int] = None
+        self.visits: dict[int, int] = {}
+        self.output: Any = None
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+        self.wake = threading.Semaphore(0)
+
+
+class Lockstep:
+    """Run ``forwards`` (one callable per lane) in step at the ``stops`` (module -> stop number).
+
+    Args:
+        forwards: each lane's forward, called once in its own thread.
+        stops: the modules to pause at, each with its stop number (several modules may share one: a layer of two
+            models run side by side).
+        calls: how many times per forward each stop's modules are called (default 1).
+        context: a context manager factory entered by each lane around its forward (``torch.no_grad``...).
+        on_arrive: called in the lane, under its context, when it reaches a stop: ``on_arrive(stop, arrival,
+            round)`` (measure the input there, then let it go).
+        choose: picks the stop to settle from the paused ones (``{stop: first step it was seen paused}``), or
+            ``None`` when nothing is left anywhere; by default the one seen first (ties: the lower number). Under
+            ``torch.distributed`` the caller makes all processes agree here.
+    """
+
+    def __init__(self, forwards: list[Callable[[], Any]], stops: dict[nn.Module, int], *,
+                 calls: Optional[dict[int, int]] = None,
+                 context: Callable[[], ContextManager] = contextlib.nullcontext,
+                 on_arrive: Optional[Callable[[int, Arrival, int], None]] = None,
+                 choose: Optional[Callable[[dict[int, int]], Optional[int]]] = None) -> None:
+        self.lanes = [_Lane(index, forward) for index, forward in enumerate(forwards)]
+        self.stops = stops
+        self.calls = dict(calls or {})
+        self.context = context
+        self.on_arrive = on_arrive
+        self.choose = choose or _first_seen
+        self.settled: dict[int, int] = {}
+        self.queue: list[_Lane] = []
+        self.main = threading.Semaphore(0)
+        self.aborting = False
+        self.local = threading.local()
+
+    def run(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
+        """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called in
+        this thread with the lanes paused there (``final`` on the stop's last round), before they go on. Returns
+        each lane's output. The first error of a lane or of ``settle`` stops every lane and is raised here."""
+        handles = [module.register_forward_pre_hook(self._hook(stop)) for module, stop in self.stops.items()]
+        first_seen: dict[int, int] = {}
+        try:
+            pending = list(self.lanes)
+            step = 0
+            while True:
+                self._run_lanes(pending)
+                failed = next((lane.error for lane in pending if lane.error is not None), None)
+                if failed is not None:
+                    raise failed
+                paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
+                for stop in sorted(paused - set(first_seen)):
+                    first_seen[stop] = step
+                stop = self.choose({stop: first_seen[stop] for stop in paused})
+                if stop is None:
+                    break
+                waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
+                rounds = self.settled.get(stop, 0) + 1
+                settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
+                self.settled[stop] = rounds
+                pending = waiting
+                step += 1
+            return [lane.output for lane in self.lanes]
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, stop: int) -> Callable[[nn.Module, tuple], None]:
+        def pause(module: nn.Module, args: tuple) -> None:
+            lane = getattr(self.local, "lane", None)
+            if lane is None:
+                return  # a call from outside the lanes
+            visit = lane.visits.get(stop, 0) + 1
+            lane.visits[stop] = visit
+            arrival = Arrival(lane.index, module, args)
+            try:
+                if visit <= self.settled.get(stop, 0) or visit > self.calls.get(stop, 1):
+                    raise Revisited(stop, lane.index)
+                if self.on_arrive is not None:
+                    self.on_arrive(stop, arrival, visit)
+            except Exception as exc:
+                raise _Passing(exc) from exc
+            self._pause(lane, stop, arrival)
+
+        return pause
+
+    def _run_lanes(self, lanes: list[_Lane]) -> None:
+        """Let each of ``lanes`` run in turn (start it, or release it from its stop) until it pauses again or
+        finishes; each hands over directly to the next, the last one back to this thread."""
+        if not lanes:
+            return
+        self.queue = list(lanes[1:])
+        self._resume(lanes[0])
+        self.main.acquire()
+
+    def _resume(self, lane: _Lane) -> None:
+        lane.state = "running"
+        if lane.thread is None:
+            lane.thread = threading.Thread(target=self._body, args=(lane,), daemon=True,
+                                           name=f"normswap-lane-{lane.index}")
+            lane.thread.start()
+        else:
+            lane.wake.release()
+
+    def _hand_over(self) -> None:
+        """Called by the running lane when it pauses or finishes: the next queued lane runs, or the main thread."""
+        if self.queue and not self.aborting:
+            self._resume(self.queue.pop(0))
+        else:
+            self.main.release()
+
+    def _body(self, lane: _Lane) -> None:
+        self.local.lane = lane
+        try:
+            with self.context():
+                lane.output = lane.forward()
+        except _Abort:
+            pass
+        except _Passing as passing:
+            lane.error = passing.error
+        except BaseException as exc:  # handed to the main thread, which raises it
+            lane.error = exc
+        finally:
+            lane.state = "finished"
+            lane.arrival = None
+            self._hand_over()
+
+    def _pause(self, lane: _Lane, stop: int, arrival: Arrival) -> None:
+        lane.state, lane.stop, lane.arrival = "paused", stop, arrival
+        if not self.aborting:
+            self._hand_over()
+            lane.wake.acquire()
+        lane.arrival = None
+        if self.aborting:
+            raise _Abort
+
+    def _abort(self) -> None:
+        """End every lane: a paused one raises where it waits, a running one at its next stop."""
+        self.aborting = True
+        self.queue = []
+        for lane in self.lanes:
+            lane.wake.release()
+        for lane in self.lanes:
+            if lane.thread is not None:
+                lane.thread.join()
+
+
+def _first_seen(paused: dict[int, int]) -> Optional[int]:
+    """The paused stop seen first, the lowest-numbered among those seen at the same step."""
+    return min(paused, key=lambda stop: (paused[stop], stop)) if paused else None

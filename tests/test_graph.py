@@ -1,0 +1,175 @@
+"""Graph knowledge from running the model: producers, readers and call counts seen in one real forward, example
+inputs made from the architecture, and a model left exactly as it was."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from normswap.graph import GraphError, capture, describe_input, example_input, find_example
+
+
+class TwoUses(nn.Module):
+    """conv -> bn, and the conv output read again by an in-place add after the BatchNorm ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y)
+        y.add_(1.0)
+        return z + y
+
+
+def only_call(graph, module):
+    (call,) = graph.module_calls(module)
+    return call
+
+
+def test_the_graph_names_the_producer_and_every_other_reader_of_a_layers_input():
+    model = TwoUses()
+    graph = capture(model, torch.randn(2, 3, 4, 4))
+    bn = only_call(graph, model.bn)
+    value = bn.inputs[0]
+    assert value.producer.name == "torch.nn.functional.conv2d" and value.producer.parent.module is model.conv
+    assert [reader.name for reader in graph.readers(value, outside=bn)] == ["torch.Tensor.add_"]
+    assert [reader.name for reader in graph.readers(value)] == ["torch.nn.functional.batch_norm", "torch.Tensor.add_"]
+    later = graph.calls[-1]
+    assert later.name == "torch.Tensor.add" and later.inputs[1].producer.name == "torch.Tensor.add_", \
+        "an in-place change makes a new value of the same tensor"
+
+
+def test_parameters_and_buffers_are_values_with_their_names_and_readers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    graph = capture(model, torch.randn(1, 3, 2, 2))
+    weight = graph.parameter(model[0].weight)
+    assert weight.name == "0.weight" and [r.name for r in weight.readers] == ["torch.nn.functional.conv2d"]
+    assert graph.parameter(model[1].running_var).name == "1.running_var"
+    assert graph.parameter(torch.zeros(1)) is None
+
+
+def test_shape_queries_are_not_reads_and_calls_that_return_their_input_are_not_computations():
+    class Queries(nn.Module):
+        def forward(self, x):
+            assert x.shape[1] == 3 and x.dim() == 4 and x.dtype == torch.float32
+            return x.contiguous().float()
+
+    graph = capture(Queries(), torch.randn(1, 3, 2, 2))
+    assert [call.name for call in graph.calls] == [""], "only the model's own call"
+    assert graph.is_output(graph.calls[0].inputs[0])
+
+
+def test_call_counts_count_calls_not_names():
+    shared = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    aliased = nn.Module()
+    aliased.block = nn.Sequential(nn.Conv2d(3, 3, 1))
+    aliased.other_name = aliased.block
+    aliased.forward = lambda x: aliased.block(x)
+    assert capture(model, torch.randn(1, 3, 2, 2)).call_count(shared) == 2
+    graph = capture(aliased, torch.randn(1, 3, 2, 2))
+    assert graph.call_count(aliased.block) == 1 and graph.names[id(aliased.block)] == ["block", "other_name"]
+    assert graph.call_count(nn.ReLU()) == 0
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        threshold = torch.tensor(0.5)  # made from a Python value: not input-dependent
+        if threshold > 0 and y.mean() > -1e9:
+            y = self.b(y)
+        return y
+
+
+def test_branches_on_input_dependent_values_are_recorded_and_located():
+    model = Branchy()
+    graph = capture(model, torch.randn(1, 3, 2, 2))
+    (decision,) = graph.decisions
+    assert decision.name == "torch.Tensor.__bool__" and decision.parent.name == ""
+    a, b = only_call(graph, model.a), only_call(graph, model.b)
+    assert graph.decision_affecting(b) is decision, "the branch ran before b, in the code around it"
+    assert graph.decision_affecting(a) is None, "a ran before the branch"
+    assert graph.common_caller(a, b) is graph.calls[0]
+
+
+def test_capture_leaves_the_model_and_torch_as_they_were():
+    class Leaves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.cache = x.shape
+            self.seen += 1
+            self.conv.extra = nn.Identity()
+            return self.conv(x) + torch.rand(1)
+
+    model = Leaves().train()
+    attributes = {module: dict(module.__dict__) for module in model.modules()}
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 2, 2)
+    rng = torch.get_rng_state()
+    capture(model, x)
+    for module, before in attributes.items():
+        assert module.__dict__.keys() == before.keys() and all(module.__dict__[k] is v for k, v in before.items())
+    assert model.training and "extra" not in model.conv._modules
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+             torch_module._global_forward_hooks_always_called, torch_module._global_forward_hooks_with_kwargs)
+    assert not any(hooks)
+
+
+def test_a_model_that_fails_or_has_uninitialized_lazy_layers_is_a_graph_error():
+    with pytest.raises(GraphError, match=r"fails on the example input 1x5x2x2: RuntimeError: Given groups=1"):
+        capture(nn.Conv2d(3, 3, 1), torch.randn(1, 5, 2, 2))
+    with pytest.raises(GraphError, match="layer '1' is an uninitialized lazy module"):
+        capture(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), torch.randn(1, 3))
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+
+
+def test_example_inputs_come_from_data_a_shape_or_the_architecture():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert example_input(model, data=[(torch.ones(5, 3, 8, 8), torch.zeros(5))]).shape == (5, 3, 8, 8)
+    assert example_input(model, input_shape=(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    assert str(find_example(model)) == "2x3x256x256 (guessed from the input of layer 0)"
+    assert str(find_example(nn.Sequential(nn.Conv3d(1, 2, 3)))) == "2x1x32x32x32 (guessed from the input of layer 0)"
+    assert str(find_example(timm.create_model("resnet18"))) == "2x3x224x224 (timm's data config)"
+    half = nn.Linear(4, 2).to(torch.float64)
+    assert example_input(half).dtype == torch.float64
+    with pytest.raises(GraphError, match="input_shape must be"):
+        example_input(model, input_shape=(1, 0, 4))
+    with pytest.raises(GraphError, match="input_shape must be"):
+        example_input(model, input_shape="1,3,8,8")
+    with pytest.raises(GraphError, match="data is empty"):
+        example_input(model, data=[])
+    with pytest.raises(GraphError, match="cannot tell what input a ReLU takes"):
+        example_input(nn.ReLU())
+
+
+def test_example_inputs_are_packaged_as_the_libraries_models_take_them():
+    import torchvision
+    import transformers
+    from ultralytics import YOLO
+
+    detection = torchvision.models.detection
+    detector = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    assert str(find_example(detector)) == "[3x224x224] (torchvision's documented input size)"
+    assert str(find_example(detector, input_shape=(2, 3, 64, 64))) == "[3x64x64, 3x64x64] (input_shape)"
+    video = torchvision.models.video.r3d_18()
+    assert describe_input(example_input(video)) == "2x3x16x112x112"
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    assert str(find_example(transformers.ResNetModel(config))) == \
+        "{pixel_values: 2x3x224x224} (the transformers config)"
+    assert str(find_example(YOLO("yolov8n.yaml").model)) == "1x3x640x640 (ultralytics' documented input size)"

@@ -1,0 +1,124 @@
+"""Forwards run in step: each batch's forward runs once, pausing at every stop until all forwards got there."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from normswap.lockstep import Lockstep, Revisited
+
+
+def model_and_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    return model, [torch.randn(2, 3) for _ in range(3)]
+
+
+def lanes_left() -> list:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("normswap-lane")]
+
+
+def test_every_stop_is_settled_once_all_forwards_reached_it_and_each_forward_runs_once():
+    model, batches = model_and_batches()
+    events = []
+    model[0].register_forward_pre_hook(lambda m, a: events.append("first layer runs"))
+    lockstep = Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1},
+                        on_arrive=lambda stop, arrival, call: events.append(f"lane {arrival.lane} at {stop}"))
+    outputs = lockstep.run(lambda stop, arrivals, final: events.append(f"settle {stop}"))
+    assert events == ["first layer runs", "lane 0 at 0", "first layer runs", "lane 1 at 0", "first layer runs",
+                      "lane 2 at 0", "settle 0", "lane 0 at 1", "lane 1 at 1", "lane 2 at 1", "settle 1"]
+    with torch.no_grad():
+        assert all(torch.equal(out, model(x)) for out, x in zip(outputs, batches))
+    assert not lanes_left()
+
+
+def test_what_is_settled_is_in_place_before_any_forward_goes_on():
+    model, batches = model_and_batches()
+
+    def settle(stop, arrivals, final):
+        with torch.no_grad():
+            model[2].weight.zero_()
+            model[2].bias.fill_(float(len(arrivals)))
+
+    outputs = Lockstep([lambda x=x: model[:3](x) for x in batches], {model[2]: 0}).run(settle)
+    assert all(torch.equal(out, torch.full((2, 3), 3.0)) for out in outputs)
+
+
+def test_lanes_run_under_the_context_given_in_their_own_thread():
+    model, batches = model_and_batches()
+    seen = []
+    Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0}, context=torch.no_grad,
+             on_arrive=lambda stop, arrival, call: seen.append(torch.is_grad_enabled())).run(lambda *a: None)
+    assert seen == [False, False, False] and torch.is_grad_enabled()
+
+
+class SkipsForSmallInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.abs().sum() > 1e-3:
+            x = self.b(x)
+        return self.c(x)
+
+
+def test_a_forward_that_skips_a_stop_does_not_hold_the_others():
+    model = SkipsForSmallInputs()
+    batches = [torch.randn(2, 3), torch.zeros(2, 3)]
+    with torch.no_grad():
+        model.a.bias.zero_()
+    settled = []
+    Lockstep([lambda x=x: model(x) for x in batches], {model.b: 0, model.c: 1}).run(
+        lambda stop, arrivals, final: settled.append((stop, [arrival.lane for arrival in arrivals])))
+    assert settled == [(0, [0]), (1, [0, 1])]
+
+
+def test_a_stop_reached_more_often_than_expected_stops_every_forward():
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    forwards = [lambda x=x: model(x) for x in (torch.randn(1, 3), torch.randn(1, 3))]
+    with pytest.raises(Revisited) as raised:
+        Lockstep(forwards, {layer: 0}).run(lambda *a: None)
+    assert raised.value.stop == 0 and not lanes_left()
+    rounds = []
+    Lockstep(forwards, {layer: 0}, calls={0: 2}).run(lambda stop, arrivals, final: rounds.append(final))
+    assert rounds == [False, True]
+
+
+class SwallowsErrors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        try:
+            return self.layer(x)
+        except Exception:
+            return x
+
+
+def test_an_error_at_a_stop_passes_through_the_models_own_except_and_ends_every_lane():
+    model = SwallowsErrors()
+
+    def arrive(stop, arrival, call):
+        if arrival.lane == 1:
+            raise ValueError("bad batch")
+
+    forwards = [lambda: model(torch.randn(1, 3)) for _ in range(3)]
+    with pytest.raises(ValueError, match="bad batch"):
+        Lockstep(forwards, {model.layer: 0}, on_arrive=arrive).run(lambda *a: None)
+    assert not lanes_left()
+
+
+def test_an_interrupt_while_settling_ends_every_lane():
+    model, batches = model_and_batches()
+
+    def settle(stop, arrivals, final):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0}).run(settle)
+    assert not lanes_left()
