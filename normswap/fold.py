@@ -35,8 +35,8 @@ trainable like the weight. BatchNorm layers that are not folded stay, and :class
 
 The plan is the report: :func:`plan_fold` computes it without changing the model, ``str(plan)`` is a table and
 ``plan.to_dict()`` its JSON form; :meth:`FoldPlan.apply` (or :func:`fold`, which plans and applies) changes the model
-and records a ``{"op": "fold", "pairs": [[conv, bn], ...]}`` step in its history, which :func:`replay_fold` repeats
-on a freshly built model so that a folded checkpoint loads strictly.
+and records a ``{"op": "fold", "pairs": [[conv, bn], ...]}`` step in its history. A folded model's checkpoint loads
+strictly because its manifest records the structure (:mod:`normswap.checkpoint.manifest`).
 
 Example::
 
@@ -64,14 +64,14 @@ import torch
 from torch import nn
 
 from . import targets
-from .errors import CheckpointError, PlanError
+from .errors import PlanError
 from .graph import Call, Example, Graph, GraphError, Value, capture, find_example
-from .history import record_step
+from .history import record_step, set_input_shape
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
 from .walk import find_modules, get_module, replace_module
 
-__all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold", "replay_fold"]
+__all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold"]
 
 log = logging.getLogger("normswap")
 
@@ -175,7 +175,7 @@ class FoldPlan:
         }
 
     def step(self) -> dict[str, Any]:
-        """The history step :meth:`apply` records and :func:`replay_fold` repeats."""
+        """The history step :meth:`apply` records."""
         return {"op": "fold", "pairs": [[pair.conv, pair.bn] for pair in self.pairs],
                 "freeze_rest": bool(self.options.get("freeze_rest", False))}
 
@@ -196,6 +196,8 @@ class FoldPlan:
                     conv.bias.copy_(bias)
             replace_module(model, _names(model, get_module(model, pair.bn)), replacement)
         record_step(model, self.step())
+        if self.options.get("input_shape"):
+            set_input_shape(model, self.options["input_shape"])
         if freeze_plan is not None:
             model = freeze_plan.apply(model)
         log.info("folded %d of %d BatchNorm layer(s)", len(self.pairs), self.layers)
@@ -527,43 +529,3 @@ def fold(
     """
     return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
                      input_shape=input_shape).apply(model)
-
-
-def replay_fold(model: nn.Module, step: dict[str, Any]) -> nn.Module:
-    """Make the structural change of a recorded fold step on a freshly built model, so its checkpoint loads strictly.
-
-    Each folded conv gets a bias parameter if it has none (zeros, trainable like the weight) and each folded norm
-    layer is replaced as :func:`fold` replaced it, under every name it has. Weights are not computed: they come from
-    the checkpoint. The step is recorded in the model's history. ``freeze_rest`` is not replayed here: freezing is
-    its own recorded step.
-
-    >>> from torch import nn
-    >>> model = replay_fold(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)),
-    ...                     {"op": "fold", "pairs": [["0", "1"]]})
-    >>> sorted(model.state_dict())
-    ['0.bias', '0.weight']
-    """
-    changes = []
-    for pair in step.get("pairs", []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise CheckpointError(f"the checkpoint's fold step has a malformed pair {pair!r}")
-        conv_name, bn_name = pair
-        try:
-            conv, bn = get_module(model, conv_name), get_module(model, bn_name)
-        except KeyError as exc:
-            raise CheckpointError(
-                f"the checkpoint's fold step does not fit this architecture: it has no layer '{exc.args[0]}'"
-            ) from None
-        if _base_class(conv) is None or targets.classify(bn) not in FOLDABLE_KINDS:
-            raise CheckpointError(
-                f"the checkpoint's fold step does not fit this architecture: '{conv_name}' is a "
-                f"{type(conv).__name__} and '{bn_name}' a {type(bn).__name__}"
-            )
-        changes.append((conv, _names(model, bn), _replacement(bn)))
-    for conv, bn_names, replacement in changes:
-        if conv.bias is None:
-            bias = torch.zeros(_output_channels(conv), dtype=conv.weight.dtype, device=conv.weight.device)
-            conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-        replace_module(model, bn_names, replacement)
-    record_step(model, dict(step))
-    return model

@@ -73,6 +73,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .data import call_model, iter_inputs
 from .errors import NormswapError
+from .history import get_input_shape
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
            "find_example"]
@@ -298,7 +299,8 @@ def find_example(
 ) -> Example:
     """:func:`example_input` with where the input came from.
 
-    Without ``data`` or ``input_shape``, the main input tensor's shape comes from, in order: timm's data config
+    Without ``data`` or ``input_shape``, the main input tensor's shape comes from, in order: the shape the model's
+    checkpoint records (:func:`normswap.history.get_input_shape`), timm's data config
     (``pretrained_cfg["input_size"]``), the documented input of a transformers model (``config.image_size``,
     ``config.num_channels``), an ultralytics model (640x640) or a torchvision model (224x224; 299x299 for Inception
     v3; 16 frames of 112x112 for the video models; the image size of a ViT), and otherwise the first layer: a
@@ -317,6 +319,10 @@ def find_example(
     if input_shape is not None:
         shape = _checked_shape(input_shape)
         return Example(_package(model, torch.randn(shape, **placement)), "input_shape")
+    recorded = get_input_shape(model)
+    if recorded:
+        return Example(_package(model, torch.randn(_checked_shape(recorded), **placement)),
+                       "the input shape the checkpoint records")
     for derive in (_timm_shape, _transformers_input, _ultralytics_shape, _torchvision_shape):
         found = derive(model)
         if found is None:

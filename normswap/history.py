@@ -29,10 +29,12 @@ __all__ = [
     "carry_memory",
     "get_arch",
     "get_history",
+    "get_input_shape",
     "get_source",
     "record_step",
     "set_arch",
     "set_history",
+    "set_input_shape",
     "set_source",
     "validate_history",
 ]
@@ -55,6 +57,7 @@ STRUCTURAL_OPS = ("plan", "fold")
 _HISTORY = "_normswap_history"
 _ARCH = "_normswap_arch"
 _SOURCE = "_normswap_source"
+_INPUT_SHAPE = "_normswap_input_shape"
 
 
 def get_history(model: nn.Module) -> list[dict[str, Any]]:
@@ -94,10 +97,22 @@ def set_source(model: nn.Module, source: Optional[dict[str, Any]]) -> None:
     model.__dict__[_SOURCE] = copy.deepcopy(source)
 
 
+def get_input_shape(model: nn.Module) -> Optional[list[int]]:
+    """The shape of the model's main input, if a checkpoint recorded it or it was given to an operation."""
+    shape = model.__dict__.get(_INPUT_SHAPE)
+    return list(shape) if shape is not None else None
+
+
+def set_input_shape(model: nn.Module, shape: Optional[list[int]]) -> None:
+    """Remember the shape of the model's main input (``save`` records it, ``fold`` uses it as its example)."""
+    model.__dict__[_INPUT_SHAPE] = [int(size) for size in shape] if shape is not None else None
+
+
 def carry_memory(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` everything ``old`` remembers (arch, source, history): for steps that replace the root module."""
+    """Give ``new`` everything ``old`` remembers (arch, source, history, input shape): for steps that replace the
+    root module."""
     if new is not old:
-        for attr in (_HISTORY, _ARCH, _SOURCE):
+        for attr in (_HISTORY, _ARCH, _SOURCE, _INPUT_SHAPE):
             if attr in old.__dict__:
                 new.__dict__[attr] = copy.deepcopy(old.__dict__[attr])
 

@@ -180,3 +180,15 @@ def test_the_command_line_needs_the_keyword_arguments_once(tmp_path, case):
     assert result.exit_code == 0, result.output
     back = load_back(case, tmp_path / "model-frozen-bn.safetensors")
     assert_same(back, copy.deepcopy(model), example(case))
+
+
+def test_the_input_shape_given_to_fold_is_recorded_and_used_again(tmp_path):
+    """A MONAI network says nothing of its input: the shape given once is kept in the file, and folding the
+    loaded model again needs none."""
+    model = build("monai segresnet")
+    folded = normswap.fold(model, input_shape=(1, 1, 16, 16, 16))
+    path = normswap.save(folded, tmp_path / "folded.safetensors")
+    assert read_metadata(path)["input_shape"] == [1, 1, 16, 16, 16]
+    loaded = load(path, arch="monai.networks.nets:SegResNet")
+    assert normswap.history.get_input_shape(loaded) == [1, 1, 16, 16, 16]
+    assert "the input shape the checkpoint records" in str(normswap.plan_fold(loaded))

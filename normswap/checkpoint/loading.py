@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError
-from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_source, validate_history
+from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
 from .folders import is_model_folder, read_folder
 from .formats import file_sha256
@@ -241,6 +242,8 @@ class CheckpointContents:
         if choice.prefix:
             source["prefix"] = choice.prefix
         set_source(model, source)
+        if isinstance(self.metadata.get("input_shape"), list):
+            set_input_shape(model, self.metadata["input_shape"])
         return model
 
     def _versions(self, choice: containers.WeightsChoice, model: nn.Module) -> dict[str, int]:

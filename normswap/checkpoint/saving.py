@@ -9,7 +9,8 @@ DistributedDataParallel and DataParallel, timm's ``ModelEma*``, ``torch.optim.sw
 - ``module_versions``: each module's state-dict ``_version`` that is not 1 (modules such as torchvision's MNASNet read
   it when loading);
 - ``history``: what normswap did to the model (plans, folds, fits, recalibrations), as provenance;
-- ``source`` (the file the model was loaded from: name and sha256), ``aliases`` (tied tensors, saved once), and the
+- ``source`` (the file the model was loaded from: name and sha256), ``aliases`` (tied tensors, saved once),
+  ``input_shape`` (the shape of the main input, when the model knows it: ``fold`` uses it as its example), and the
   normswap and torch versions.
 
 Example::
@@ -23,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,7 +34,7 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..errors import OutputError
-from ..history import get_arch, get_history, get_source
+from ..history import get_arch, get_history, get_input_shape, get_source
 from . import formats
 from .atomic import atomic_write, check_output
 from .manifest import derive_manifest
@@ -182,6 +184,9 @@ def save(
         metadata["source"] = json.dumps(source)
     if aliases:
         metadata["aliases"] = json.dumps(aliases)
+    input_shape = _first(chain, get_input_shape)
+    if input_shape:
+        metadata["input_shape"] = json.dumps(input_shape)
     size = formats.safetensors_size(tensors, metadata)
     return atomic_write(path, lambda temporary: formats.write_safetensors(temporary, tensors, metadata),
                         overwrite=overwrite, size=size)
