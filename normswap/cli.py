@@ -693,8 +693,9 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
 @click.option("--data", "data_source", metavar="PATH",
-              help="Calibration data for the recipe's recalibrate steps, instead of the data the recipe names (a "
-                   "recipe may name a folder or a tensor file; an import path only here, where you type it).")
+              help="Calibration data for the recipe's rules with affine = 'fit' and its recalibrate steps, instead of "
+                   "the data the recipe names (a recipe may name a folder or a tensor file; an import path only "
+                   "here, where you type it).")
 @click.option("--dry-run", is_flag=True, help="Print the plan of every rule; write nothing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars for the recipe's calibration steps.")
 @checkpoint_options
@@ -732,7 +733,14 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
     if not any(len(p) for p in plans) and not spec.steps:
         raise NormswapError(f"nothing to convert, no file written: no rule of {recipe} matches a norm layer that "
                             "would change")
-    model = spec.apply(model, plans=plans)
+    calibration = None
+    if any(row.affine == "fit" for p in plans for row in p.rows):
+        from .data import open_data
+
+        if data_source is None:
+            raise click.UsageError("the recipe fits GroupNorm weights (affine = 'fit'): give --data")
+        calibration = open_data(data_source, model=model)
+    model = spec.apply(model, plans=plans, data=calibration)
     model = spec.run_steps(model, progress=progress, data=data_source)
     n_bytes = write_model(model, out, force)
     if as_json:

@@ -41,11 +41,13 @@ from .errors import CalibrationError, NormswapError
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
+    "ModelFailure",
     "IMAGE_EXTENSIONS",
     "TENSOR_EXTENSIONS",
     "ImageFiles",
     "TensorBatches",
     "batch_input",
+    "batch_size_of",
     "call_model",
     "describe_input",
     "floating_dtype",
@@ -143,17 +145,42 @@ def _loader_failures(index: int) -> Iterator[None]:
                                f"{_first_line(exc)}") from exc
 
 
+class ModelFailure(CalibrationError):
+    """The model itself raised on batch ``index`` (not a problem normswap found in the data or the statistics)."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 @contextlib.contextmanager
 def model_failures(index: int, model_input: Any, what: str = "the model") -> Iterator[None]:
-    """A model's exception on one batch as a :class:`CalibrationError` naming the batch and its input (a batch of
-    the wrong channel count, dtype or size is the usual cause)."""
+    """A model's exception on one batch as a :class:`ModelFailure` naming the batch and its input (a batch of the
+    wrong channel count, dtype or size is the usual cause)."""
     try:
         yield
     except NormswapError:
         raise
     except Exception as exc:
-        raise CalibrationError(f"batch {index} ({describe_input(model_input)}) failed in {what}: "
-                               f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelFailure(f"batch {index} ({describe_input(model_input)}) failed in {what}: "
+                           f"{type(exc).__name__}: {_first_line(exc)}", index) from exc
+
+
+def batch_size_of(model_input: Any) -> int:
+    """The batch size of a model input: the first dimension of its first tensor (0 if it has none).
+
+    >>> batch_size_of({"pixel_values": torch.zeros(4, 3, 8, 8)}), batch_size_of([torch.zeros(3, 9, 9)] * 2)
+    (4, 3)
+    """
+    if isinstance(model_input, torch.Tensor):
+        return int(model_input.shape[0]) if model_input.dim() else 1
+    if isinstance(model_input, Mapping):
+        values = list(model_input.values())
+    elif isinstance(model_input, (tuple, list)):
+        values = list(model_input)
+    else:
+        return 0
+    return next((found for found in map(batch_size_of, values) if found), 0)
 
 
 def describe_input(model_input: Any) -> str:

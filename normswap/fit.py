@@ -2,7 +2,7 @@
 
 Copying a BatchNorm's weight and bias into a GroupNorm keeps the parameters but not the function: BatchNorm
 normalizes with fixed dataset statistics, GroupNorm with each sample's own, so the copied model usually drops to
-chance accuracy. :func:`fit_affine` instead chooses, for every converted layer in forward order and for every channel,
+chance accuracy. :func:`fit_converted` instead chooses, for every converted layer in forward order and for every channel,
 the ``a`` and ``b`` for which ``a * x̂ + b`` (``x̂`` the GroupNorm-normalized input of the converted model) matches the
 original BatchNorm's eval output ``t`` on calibration data, in closed form from float64 sums of ``x̂``, ``x̂²``, ``t``,
 ``x̂·t`` and ``t²`` per channel: ``a * x̂ + b`` gets the mean and the variance of ``t``, and the sign of their
@@ -46,34 +46,34 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import call_model, iter_inputs, move_input
+from .data import call_model, iter_inputs
 from .errors import CalibrationError, NormswapError, PlanError
 from .graph import capture
-from .history import get_history, record_step, set_history
+from .history import get_history, record_step
 from .lockstep import Arrival, Lockstep, Revisited
-from .plan import Plan, PlanRow
+from .placement import Device, Placement
 from .targets import SourceLayer
-from .walk import get_module, replace_module
+from .walk import get_module
 
-__all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_affine", "fit_report"]
+if TYPE_CHECKING:
+    from .plan import PlanRow
+
+__all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_converted", "fit_report"]
 
 log = logging.getLogger("normswap")
 
 FIT_TARGETS = ("global", "local", "auto")
 """Every value ``target=`` accepts."""
-
-Device = Union[str, torch.device, None]
 
 
 @dataclass
@@ -101,7 +101,7 @@ class LayerFit:
 
 @dataclass
 class FitReport:
-    """The result of one :func:`fit_affine` run.
+    """The result of one :func:`fit_converted` run.
 
     ``target`` is what was asked for, ``chosen`` the target whose fit the model kept, ``output_error`` the
     relative output error ``‖y - y_original‖² / ‖y_original‖²`` on the calibration data of each target fitted,
@@ -148,7 +148,7 @@ def _number(value: Optional[float]) -> str:
 
 
 def fit_report(model: nn.Module) -> FitReport:
-    """The report of the last :func:`fit_affine` run on ``model``, read from its history.
+    """The report of the last :func:`fit_converted` run on ``model``, read from its history.
 
     >>> import torch, normswap
     >>> model = normswap.convert(torch.nn.BatchNorm2d(4), "ln", affine="fit", data=[torch.randn(2, 4, 3, 3)])
@@ -161,9 +161,10 @@ def fit_report(model: nn.Module) -> FitReport:
     raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
 
 
-def fit_affine(
-    model: nn.Module,
-    plan: Plan,
+def fit_converted(
+    converted: nn.Module,
+    reference: nn.Module,
+    rows: list[PlanRow],
     *,
     data: Iterable[Any],
     batches: Optional[int] = None,
@@ -172,75 +173,62 @@ def fit_affine(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
     progress: Optional[bool] = None,
-) -> nn.Module:
-    """Apply ``plan`` (made with ``affine="fit"``) to ``model`` in place and fit its GroupNorm affine weights.
+) -> FitReport:
+    """Fit the GroupNorm affine weights of the layers ``rows`` converted (with ``affine="fit"``) so that
+    ``converted`` reproduces ``reference``, the model before the conversion.
 
-    ``normswap.convert(model, "gn", affine="fit", data=...)`` calls this; the keyword arguments below can be passed
-    to ``convert`` as well.
+    :meth:`normswap.plan.Plan.apply` calls this for a plan made with ``affine="fit"``, and takes its keyword
+    arguments (``normswap.convert(model, "gn", affine="fit", data=...)`` passes them on):
 
     Args:
-        model: the original model with its trained BatchNorm layers; its eval-mode output is what the fit matches.
-        plan: a plan for ``gn``, ``ln`` or ``in`` made with ``affine="fit"``.
         data: calibration batches (see :mod:`normswap.data`), read once and held in memory: bound them with
-            ``batches``. A few dozen images usually suffice.
+            ``batches``. A few dozen images usually suffice. They are cast to the model's floating dtype.
         batches: use at most this many batches of ``data``.
         target: ``"global"``, ``"local"`` or ``"auto"`` (see the module documentation).
-        device: where to run the calibration (the model is moved there and back); default: where the model is.
+        device: where to run the calibration (the models are moved there and back); default: where the model is.
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar over the layers.
 
-    Returns:
-        The converted model (a new object only if ``model`` itself was a norm layer). The fit is recorded in its
-        history; :func:`fit_report` returns the per-layer fit quality.
+    The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality.
 
     Raises:
-        PlanError: the plan was not made with ``affine="fit"``, or does not fit the model.
-        CalibrationError: the data is empty or malformed, or gives non-finite activations. The model is then
-            left exactly as it was.
+        PlanError: an unknown ``target``.
+        CalibrationError: the data is empty or malformed, or gives non-finite activations. The affine weights are
+            then as they were.
 
-    >>> import torch
-    >>> from normswap.plan import plan as make_plan
+    >>> import torch, normswap
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    >>> p = make_plan(model, "in", affine="fit")
-    >>> model = fit_affine(model, p, data=[torch.randn(2, 1, 8, 8)], target="local")
+    >>> model = normswap.plan(model, "in", affine="fit").apply(model, data=[torch.randn(2, 1, 8, 8)], target="local")
     >>> fit_report(model).chosen
     'local'
     """
     if target not in FIT_TARGETS:
         raise PlanError(f"unknown fit target '{target}': choose global, local or auto")
-    if plan.options.get("affine") != "fit":
-        raise PlanError("fit_affine needs a plan made with affine='fit'")
     inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
     if not inputs:
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")
-    originals = [(row.names, get_module(model, row.name)) for row in plan.rows if _has_module(model, row.name)]
-    steps = get_history(model)
-    reference = copy.deepcopy(model)
-    converted = plan.apply(model)
-    fitted = [row for row in plan.rows if row.affine == "fit"]
+    fitted = [row for row in rows if row.affine == "fit"]
     initial = _affine_values(converted, fitted)
-    modes = {module: module.training for module in converted.modules()}
-    home = _model_device(converted)
-    run_device = torch.device(device) if device is not None else home
+    modes = {module: module.training for model in (converted, reference) for module in model.modules()}
+    homes = [(model, _model_device(model)) for model in (converted, reference)]
+    run = Placement.resolve(converted, device, False, error=CalibrationError)
     try:
-        converted.to(run_device).eval()
-        reference.to(run_device).eval()
-        on_device = [move_input(x, run_device) for x in inputs]
-        report = _fit(converted, reference, plan.rows, on_device, target, progress)
+        converted.to(run.device).eval()
+        reference.to(run.device).eval()
+        on_device = [run.move(x) for x in inputs]
+        report = _fit(converted, reference, rows, on_device, target, progress)
     except BaseException:
         _set_affine_values(converted, initial)
-        for names, module in originals:
-            converted = replace_module(converted, names, module)
-        set_history(model, steps)
         raise
     finally:
         for module, training in modes.items():
             module.training = training
-        converted.to(home)
+        for model, home in homes:
+            model.to(home)
     record_step(converted, {"op": "fit", **report.to_dict()})
     log.info("fitted the affine weights of %d layer(s) on %d batch(es) (target %s)", len(fitted), len(inputs),
              report.chosen)
-    return converted
+    return report
 
 
 def _fit(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
@@ -454,7 +442,11 @@ def _batch_norm_eval(source: SourceLayer, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
     out = (x - mean) / torch.sqrt(var + source.eps)
-    return out * source.weight.to(torch.float64).view(shape) + source.bias.to(torch.float64).view(shape)
+    if source.weight is not None:
+        out = out * source.weight.to(torch.float64).view(shape)
+    if source.bias is not None:  # a BatchNorm built with bias=False has no shift
+        out = out + source.bias.to(torch.float64).view(shape)
+    return out
 
 
 def _output_error(outputs: list[Any], expected: list[Any]) -> Optional[float]:
@@ -495,14 +487,6 @@ def _set_affine_values(model: nn.Module, values: dict[str, tuple[torch.Tensor, t
         layer = get_module(model, name)
         layer.weight.copy_(weight.to(layer.weight.device))
         layer.bias.copy_(bias.to(layer.bias.device))
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        get_module(model, name)
-    except KeyError:
-        return False
-    return True
 
 
 def _model_device(model: nn.Module) -> Optional[torch.device]:

@@ -21,7 +21,7 @@ import copy
 import fnmatch
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -164,14 +164,51 @@ class Plan:
                           for reason, names in reasons.items())
         return f"every norm layer is left as it is ({shown})"
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Replace every planned layer of ``model`` (in place) and return the model.
+    def apply(self, model: nn.Module, *, data: Optional[Iterable[Any]] = None, process_group: Any = None,
+              **fit_options: Any) -> nn.Module:
+        """Carry out the plan on ``model`` (in place) and return the model: the only way a plan takes effect.
+
+        Every planned layer is replaced. A plan made with ``affine="fit"`` then fits the new GroupNorm weights on
+        ``data`` so that the model keeps the function it had (:func:`normswap.fit.fit_converted`, which takes the
+        other keyword arguments: ``batches``, ``target``, ``device``, ``input_fn``, ``input_key``, ``progress``);
+        such a plan needs ``data``. ``process_group`` is the group new SyncBatchNorm layers reduce over (default:
+        the whole world).
 
         All replacements are built before the first one is put in, so a plan that does not fit the model raises
-        :class:`PlanError` and leaves the model as it was. If the model itself is a norm layer, the new layer is
-        returned. The plan is recorded in the model's history (see :mod:`normswap.history`).
+        :class:`PlanError` and leaves the model as it was; a fit that fails or is interrupted puts the original
+        layers back. If the model itself is a norm layer, the new layer is returned. The plan (and the fit) are
+        recorded in the model's history (see :mod:`normswap.history`).
         """
-        built = [(row.names, targets.build(_planned_layer(model, row), row)) for row in self.rows]
+        fitting = any(row.affine == "fit" for row in self.rows)
+        given = sorted([*fit_options, *(["data"] if data is not None else [])])
+        if not fitting and given:
+            raise PlanError(f"{', '.join(given)} only apply to a plan made with affine='fit'")
+        if fitting and data is None:
+            raise PlanError("this plan fits the GroupNorm affine weights (affine='fit'): pass the calibration data "
+                            "(data=, --data)")
+        if process_group is not None and self.target != "sync":
+            raise PlanError(f"process_group= applies to the 'sync' target, not to '{self.target}'")
+        if not fitting:
+            return self._replace(model, process_group)
+        from .fit import fit_converted
+
+        reference = copy.deepcopy(model)
+        originals = [(row.names, _planned_layer(model, row)) for row in self.rows]
+        steps = get_history(model)
+        converted = self._replace(model, process_group)
+        try:
+            fit_converted(converted, reference, self.rows, data=data, **fit_options)
+        except BaseException:
+            for names, layer in originals:
+                model = replace_module(converted, names, layer)
+            set_history(model, steps)
+            raise
+        return converted
+
+    def _replace(self, model: nn.Module, process_group: Any = None) -> nn.Module:
+        """The structural change: every planned layer replaced, the plan recorded."""
+        built = [(row.names, targets.build(_planned_layer(model, row), row, process_group=process_group))
+                 for row in self.rows]
         root = model
         for names, new in built:
             model = replace_module(model, names, new)
@@ -468,32 +505,30 @@ def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
     """Plan and apply a conversion of ``model``'s norm layers; returns the converted model.
 
     The model is converted **in place** (like ``nn.SyncBatchNorm.convert_sync_batchnorm``): pass a
-    ``copy.deepcopy`` to keep the original. Options are those of :func:`plan`; with ``affine="fit"`` also pass
-    ``data=`` (and optionally the options of :func:`normswap.fit.fit_affine`). ``refine=N`` then trains the
-    converted model for up to ``N`` steps to reproduce the original's outputs on the same data
-    (:func:`normswap.refine.refine`; its other options go in ``refine_options={...}``). See
-    :func:`apply_conversion`.
+    ``copy.deepcopy`` to keep the original. Options are those of :func:`plan` and of :func:`apply_conversion`:
+    with ``affine="fit"`` also pass ``data=``; ``refine=N`` then trains the converted model for up to ``N`` steps to
+    reproduce the original's outputs on the same data; ``process_group=`` for the ``sync`` target. An option given
+    as ``None`` counts as not given.
 
     >>> import timm, normswap
     >>> model = normswap.convert(timm.create_model("resnet18"), "gn", groups=32)
     >>> type(model.bn1).__name__
     'GroupNorm'
     """
-    data_options = {key: options.pop(key) for key in list(options) if key in _FIT_OPTIONS + _REFINE_OPTIONS}
+    data_options = {key: options.pop(key) for key in list(options) if key in _APPLY_OPTIONS}
     data_options = {key: value for key, value in data_options.items() if value is not None}  # None: not given
     p = plan(model, to, **options)
     return apply_conversion(model, p, **data_options)
 
 
 def apply_conversion(model: nn.Module, p: Plan, **options: Any) -> nn.Module:
-    """Apply the plan ``p`` to ``model`` (in place) with the data options of :func:`convert`; returns the model.
+    """Apply the plan ``p`` to ``model`` (in place) with the options of :meth:`Plan.apply` (``data``,
+    ``process_group`` and the fit's), and, with ``refine=N``, refine the result; returns the model.
 
-    A plan made with ``affine="fit"`` gets its affine weights fitted on ``data`` (:func:`normswap.fit.fit_affine`
-    takes ``data``, ``batches``, ``target``, ``device``, ``input_fn``, ``input_key``, ``progress``). With
-    ``refine=N``, the converted model is then refined for up to ``N`` steps on the same data, with the original
+    With ``refine=N``, the converted model is refined for up to ``N`` steps on the same data, with the original
     model as the one to reproduce (:func:`normswap.refine.refine`: ``batches``, ``device``, ``input_fn``,
-    ``input_key`` and ``progress`` apply to it too, its other options go in ``refine_options``). The work is done
-    on a copy and put into ``model`` only when all of it succeeded: if the fit or the refinement fails or is
+    ``input_key`` and ``progress`` apply to it too, its other options go in ``refine_options``). The work is then
+    done on a copy and put into ``model`` only when all of it succeeded: if the fit or the refinement fails or is
     stopped with an error, ``model`` is as it was.
 
     >>> import torch
@@ -505,36 +540,24 @@ def apply_conversion(model: nn.Module, p: Plan, **options: Any) -> nn.Module:
     >>> [step["op"] for step in get_history(model)]
     ['plan', 'fit', 'refine']
     """
-    unknown = sorted(set(options) - set(_FIT_OPTIONS + _REFINE_OPTIONS))
+    unknown = sorted(set(options) - set(_APPLY_OPTIONS))
     if unknown:
         raise PlanError(f"unknown conversion option(s) {', '.join(unknown)}: see normswap.convert")
     steps = options.pop("refine", None)
     refine_options = dict(options.pop("refine_options", None) or {})
-    fitting = p.options.get("affine") == "fit"
     if steps is None:
         if refine_options:
             raise PlanError("refine_options only apply with refine=N")
-        if not fitting:
-            if options:
-                raise PlanError(f"{', '.join(options)} only apply with affine='fit' or refine=N")
-            return p.apply(model)
-    elif "target" in options and not fitting:
-        raise PlanError("target only applies with affine='fit'")
+        return p.apply(model, **options)
     if options.get("data") is None:
-        wanted = "affine='fit'" if fitting else "refine="
-        raise PlanError(f"{wanted} needs calibration data: pass data=")
-    from .fit import fit_affine
-
-    if steps is None:
-        return fit_affine(model, p, **options)
-    return _convert_and_refine(model, p, steps, refine_options, options, fitting)
+        raise PlanError("refine= needs calibration data: pass data=")
+    return _convert_and_refine(model, p, steps, refine_options, options)
 
 
 def _convert_and_refine(model: nn.Module, p: Plan, steps: int, refine_options: dict[str, Any],
-                        options: dict[str, Any], fitting: bool) -> nn.Module:
+                        options: dict[str, Any]) -> nn.Module:
     """Convert (and fit) a copy of ``model``, refine it against ``model`` itself, then convert ``model`` and give
     it the copy's weights and history: ``model`` changes only once everything has succeeded."""
-    from .fit import fit_affine
     from .refine import refine
 
     shared = [key for key in _SHARED_WITH_REFINE if key in refine_options]
@@ -547,18 +570,22 @@ def _convert_and_refine(model: nn.Module, p: Plan, steps: int, refine_options: d
         read_once = False
     if read_once:  # an iterator: both the fit and the refinement read the data
         options = {**options, "data": list(options["data"])}
-    working = copy.deepcopy(model)
-    converted = fit_affine(working, p, **options) if fitting else p.apply(working)
-    refine(converted, model, steps=steps, **{key: options[key] for key in _SHARED_WITH_REFINE if key in options},
-           **refine_options)
-    result = p.apply(model)
+    fitting = any(row.affine == "fit" for row in p.rows)
+    fit_only = sorted(set(options) - {*_SHARED_WITH_REFINE, "process_group"})
+    if fit_only and not fitting:
+        raise PlanError(f"{', '.join(fit_only)} only apply to a plan made with affine='fit'")
+    shared_options = {key: options[key] for key in _SHARED_WITH_REFINE if key in options}
+    apply_options = options if fitting else {key: options[key] for key in ("process_group",) if key in options}
+    converted = p.apply(copy.deepcopy(model), **apply_options)
+    refine(converted, model, steps=steps, **shared_options, **refine_options)
+    result = p._replace(model, options.get("process_group"))
     result.load_state_dict(converted.state_dict())
     set_history(result, get_history(converted))
     return result
 
 
 _FIT_OPTIONS = ("data", "batches", "target", "device", "input_fn", "input_key", "progress")
-_REFINE_OPTIONS = ("refine", "refine_options")
+_APPLY_OPTIONS = (*_FIT_OPTIONS, "process_group", "refine", "refine_options")
 _SHARED_WITH_REFINE = ("data", "batches", "device", "input_fn", "input_key", "progress")
 
 

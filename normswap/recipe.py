@@ -194,11 +194,14 @@ class Recipe:
             claimed += rule.match
         return result
 
-    def apply(self, model: nn.Module, *, plans: Optional[list[Plan]] = None) -> nn.Module:
+    def apply(self, model: nn.Module, *, plans: Optional[list[Plan]] = None, data: Any = None,
+              **fit_options: Any) -> nn.Module:
         """Convert ``model`` (in place) by the rules, first matching rule first; returns the model.
 
         Every rule is planned before any is applied (or ``plans``, what :meth:`plans` returned for this model, are
-        used), so a rule that cannot be planned leaves the model unchanged.
+        used), so a rule that cannot be planned leaves the model unchanged. A rule with ``affine = "fit"`` fits its
+        GroupNorm weights on ``data`` (calibration batches, with the options of :meth:`normswap.plan.Plan.apply`),
+        which it then needs.
 
         >>> import timm
         >>> recipe = Recipe([Rule(["layer1.*"], "frozen"), Rule(["*"], "gn", {"groups": 8})])
@@ -207,7 +210,8 @@ class Recipe:
         ('FrozenBatchNorm', 'GroupNorm')
         """
         for p in plans if plans is not None else self.plans(model):
-            model = p.apply(model)
+            fits = any(row.affine == "fit" for row in p.rows)
+            model = p.apply(model, data=data, **fit_options) if fits else p.apply(model)
         return model
 
     def run_steps(self, model: nn.Module, *, progress: Optional[bool] = None,

@@ -71,7 +71,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import call_model, iter_inputs, move_input
+from .data import batch_size_of, call_model, iter_inputs
+from .placement import Device, Placement
 from .errors import CalibrationError, NormswapError, RefineError
 from .history import get_history, record_step
 from .targets import is_norm_layer
@@ -87,7 +88,6 @@ LOSSES = ("kl", "mse", "features")
 OUTPUT_KEYS = ("logits", "out", "output")
 """Keys tried, in order, for the main output of a model that returns a dict."""
 
-Device = Union[str, torch.device, None]
 Trainable = Union[str, Sequence[str]]
 
 _PROGRESS_DELAY_S = 2.0
@@ -257,7 +257,7 @@ def refine(
     selected, label = _trainable_parameters(student, trainable)
     start = time.perf_counter()
     ranks = _Ranks()
-    run = _Run.resolve(student, device, amp)
+    run = Placement.resolve(student, device, amp, error=RefineError)
     with ranks.failing_together("reading the calibration data"):
         train, held = _split(_read_inputs(data, batches, input_fn, input_key), options.holdout, seed + ranks.rank)
     counts = ranks.sum([train.samples, held.samples])
@@ -378,51 +378,6 @@ def _trainable_parameters(model: nn.Module, trainable: Trainable) -> tuple[list[
     return chosen, label
 
 
-@dataclass
-class _Run:
-    """Where and how the refinement runs."""
-
-    device: Optional[torch.device]
-    amp_dtype: Optional[torch.dtype]
-
-    @classmethod
-    def resolve(cls, model: nn.Module, device: Device, amp: Union[bool, torch.dtype]) -> "_Run":
-        if device is None:
-            target = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-        else:
-            try:
-                target = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise RefineError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-        if target.type == "cuda":
-            if not torch.cuda.is_available():
-                raise RefineError(f"device '{device or target}' was asked for but CUDA is not available")
-            if target.index is None:
-                target = torch.device("cuda", torch.cuda.current_device())
-        if amp is True:
-            bf16 = target.type != "cuda" or torch.cuda.is_bf16_supported()
-            amp_dtype: Optional[torch.dtype] = torch.bfloat16 if bf16 else torch.float16
-        elif amp is False or amp is None:
-            amp_dtype = None
-        elif amp in (torch.float16, torch.bfloat16):
-            amp_dtype = amp
-        else:
-            raise RefineError(f"amp must be True, False, torch.float16 or torch.bfloat16, got {amp!r}")
-        return cls(target, amp_dtype)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def move(self, model_input: Any) -> Any:
-        return move_input(model_input, self.device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Calibration inputs: read once, pooled sample by sample where possible, split into training data and holdout.
-
-
 class _NotPoolable(Exception):
     """The batches' inputs cannot be joined along their first dimension."""
 
@@ -445,7 +400,7 @@ class _Inputs:
             samples = _leading(pool)
             return cls(pool, None, samples, samples)
         except _NotPoolable:
-            return cls(None, inputs, sum(_samples_of(x) for x in inputs), len(inputs))
+            return cls(None, inputs, sum((batch_size_of(x) or 1) for x in inputs), len(inputs))
 
     def __len__(self) -> int:
         return self.units
@@ -454,7 +409,7 @@ class _Inputs:
         if self.pooled:
             return _Inputs(_take(self.pool, indices), None, len(indices), len(indices))
         chosen = [self.batches[i] for i in indices.tolist()]
-        return _Inputs(None, chosen, sum(_samples_of(x) for x in chosen), len(chosen))
+        return _Inputs(None, chosen, sum((batch_size_of(x) or 1) for x in chosen), len(chosen))
 
     def chunks(self, size: int) -> Iterable[Any]:
         """Every input once, in order: batches of ``size`` samples, or the batches as they came."""
@@ -505,12 +460,6 @@ def _leading(pool: Any) -> int:
     return sizes.pop()
 
 
-def _samples_of(model_input: Any) -> int:
-    """Samples in one batch's input: the first dimension of its first tensor (1 if it holds none)."""
-    tensors = _all_tensors(model_input)
-    return tensors[0].shape[0] if tensors and tensors[0].dim() else 1
-
-
 def _all_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -558,7 +507,7 @@ class _State:
     ``exit`` puts back every flag and the student's device. ``initial`` holds the selected parameters' values as
     they were, ``best`` those of the best state measured."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: _Run) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: Placement) -> None:
         self.student, self.teacher, self.selected, self.run = student, teacher, selected, run
         self.student_flags = [(m, m.training) for m in student.modules()]
         self.teacher_flags = [(m, m.training) for m in teacher.modules()]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -314,9 +314,12 @@ def target_class(target: str, rank: Optional[int], fused: bool) -> type:
     return cls
 
 
-def build(module: nn.Module, row: "PlanRow") -> nn.Module:
-    """The replacement for ``module`` described by ``row``; ``module`` itself is not changed."""
+def build(module: nn.Module, row: "PlanRow", *, process_group: Any = None) -> nn.Module:
+    """The replacement for ``module`` described by ``row``; ``module`` itself is not changed. ``process_group`` is
+    the group a new SyncBatchNorm reduces over."""
     src = SourceLayer.read(module)
     new = _BUILDERS[row.target](src, row)
+    if isinstance(new, nn.SyncBatchNorm):
+        new.process_group = process_group
     new.train(src.training)
     return new

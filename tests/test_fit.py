@@ -11,7 +11,7 @@ from torch import nn
 import normswap
 from normswap.demo import agreement, digits_data, load_demo_model
 from normswap.errors import CalibrationError, NormswapError, PlanError
-from normswap.fit import fit_affine, fit_report
+from normswap.fit import fit_report
 from normswap.history import get_history
 from normswap.plan import plan
 
@@ -229,7 +229,7 @@ def test_a_model_that_is_itself_a_norm_layer_becomes_a_fitted_group_norm():
 @pytest.mark.parametrize(
     "data, error, message",
     [
-        (None, PlanError, "needs calibration data"),
+        (None, PlanError, "pass the calibration data"),
         ([], CalibrationError, "empty"),
         (iter(()), CalibrationError, "empty"),
         (["not a tensor"], CalibrationError, "batch 0"),
@@ -316,9 +316,9 @@ def test_options_are_checked():
     model = small_cnn()
     with pytest.raises(PlanError, match="unknown fit target"):
         normswap.convert(model, "gn", groups=4, affine="fit", data=[images(2)], target="nearest")
-    with pytest.raises(PlanError, match="affine='fit'"):
-        fit_affine(model, plan(model, "gn", groups=4), data=[images(2)])
-    with pytest.raises(PlanError, match="only apply with affine='fit'"):
+    with pytest.raises(PlanError, match="target only apply to a plan made with affine='fit'"):
+        plan(model, "gn", groups=4).apply(model, data=[images(2)], target="local")
+    with pytest.raises(PlanError, match="data only apply to a plan made with affine='fit'"):
         normswap.convert(model, "gn", groups=4, data=[images(2)])
     assert type(model[1]) is nn.BatchNorm2d
 

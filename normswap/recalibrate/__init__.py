@@ -66,13 +66,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..data import iter_inputs
+from ..data import ModelFailure, iter_inputs
+from ..placement import Device, Placement
 from ..errors import CalibrationError
 from ..history import record_step
 from .distributed import Ranks
 from .exact import calibrate_exact
 from .report import CalibrationReport, calibration_report
-from .running import Device, ModelFailure, Run, Snapshot, length, place, prefers_channels_last, progress_setting
+from .running import Snapshot, length, place, prefers_channels_last, progress_setting
 from .sequential import calibrate_sequential
 from .statistics import Layer, final_statistics, find_layers
 
@@ -140,7 +141,7 @@ def recalibrate(
         reasons = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise CalibrationError(f"the model has no BatchNorm layer with running statistics to recalibrate{reasons}")
     ranks = Ranks()
-    run = Run.resolve(root, device, amp, bool(channels_last))
+    run = Placement.resolve(root, device, amp, channels_last=bool(channels_last), error=CalibrationError)
     layout_chosen = channels_last is None and method == "exact" and ranks.size == 1 and prefers_channels_last(
         root, run.device)
     if layout_chosen:
@@ -187,7 +188,7 @@ def recalibrate(
     return model
 
 
-def _calibrate(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], method: str, run: Run,
+def _calibrate(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], method: str, run: Placement,
                ranks: Ranks, show: dict[str, Any],
                batches: Optional[int]) -> tuple[list[int], list[Layer], int, float]:
     """One calibration run on a model whose state the caller has snapshotted; returns the totals, the layers in

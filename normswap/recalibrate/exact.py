@@ -13,11 +13,13 @@ from tqdm import tqdm
 from ..errors import CalibrationError
 from ..targets import classify
 from .distributed import Ranks
-from .running import Run, forward, samples
+from ..data import batch_size_of
+from ..placement import Placement
+from .running import forward
 from .statistics import SYNC_KINDS, Layer, check_finite, use_scratch_statistics, values_per_channel
 
 
-def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Run,
+def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
                     ranks: Ranks, bar_options: dict[str, Any]) -> tuple[list[int], list[Layer]]:
     """Batch-statistics calibration in one pass; returns the totals (batches, samples) and the layers in the order
     they first ran."""
@@ -32,7 +34,7 @@ def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tupl
         module.track_running_stats = True
         if classify(module) in SYNC_KINDS:
             module.forward = functools.partial(_batch_norm_without_sync, module)
-        layer.reset(run.device)
+        layer.reset(run.statistics_device)
         handles += _hooks(layer, order, current)
     totals = [0, 0]
     try:
@@ -41,7 +43,7 @@ def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tupl
                 current["index"] = index
                 forward(model, model_input, index, run)
                 totals[0] += 1
-                totals[1] += samples(model_input)
+                totals[1] += batch_size_of(model_input)
                 bar.update()
     except Exception:
         ranks.merge(layers, totals, failed=True, quiet=True)

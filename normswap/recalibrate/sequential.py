@@ -17,16 +17,16 @@ from typing import Any, Iterator
 from torch import nn
 from tqdm import tqdm
 
-from ..data import call_model
+from ..data import batch_size_of, call_model, model_failures
 from ..errors import CalibrationError
 from ..graph import capture
 from ..lockstep import Arrival, Lockstep, Revisited
+from ..placement import Placement
 from .distributed import FAILED, REVISITED, PeerFailure, PeerRevisited, Ranks
-from .running import Run, failures_named, samples
 from .statistics import Layer, add_input_statistics, check_finite, final_statistics, use_scratch_statistics
 
 
-def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Run,
+def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
                          ranks: Ranks, show: dict[str, Any]) -> tuple[list[int], list[Layer], int, float]:
     """Eval-consistent calibration; returns the totals (batches, samples), the layers in the order they were
     calibrated, the passes (one per layer and call) and their cost in forwards over the data."""
@@ -35,7 +35,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     except Exception:
         ranks.merge([], [0, 0], failed=True, quiet=True)
         raise
-    totals = ranks.merge([], [len(held), sum(samples(x) for _, x in held)])
+    totals = ranks.merge([], [len(held), sum(batch_size_of(x) for _, x in held)])
     if totals[0] == 0:
         raise CalibrationError("the calibration data is empty: recalibration needs at least one batch")
     for layer in layers:
@@ -64,17 +64,17 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     return totals, order, passes, 2.0 + probes / totals[0]
 
 
-def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Run, ranks: Ranks,
+def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Placement, ranks: Ranks,
              show: dict[str, Any], calls: dict[int, int]) -> tuple[list[Layer], int]:
     """One calibration with every batch's forward run in step; returns the layers in the order they got their
     statistics and the number of passes (settled stops)."""
     for layer in layers:
-        layer.reset(run.device)
+        layer.reset(run.statistics_device)
     order: list[Layer] = []
     passes = [0]
 
     def lane(index: int, model_input: Any) -> Any:
-        with failures_named(index, model_input):
+        with model_failures(index, model_input):
             return call_model(model, model_input)
 
     def measure(stop: int, arrival: Arrival, call: int) -> None:
@@ -111,12 +111,12 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
     return order, passes[0]
 
 
-def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Run) -> dict[int, int]:
+def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Placement) -> dict[int, int]:
     """How many times each layer is called in a forward of the first batch."""
     if not held:
         return {}
     index, model_input = held[0]
-    with run.context(), failures_named(index, model_input):
+    with run.context(), model_failures(index, model_input):
         graph = capture(model, model_input)
     return {stop: graph.call_count(layer.module) for stop, layer in enumerate(layers)
             if graph.call_count(layer.module)}

@@ -41,6 +41,7 @@ class Moments:
         if count == 0:
             return
         total = self.count + count
+        mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
         delta = mean - self.mean
         self.mean.add_(delta, alpha=count / total)
         self.m2.add_(m2, alpha=m2_scale)
