@@ -223,3 +223,17 @@ def test_an_ultralytics_checkpoint_needs_trust_and_then_converts(yolo_checkpoint
     x = torch.rand(1, 3, 64, 64)
     expected = model.half().float()(x)[0]
     torch.testing.assert_close(frozen.float().eval()(x)[0], expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_half_precision_checkpoint_recalibrates_on_float32_batches(yolo_checkpoint, tmp_path):
+    """The batches follow the model's dtype; autocast on a model that is already half is refused clearly."""
+    path, _ = yolo_checkpoint
+    torch.save(torch.rand(4, 3, 64, 64), tmp_path / "calib.pt")
+    result = run("recalibrate", path, "--trust-pickle", "--data", tmp_path / "calib.pt", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    recalibrated = load(tmp_path / "best-recalibrated.safetensors", arch="ultralytics.nn.tasks:DetectionModel")
+    assert next(recalibrated.parameters()).dtype == torch.float16
+    result = run("recalibrate", path, "--trust-pickle", "--data", tmp_path / "calib.pt", "--amp", "--force")
+    assert result.exit_code == 1
+    assert result.stderr == ("error: the model's weights are already float16: autocast (amp) is for float32 models, "
+                             "run without it\n")
