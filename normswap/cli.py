@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import click
 
 from .errors import CheckpointError, NormswapError
+from .registry import TARGET_NAMES, TARGETS
 
 __all__ = [
     "TARGET_CHOICES",
@@ -47,8 +48,8 @@ __all__ = [
     "write_model",
 ]
 
-TARGET_CHOICES = ("gn", "ln", "in", "frozen", "sync", "bn")
-"""Values of ``convert --to`` (the same as :data:`normswap.targets.TARGETS`, kept here so ``--help`` is fast)."""
+TARGET_CHOICES = TARGET_NAMES
+"""Values of ``convert --to``: the registry's targets."""
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -365,7 +366,7 @@ def _conversion_options(command: Callable) -> Callable:
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(TARGET_CHOICES), required=True,
-              help="gn, ln, in: GroupNorm; frozen: FrozenBatchNorm; sync: SyncBatchNorm; bn: plain BatchNorm.")
+              help="; ".join(f"{t.name}: {t.help}" for t in TARGETS) + ".")
 @click.option("--groups", type=click.IntRange(min=1), metavar="G", help="GroupNorm groups (default 32).")
 @click.option("--channels-per-group", type=click.IntRange(min=1), metavar="K",
               help="GroupNorm channels per group, instead of --groups.")

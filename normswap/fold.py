@@ -63,7 +63,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import targets
+from . import registry, targets
 from .errors import PlanError
 from .graph import Call, Example, Graph, GraphError, Value, capture, find_example
 from .history import record_step, set_input_shape
@@ -75,8 +75,6 @@ __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold"
 
 log = logging.getLogger("normswap")
 
-FOLDABLE_KINDS = ("bn", "bn_act", "sync", "sync_act", "frozen", "frozen_act")
-"""Source kinds (see :func:`normswap.targets.classify`) whose eval output is a per-channel affine map."""
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -300,7 +298,7 @@ def plan_fold(
         prefix = within + "."
     candidates = [
         _Candidate(found.names, found.module, targets.class_path(type(found.module)))
-        for found in find_modules(model, lambda m: targets.classify(m) in (*FOLDABLE_KINDS, "unknown", "lazy"))
+        for found in find_modules(model, _is_candidate)
     ]
     result = FoldPlan(options=options)
     graph: Optional[Graph] = None
@@ -328,19 +326,25 @@ def plan_fold(
             result.pairs.append(_pair(cand))
         else:
             kind = targets.classify(cand.bn)
-            freezable = freeze_rest and kind in FOLDABLE_KINDS and not kind.startswith("frozen") \
+            freezable = freeze_rest and kind.foldable and kind.family != "frozen" \
                 and targets.SourceLayer.read(cand.bn).has_stats
             result.left.append(LeftLayer(list(cand.names), cand.source, cand.reason, freezable))
     _freeze_plan(model, result.left)  # a layer that cannot be frozen raises here, before anything changes
     return result
 
 
+def _is_candidate(module: nn.Module) -> bool:
+    """A layer folding looks at: one it can fold, or a BatchNorm-like one it reports (lazy, unknown subclass)."""
+    kind = targets.classify(module)
+    return kind is not None and (kind.foldable or kind in (registry.LAZY, registry.UNKNOWN))
+
+
 def _layer_reason(bn: nn.Module) -> Optional[str]:
     """Why this norm layer cannot be folded whatever feeds it, or ``None``."""
     kind = targets.classify(bn)
-    if kind == "lazy":
+    if kind is registry.LAZY:
         return "uninitialized lazy layer"
-    if kind == "unknown":
+    if kind is registry.UNKNOWN:
         return "a BatchNorm subclass normswap does not know (its forward may differ)"
     if not targets.SourceLayer.read(bn).has_stats:
         return "no running statistics (track_running_stats=False)"

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
-from . import targets
+from . import registry, targets
 from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
 from .walk import find_modules, get_module, replace_module
@@ -42,8 +42,7 @@ DEFAULT_GROUPS = 32
 
 Patterns = Union[str, Sequence[str], None]
 
-_ALREADY = {"gn": "gn", "ln": "gn", "in": "gn", "frozen": "frozen", "sync": "sync", "bn": "bn"}
-_KIND_NAMES = {"bn": "BatchNorm", "sync": "SyncBatchNorm", "frozen": "frozen", "gn": "GroupNorm"}
+_FAMILY_NAMES = {"bn": "BatchNorm", "sync": "SyncBatchNorm", "frozen": "frozen", "gn": "GroupNorm"}
 
 
 @dataclass
@@ -118,7 +117,7 @@ class Plan:
         except (KeyError, TypeError) as exc:
             raise PlanError(f"not a normswap plan: {exc}") from None
         for row in result.rows:
-            if row.target not in targets.TARGETS or not row.eps > 0 or not row.names:
+            if row.target not in registry.TARGET_NAMES or not row.eps > 0 or not row.names:
                 raise PlanError(
                     f"not a normswap plan: row {row.names} needs a known target, a positive eps and at least one name"
                 )
@@ -298,8 +297,8 @@ def _filter_reason(names: list[str], include: list[str], exclude: list[str]) -> 
 
 def _validate(to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str, affine: str,
               unknown: str, trainable_affine: bool) -> None:
-    if to not in targets.TARGETS:
-        raise PlanError(f"unknown target '{to}': choose one of {', '.join(targets.TARGETS)}")
+    if to not in registry.TARGET_NAMES:
+        raise PlanError(f"unknown target '{to}': choose one of {', '.join(registry.TARGET_NAMES)}")
     if group_policy not in GROUP_POLICIES:
         raise PlanError(f"unknown group policy '{group_policy}': choose divisor or exact")
     if affine not in AFFINE_MODES:
@@ -377,12 +376,12 @@ def plan(
         module, names = found.module, found.names
         path = targets.class_path(type(module))
         kind = targets.classify(module)
-        if kind == "lazy":
+        if kind is registry.LAZY:
             raise PlanError(
                 f"layer '{names[0]}' is an uninitialized {type(module).__name__}: run one forward pass first"
             )
         reason = _filter_reason(names, include_list, exclude_list)
-        if reason is None and kind == "unknown":
+        if reason is None and kind is registry.UNKNOWN:
             if unknown == "error":
                 raise PlanError(
                     f"layer '{names[0]}' is a {path}, a BatchNorm subclass normswap does not know (its forward may "
@@ -390,7 +389,7 @@ def plan(
                 )
             if unknown == "skip":
                 reason = "unknown BatchNorm subclass"
-            kind = targets.fallback_kind(module)
+            kind = targets.fallback_class(module)
         if reason is None:
             reason = _skip_reason(kind, to)
         if reason is not None:
@@ -400,11 +399,10 @@ def plan(
     return result
 
 
-def _skip_reason(kind: str, to: str) -> Optional[str]:
-    family = kind.removesuffix("_act")
-    if family == _ALREADY[to]:
-        return f"already {_KIND_NAMES[family]}"
-    if family == "gn":
+def _skip_reason(kind: registry.LayerClass, to: str) -> Optional[str]:
+    if kind.family == registry.target(to).family:
+        return f"already {_FAMILY_NAMES[kind.family]}"
+    if not kind.converts:
         return "GroupNorm has no running statistics to convert"
     return None
 

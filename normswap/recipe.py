@@ -36,6 +36,7 @@ Python: ``Recipe.load("recipes/frozen-backbone.toml").apply(model)``.
 
 from __future__ import annotations
 
+import inspect
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -47,15 +48,13 @@ from torch import nn
 from .arch import ArchSpec
 from .errors import NormswapError
 from .plan import AFFINE_MODES, GROUP_POLICIES, UNKNOWN_MODES, Plan, plan
-from .targets import TARGETS
+from .registry import TARGET_NAMES
 
 __all__ = ["Recipe", "RecipeError", "Rule"]
 
 _PATTERNS = "a glob pattern or a list of them"
 _POSITIVE = "a whole number of at least 1"
-_RULE_FIELDS: dict[str, tuple[str, Any]] = {
-    "match": (_PATTERNS, lambda v: _patterns(v) and len(v) > 0),
-    "to": (f"one of {', '.join(TARGETS)}", lambda v: v in TARGETS),
+_OPTION_FIELDS: dict[str, tuple[str, Any]] = {
     "groups": (_POSITIVE, lambda v: _positive(v)),
     "channels_per_group": (_POSITIVE, lambda v: _positive(v)),
     "group_policy": (f"one of {', '.join(GROUP_POLICIES)}", lambda v: v in GROUP_POLICIES),
@@ -64,6 +63,16 @@ _RULE_FIELDS: dict[str, tuple[str, Any]] = {
     "trainable_affine": ("true or false", lambda v: isinstance(v, bool)),
     "unknown": (f"one of {', '.join(UNKNOWN_MODES)}", lambda v: v in UNKNOWN_MODES),
 }
+"""What each option of :func:`normswap.plan.plan` may be in a recipe rule."""
+
+_RULE_FIELDS: dict[str, tuple[str, Any]] = {
+    "match": (_PATTERNS, lambda v: _patterns(v) and len(v) > 0),
+    "to": (f"one of {', '.join(TARGET_NAMES)}", lambda v: v in TARGET_NAMES),
+    **{name: _OPTION_FIELDS[name] for name in inspect.signature(plan).parameters
+       if name not in ("model", "to", "include")},
+}
+"""A rule's keys: ``match`` (the plan's ``include``), ``to``, and every other option of :func:`normswap.plan.plan`
+(a new option without an entry in ``_OPTION_FIELDS`` fails here, at import)."""
 _STEP_FIELDS: dict[str, dict[str, tuple[str, Any]]] = {
     "recalibrate": {
         "op": ("recalibrate", lambda v: v == "recalibrate"),
@@ -267,7 +276,7 @@ def _check_fields(table: Any, fields: dict[str, tuple[str, Any]], where: str) ->
 def _read_rule(raw: Any, where: str) -> Rule:
     _check_fields(raw, _RULE_FIELDS, where)
     if "to" not in raw or "match" not in raw:
-        raise RecipeError(f"{where} needs 'match' and 'to' (one of {', '.join(TARGETS)})")
+        raise RecipeError(f"{where} needs 'match' and 'to' (one of {', '.join(TARGET_NAMES)})")
     match = raw["match"]
     match = [match] if isinstance(match, str) else list(match)
     options = {key: value for key, value in raw.items() if key not in ("match", "to")}

@@ -1,16 +1,24 @@
-"""The layer classes normswap knows by name: one record per class, the names that files record them by.
+"""What normswap knows about normalization layers: one typed record per layer class and one per target.
+
+Every question about a layer class — what it computes, whether it carries a fused activation, the input rank it is
+made for, whether a plan converts it, folding folds it, recalibration recalibrates it — is answered by its
+:class:`LayerClass` record here, and every conversion target (``to="gn"``...) is a :class:`Target` record naming the
+classes layers become. The command line's ``--to`` choices and the recipes' ``to`` values are :data:`TARGET_NAMES`.
 
 A checkpoint's manifest (:mod:`normswap.checkpoint.manifest`) says which class each normalization layer is. Files
 are data, so a file never names a class to import: it names a *key* of this registry (``"BatchNorm2d"``,
 ``"timm.BatchNormAct2d"``), and only the classes listed here can be built from a file. timm's and torchvision's
 classes are looked up only once their modules are imported (a model can only hold them then) and imported only to
-build a layer a file records.
+build a layer a file records or a conversion makes.
 
 Example::
 
     >>> import torch
-    >>> record_of(torch.nn.BatchNorm2d(4)).key, by_key("GroupNorm").family
-    ('BatchNorm2d', 'gn')
+    >>> record = record_of(torch.nn.BatchNorm2d(4))
+    >>> record.key, record.rank, record.foldable, record.calibratable, by_key("GroupNorm").family
+    ('BatchNorm2d', 2, True, True, 'gn')
+    >>> target("ln").family, target_class("frozen", rank=2, fused=True).__name__
+    ('gn', 'FrozenBatchNormAct')
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from torch import nn
 
 from .errors import NormswapError
 
-__all__ = ["LAYER_CLASSES", "LayerClass", "by_key", "record_of"]
+__all__ = ["LAYER_CLASSES", "LAZY", "TARGETS", "TARGET_NAMES", "UNKNOWN", "LayerClass", "Target", "by_key", "record_of",
+           "target", "target_class"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,21 @@ class LayerClass:
     family: str
     fused: bool = False
     rank: Optional[int] = None
+
+    @property
+    def converts(self) -> bool:
+        """A plan converts layers of this class (BatchNorm, SyncBatchNorm, frozen BatchNorm)."""
+        return self.family in ("bn", "sync", "frozen")
+
+    @property
+    def foldable(self) -> bool:
+        """Its eval output is a per-channel affine map that folding can multiply into the layer before it."""
+        return self.family in ("bn", "sync", "frozen")
+
+    @property
+    def calibratable(self) -> bool:
+        """Recalibration gives it new running statistics (frozen layers keep theirs by design)."""
+        return self.family in ("bn", "sync")
 
     def loaded(self) -> Optional[type]:
         """The class, if its module has been imported (never imports)."""
@@ -76,6 +100,43 @@ LAYER_CLASSES: tuple[LayerClass, ...] = (
 
 _BY_KEY = {record.key: record for record in LAYER_CLASSES}
 
+UNKNOWN = LayerClass("unknown", "", "", "unknown")
+"""A subclass of a BatchNorm class normswap does not know (its forward may differ): reported, never converted
+unless asked."""
+
+LAZY = LayerClass("lazy", "", "", "lazy")
+"""An uninitialized lazy BatchNorm: it has no channel count until its first forward."""
+
+_BY_CLASS: dict[type, Optional[LayerClass]] = {}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One value of ``to=``: the family layers become and the registry keys of the classes they become (``plain``
+    for a layer without a fused activation, ``fused`` for one with; BatchNorm's plain class depends on the rank)."""
+
+    name: str
+    family: str
+    plain: str
+    fused: str
+    help: str
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("gn", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm (32 groups, or groups=)"),
+    Target("ln", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group (LayerNorm-style)"),
+    Target("in", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group per channel (InstanceNorm-style)"),
+    Target("frozen", "frozen", "normswap.FrozenBatchNorm", "normswap.FrozenBatchNormAct", "FrozenBatchNorm"),
+    Target("sync", "sync", "SyncBatchNorm", "timm.SyncBatchNormAct", "SyncBatchNorm"),
+    Target("bn", "bn", "BatchNorm2d", "timm.BatchNormAct2d", "plain BatchNorm of the original rank"),
+)
+"""Every conversion target, in the order the documentation lists them."""
+
+TARGET_NAMES = tuple(t.name for t in TARGETS)
+"""Every value ``to=`` accepts (and ``--to``, and a recipe rule's ``to``)."""
+
+_BATCH_NORM_BY_RANK = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d", None: "normswap.BatchNorm"}
+
 
 def by_key(key: str) -> LayerClass:
     """The record a file's key names; :class:`NormswapError` for a key normswap does not know."""
@@ -87,8 +148,32 @@ def by_key(key: str) -> LayerClass:
 
 def record_of(module: nn.Module) -> Optional[LayerClass]:
     """The record of ``module``'s exact class (a subclass may compute something else), or ``None``."""
-    cls = type(module)
-    for record in LAYER_CLASSES:
-        if record.name == cls.__name__ and record.loaded() is cls:
+    return class_record(type(module))
+
+
+def class_record(cls: type) -> Optional[LayerClass]:
+    """The record of the class ``cls`` itself, or ``None``."""
+    if cls not in _BY_CLASS:
+        found = next((r for r in LAYER_CLASSES if r.name == cls.__name__ and r.loaded() is cls), None)
+        if found is None and cls.__module__ in {r.module for r in LAYER_CLASSES if r.loaded() is None}:
+            return None  # its module is still being imported: look again next time
+        _BY_CLASS[cls] = found
+    return _BY_CLASS[cls]
+
+
+def target(name: str) -> Target:
+    """The target called ``name``; :class:`NormswapError` listing the targets for any other name."""
+    for record in TARGETS:
+        if record.name == name:
             return record
-    return None
+    raise NormswapError(f"unknown target {name!r}: choose one of {', '.join(TARGET_NAMES)}")
+
+
+def target_class(name: str, rank: Optional[int], fused: bool) -> type:
+    """The class a layer of input rank ``rank`` (with a fused activation or not) becomes under the target ``name``."""
+    chosen = target(name)
+    if fused:
+        return by_key(chosen.fused).load()
+    if chosen.family == "bn":
+        return by_key(_BATCH_NORM_BY_RANK.get(rank, "normswap.BatchNorm")).load()
+    return by_key(chosen.plain).load()

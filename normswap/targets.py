@@ -1,6 +1,7 @@
-"""The one registry of what normswap can convert: source layer kinds, targets, and the builder for each target.
+"""Conversions of one layer: recognising a source layer, reading it through one view, and one builder per target.
 
-Sources are classified by exact class (a subclass may override ``forward``; converting it silently would lose that
+What each class and each target is lives in :mod:`normswap.registry`; this module classifies modules with it and
+builds the replacement layers. Sources are classified by exact class (a subclass may override ``forward``; converting it silently would lose that
 behaviour, so unknown subclasses are reported separately). Every source is read through one view,
 :class:`SourceLayer`, so each target needs one builder, whatever the source:
 
@@ -16,8 +17,8 @@ bn        ``nn.BatchNorm{1,2,3}d`` by original rank   timm ``BatchNormAct2d``
 A source built with ``bias=False`` gives a target without bias, frozen layers included (``affine="fit"`` fits a
 shift, so it keeps a bias).
 
-timm's and torchvision's classes join the registry once their modules are imported: a model can only hold them then,
-so ``import normswap`` does not import timm or torchvision (and the ``torch._dynamo`` that torchvision imports).
+timm's and torchvision's classes are recognised once their modules are imported: a model can only hold them then, so
+``import normswap`` does not import timm or torchvision (and the ``torch._dynamo`` that torchvision imports).
 
 Affine parameters and statistics tensors are moved, not copied, where the target keeps them unchanged: an optimizer
 built before a ``sync``/``bn``/``gn`` conversion still points at the live parameters, and a 1 GB model is not
@@ -26,75 +27,27 @@ duplicated in memory.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
+from . import registry
+from .layers import FrozenBatchNorm
 
 if TYPE_CHECKING:
     from .plan import PlanRow
 
-__all__ = ["TARGETS", "SourceLayer", "build", "class_path", "classify", "is_norm_layer"]
+__all__ = ["TARGETS", "SourceLayer", "build", "class_path", "classify", "fallback_class", "is_norm_layer"]
 
-TARGETS = ("gn", "ln", "in", "frozen", "sync", "bn")
+TARGETS = registry.TARGET_NAMES
 """Every value ``to=`` accepts."""
 
 RANK_ATTR = "normswap_rank"
 """Attribute that a SyncBatchNorm made by normswap carries: the rank (1, 2, 3) of the BatchNorm it replaced."""
 
-# Exact class -> source kind. "bn", "sync" and "frozen" convert; "gn" is already a target; kinds ending in "_act"
-# carry a fused activation and drop path that every conversion keeps.
-_KINDS: dict[type, str] = {
-    nn.BatchNorm1d: "bn",
-    nn.BatchNorm2d: "bn",
-    nn.BatchNorm3d: "bn",
-    BatchNorm: "bn",
-    nn.SyncBatchNorm: "sync",
-    FrozenBatchNorm: "frozen",
-    FrozenBatchNormAct: "frozen_act",
-    nn.GroupNorm: "gn",
-}
-
-_RANKS: dict[type, int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
-
-_BATCH_NORM_BASES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
-"""Every class whose unrecognised subclasses are reported as ``"unknown"`` rather than ignored."""
-
-# Module -> class name -> (kind, rank); registered by _register_imported() once the module is imported.
-_PENDING: dict[str, dict[str, tuple[str, Optional[int]]]] = {
-    "timm.layers.norm_act": {
-        "BatchNormAct2d": ("bn_act", 2),
-        "SyncBatchNormAct": ("sync_act", None),
-        "FrozenBatchNormAct2d": ("frozen_act", 2),
-        "GroupNormAct": ("gn_act", None),
-    },
-    "torchvision.ops.misc": {"FrozenBatchNorm2d": ("frozen", 2)},
-}
-
-
-def _register_imported() -> None:
-    """Add the classes of every pending module that has been imported since the last call."""
-    global _BATCH_NORM_BASES
-    for module_name in [name for name in _PENDING if name in sys.modules]:
-        module = sys.modules[module_name]
-        classes = {name: getattr(module, name, None) for name in _PENDING[module_name]}
-        if any(cls is None for cls in classes.values()):
-            continue  # still being imported
-        for name, cls in classes.items():
-            kind, rank = _PENDING[module_name][name]
-            _KINDS[cls] = kind
-            if rank is not None:
-                _RANKS[cls] = rank
-            if kind.startswith("frozen"):
-                _BATCH_NORM_BASES = (*_BATCH_NORM_BASES, cls)
-        del _PENDING[module_name]
-
-
-_BN_BY_RANK: dict[Optional[int], type] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: BatchNorm}
+_FROZEN_FAMILY = [record for record in registry.LAYER_CLASSES if record.family == "frozen"]
 
 
 def class_path(cls: type) -> str:
@@ -102,21 +55,28 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def classify(module: nn.Module) -> Optional[str]:
-    """The source kind of a module: one of the kinds above, ``"lazy"``, ``"unknown"`` (an unrecognised subclass of a
-    BatchNorm or frozen BatchNorm class), or ``None`` for a module that is not a BatchNorm-like layer.
+def _batch_norm_bases() -> tuple[type, ...]:
+    """Every class whose unrecognised subclasses are reported as unknown rather than ignored: BatchNorm's base and
+    every frozen BatchNorm class loaded."""
+    loaded = [record.loaded() for record in _FROZEN_FAMILY]
+    return (nn.modules.batchnorm._BatchNorm, *[cls for cls in loaded if cls is not None])
 
-    >>> classify(nn.BatchNorm2d(4)), classify(nn.InstanceNorm2d(4)), classify(nn.LazyBatchNorm2d())
+
+def classify(module: nn.Module) -> Optional[registry.LayerClass]:
+    """The registry record of a norm layer (:class:`normswap.registry.LayerClass`), :data:`~normswap.registry.LAZY`
+    for an uninitialized lazy BatchNorm, :data:`~normswap.registry.UNKNOWN` for an unrecognised subclass of a
+    BatchNorm or frozen BatchNorm class, or ``None`` for a module that is not a BatchNorm-like layer.
+
+    >>> classify(nn.BatchNorm2d(4)).family, classify(nn.InstanceNorm2d(4)), classify(nn.LazyBatchNorm2d()).family
     ('bn', None, 'lazy')
     """
-    _register_imported()
-    kind = _KINDS.get(type(module))
-    if kind is not None:
-        return kind
+    record = registry.record_of(module)
+    if record is not None:
+        return record if record.family != "folded" else None
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return "lazy"
-    if isinstance(module, _BATCH_NORM_BASES):
-        return "unknown"
+        return registry.LAZY
+    if isinstance(module, _batch_norm_bases()):
+        return registry.UNKNOWN
     return None
 
 
@@ -125,13 +85,13 @@ def is_norm_layer(module: nn.Module) -> bool:
     return classify(module) is not None
 
 
-def fallback_kind(module: nn.Module) -> str:
-    """The kind an unknown subclass is converted as, when the user opts in: that of its nearest known base class."""
-    _register_imported()
+def fallback_class(module: nn.Module) -> registry.LayerClass:
+    """The record an unknown subclass is converted as, when the user opts in: its nearest known base class's."""
     for base in type(module).__mro__:
-        if base in _KINDS:
-            return _KINDS[base]
-    return "bn"
+        record = registry.class_record(base)
+        if record is not None and record.family != "folded":
+            return record
+    return registry.by_key("normswap.BatchNorm")
 
 
 @dataclass
@@ -192,10 +152,10 @@ def source_rank(module: nn.Module) -> Optional[int]:
     """The input rank (1, 2, 3) a norm layer was made for (also for subclasses), or ``None`` if nothing says."""
     if isinstance(module, FrozenBatchNorm):
         return module.rank
-    _register_imported()
-    for cls, rank in _RANKS.items():
-        if isinstance(module, cls):
-            return rank
+    for base in type(module).__mro__:
+        record = registry.class_record(base)
+        if record is not None and record.rank is not None:
+            return record.rank
     return getattr(module, RANK_ATTR, None)
 
 
@@ -287,31 +247,10 @@ _BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
 }
 
 
-_TARGET_CLASSES: dict[tuple[str, bool], Union[type, str]] = {
-    ("gn", False): nn.GroupNorm,
-    ("gn", True): "GroupNormAct",
-    ("frozen", False): FrozenBatchNorm,
-    ("frozen", True): FrozenBatchNormAct,
-    ("sync", False): nn.SyncBatchNorm,
-    ("sync", True): "SyncBatchNormAct",
-    ("bn", True): "BatchNormAct2d",
-}
-"""Target family and whether the layer has a fused activation -> its class, or the name of a class of timm's
-``norm_act`` module (imported only then: a layer with a fused activation needs it)."""
-
-
 def target_class(target: str, rank: Optional[int], fused: bool) -> type:
-    """The class a layer becomes under ``target`` (``ln``/``in`` are GroupNorm with 1 or C groups); the builders
-    and the plan both take it from here."""
-    family = "gn" if target in ("gn", "ln", "in") else target
-    if family == "bn" and not fused:
-        return _BN_BY_RANK.get(rank, BatchNorm)
-    cls = _TARGET_CLASSES[(family, fused)]
-    if isinstance(cls, str):
-        from timm.layers import norm_act
-
-        cls = getattr(norm_act, cls)
-    return cls
+    """The class a layer becomes under ``target`` (see :func:`normswap.registry.target_class`); the builders and
+    the plan both take it from here."""
+    return registry.target_class(target, rank, fused)
 
 
 def build(module: nn.Module, row: "PlanRow", *, process_group: Any = None) -> nn.Module:

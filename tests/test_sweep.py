@@ -96,7 +96,7 @@ FAMILY = {"bn": "bn", "sync": "sync", "frozen": "frozen", "gn": "gn", "ln": "gn"
 
 def family(module: nn.Module):
     kind = classify(module)
-    return None if kind is None else kind.removesuffix("_act")
+    return None if kind is None else kind.family
 
 
 def flat_output(output) -> torch.Tensor:

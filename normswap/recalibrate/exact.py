@@ -16,7 +16,7 @@ from .distributed import Ranks
 from ..data import batch_size_of
 from ..placement import Placement
 from .running import forward
-from .statistics import SYNC_KINDS, Layer, check_finite, use_scratch_statistics, values_per_channel
+from .statistics import Layer, check_finite, use_scratch_statistics, values_per_channel
 
 
 def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
@@ -32,7 +32,7 @@ def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tupl
         module.training = True
         module.momentum = 1.0
         module.track_running_stats = True
-        if classify(module) in SYNC_KINDS:
+        if classify(module).family == "sync":
             module.forward = functools.partial(_batch_norm_without_sync, module)
         layer.reset(run.statistics_device)
         handles += _hooks(layer, order, current)

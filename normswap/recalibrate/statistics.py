@@ -12,18 +12,12 @@ from ..errors import CalibrationError
 from ..targets import classify, is_norm_layer
 from ..walk import find_modules
 
-CALIBRATED_KINDS = ("bn", "bn_act", "sync", "sync_act")
-"""Source kinds (see :func:`normswap.targets.classify`) whose running statistics are recalibrated."""
-
-SYNC_KINDS = ("sync", "sync_act")
-
-_FROZEN = "frozen BatchNorm: its statistics are fixed by design (convert it to 'bn' to recalibrate it)"
 _SKIP_REASONS = {
-    "frozen": _FROZEN,
-    "frozen_act": _FROZEN,
+    "frozen": "frozen BatchNorm: its statistics are fixed by design (convert it to 'bn' to recalibrate it)",
     "unknown": "a BatchNorm subclass normswap does not know: its forward may not use the running statistics",
     "lazy": "a lazy BatchNorm that has not been initialized yet",
 }
+"""Why a BatchNorm-like layer of each family is left alone."""
 _NO_STATISTICS = "no running statistics: it always normalizes with batch statistics"
 
 
@@ -74,10 +68,10 @@ def find_layers(model: nn.Module) -> tuple[list[Layer], dict[str, str]]:
     layers, skipped = [], {}
     for found in find_modules(model, is_norm_layer):
         kind = classify(found.module)
-        if kind in ("gn", "gn_act"):
+        if kind.family == "gn":
             continue
-        if kind not in CALIBRATED_KINDS:
-            skipped[found.names[0]] = _SKIP_REASONS[kind]
+        if not kind.calibratable:
+            skipped[found.names[0]] = _SKIP_REASONS[kind.family]
         elif found.module.running_mean is None or found.module.running_var is None:
             skipped[found.names[0]] = _NO_STATISTICS
         else:
