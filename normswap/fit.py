@@ -1,12 +1,12 @@
 """Fitted GroupNorm affine weights: converting BatchNorm to GroupNorm without ruining a trained model.
 
-Copying a BatchNorm's weight and bias into a GroupNorm keeps the parameters but not the function: BatchNorm
-normalizes with fixed dataset statistics, GroupNorm with each sample's own, so the copied model usually drops to
-chance accuracy. :func:`fit_converted` instead chooses, for every converted layer in forward order and for every
-channel, the ``a`` and ``b`` for which ``a * x̂ + b`` (``x̂`` the GroupNorm-normalized input of the converted model) matches the
-original BatchNorm's eval output ``t`` on calibration data, in closed form from float64 sums of ``x̂``, ``x̂²``, ``t``,
-``x̂·t`` and ``t²`` per channel: ``a * x̂ + b`` gets the mean and the variance of ``t``, and the sign of their
-correlation (``a = sign(cov) · σ_t / σ_x̂``, ``b = μ_t - a · μ_x̂``).
+Copying a BatchNorm's weight and bias into a GroupNorm keeps the parameters but not the function: BatchNorm normalizes
+with fixed dataset statistics, GroupNorm with each sample's own, so the copied model usually drops to chance accuracy.
+:func:`fit_converted` instead chooses, for every converted layer in forward order and for every channel, the ``a`` and
+``b`` for which ``a * x̂ + b`` (``x̂`` the GroupNorm-normalized input of the converted model) matches the original
+BatchNorm's eval output ``t`` on calibration data, in closed form from float64 sums of ``x̂``, ``x̂²``, ``t``, ``x̂·t``
+and ``t²`` per channel: ``a * x̂ + b`` gets the mean and the variance of ``t``, and the sign of their correlation (``a =
+sign(cov) · σ_t / σ_x̂``, ``b = μ_t - a · μ_x̂``).
 
 That is the least-squares line with its slope divided by the correlation. Least squares alone shrinks each layer's
 output variance by the squared correlation, and where GroupNorm's input explains the target poorly (few channels per

@@ -1,9 +1,9 @@
 """Conversions of one layer: recognising a source layer, reading it through one view, and one builder per target.
 
-What each class and each target is lives in :mod:`normswap.registry`; this module classifies modules with it and
-builds the replacement layers. Sources are classified by exact class (a subclass may override ``forward``;
-converting it silently would lose that behaviour, so unknown subclasses are reported separately). Every source is read through one view,
-:class:`SourceLayer`, so each target needs one builder, whatever the source:
+What each class and each target is lives in :mod:`normswap.registry`; this module classifies modules with it and builds
+the replacement layers. Sources are classified by exact class (a subclass may override ``forward``; converting it
+silently would lose that behaviour, so unknown subclasses are reported separately). Every source is read through one
+view, :class:`SourceLayer`, so each target needs one builder, whatever the source:
 
 ========  ==========================================  ==============================================
 target    plain layer becomes                         layer with fused activation becomes
