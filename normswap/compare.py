@@ -41,6 +41,7 @@ from torch import nn
 from .data import call_model, floating_dtype, iter_inputs, model_failures, move_input
 from .errors import CalibrationError, NormswapError
 from .history import get_history
+from .placement import for_float64
 
 __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
 
@@ -149,9 +150,10 @@ class _LayerStats:
 
     def add(self, reference: torch.Tensor, other: torch.Tensor) -> None:
         self.compared += 1
-        diff = other.detach().double() - reference.double()
+        reference = for_float64(reference).double()
+        diff = for_float64(other.detach()).double().to(reference.device) - reference
         self.sum_sq_diff += float(diff.pow(2).sum())
-        self.sum_sq_ref += float(reference.double().pow(2).sum())
+        self.sum_sq_ref += float(reference.pow(2).sum())
         if diff.numel():
             self.max_abs = max(self.max_abs, float(diff.abs().max()))
 
@@ -278,7 +280,8 @@ class _OutputStats:
         self.correct_b = 0
 
     def add(self, out_a: torch.Tensor, out_b: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
-        a, b = out_a.detach().double(), out_b.detach().double().to(out_a.device)
+        a = for_float64(out_a.detach()).double()
+        b = for_float64(out_b.detach()).double().to(a.device)
         rows = a.shape[0] if a.dim() else 1
         diff = b - a
         self.batches += 1

@@ -61,7 +61,7 @@ from .errors import CalibrationError, NormswapError, PlanError
 from .graph import capture
 from .history import get_history, record_step
 from .lockstep import Arrival, Lockstep, Revisited
-from .placement import Device, Placement
+from .placement import Device, Placement, for_float64
 from .targets import SourceLayer
 from .walk import get_module
 
@@ -309,13 +309,13 @@ def _fit_in_step(converted: nn.Module, reference: nn.Module, rows: list[PlanRow]
         forwards.append(lambda x=model_input: call_model(converted, x))
     if target == "global":
         stops.update({get_module(reference, row.name): stop for stop, row in enumerate(fit_rows)})
-    moments = [_Moments(row.channels, layer.weight.device) for row, layer in zip(fit_rows, layers)]
+    moments = [_Moments(row.channels, for_float64(layer.weight).device) for row, layer in zip(fit_rows, layers)]
     waiting: dict[tuple[int, int, int], torch.Tensor] = {}
     fits: dict[str, float] = {}
 
     def arrive(stop: int, arrival: Arrival, call: int) -> None:
         kind, batch = lanes[arrival.lane]
-        x = arrival.args[0].detach()
+        x = for_float64(arrival.args[0].detach())
         if kind == "reference":
             waiting[(batch, stop, call)] = x
         elif target == "local":

@@ -35,7 +35,7 @@ from torch import nn
 from .data import floating_dtype, move_input
 from .errors import NormswapError
 
-__all__ = ["Device", "Placement"]
+__all__ = ["Device", "Placement", "for_float64"]
 
 Device = Union[str, torch.device, None]
 
@@ -88,6 +88,7 @@ class Placement:
         """Where float64 accumulators live: the run device, or the CPU on MPS (which has no float64)."""
         return torch.device("cpu") if self.device.type == "mps" else self.device
 
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the forwards (a no-op without ``amp``)."""
         if self.amp_dtype is None:
@@ -105,3 +106,13 @@ class Placement:
         """A model input on the device, in the model's floating dtype and the chosen layout."""
         return move_input(model_input, self.device, dtype=self.input_dtype, channels_last=self.channels_last,
                           non_blocking=True)
+
+
+def for_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where float64 arithmetic can run on it: moved to the CPU from MPS (which has no float64), else as
+    it is.
+
+    >>> for_float64(torch.ones(2)).device.type
+    'cpu'
+    """
+    return tensor.cpu() if tensor.device.type == "mps" else tensor

@@ -97,6 +97,8 @@ def recalibrate(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
     progress: Optional[bool] = None,
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
 ) -> nn.Module:
     """Recompute the running statistics of ``model``'s BatchNorm layers from ``data``, in place.
 
@@ -118,6 +120,12 @@ def recalibrate(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar, ``False`` never; ``None`` shows one on a terminal for runs longer
             than two seconds.
+        distributed: ``True``: calibrate across the processes of ``torch.distributed`` (each on its own shard, all
+            ending with the statistics of the union); ``False``: this process's data alone, even when
+            ``torch.distributed`` is initialized (recalibrating on rank 0 only); ``None`` (default): across the
+            processes when there are more than one. Across processes, **every** rank of the group must call
+            ``recalibrate``; a failure or an interruption on one makes the others raise, naming it.
+        process_group: the ``torch.distributed`` group to calibrate across (default: the whole world).
 
     Returns:
         ``model``, with new statistics; :func:`calibration_report` says what was calibrated.
@@ -140,8 +148,8 @@ def recalibrate(
     if not layers:
         reasons = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise CalibrationError(f"the model has no BatchNorm layer with running statistics to recalibrate{reasons}")
-    ranks = Ranks()
     run = Placement.resolve(root, device, amp, channels_last=bool(channels_last), error=CalibrationError)
+    ranks = Ranks(distributed, process_group, run.device)
     layout_chosen = channels_last is None and method == "exact" and ranks.size == 1 and prefers_channels_last(
         root, run.device)
     if layout_chosen:

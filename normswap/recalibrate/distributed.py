@@ -1,13 +1,19 @@
 """Calibrating across processes: every rank calibrates on its own shard; statistics are gathered and merged in rank
 order, and the sequential method's ranks agree, step by step, on which layer to settle next.
 
-Every collective here carries a status, so that a rank that fails (or finds that it must start again) tells the
-others at their next collective instead of leaving them waiting: they raise too.
+Every collective here carries a status, so that a rank that fails — an error, a failing data loader, Ctrl-C or
+SIGTERM alike — (or finds that it must start again) tells the others at their next collective instead of leaving them
+waiting: they raise too, naming the rank. Collectives run only when asked for (``distributed=True``) or, by default,
+when ``torch.distributed`` is initialized with more than one process; every rank of the group must then call
+:func:`~normswap.recalibrate.recalibrate`. Under NCCL they run on the calibration device, or the GPU ``LOCAL_RANK``
+names, never silently on GPU 0 of every rank.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,26 +33,53 @@ class PeerRevisited(Revisited):
     """Another rank found a layer called more often than expected: every rank starts again."""
 
 
-class Ranks:
-    """The processes sharing the calibration (``torch.distributed``), or just this one."""
+def collective_device(backend: str, run_device: torch.device,
+                      environ: Mapping[str, str] = os.environ) -> torch.device:
+    """Where a collective's tensors live: the CPU for gloo; for NCCL the calibration device if it is a GPU, else the
+    GPU ``LOCAL_RANK`` names (set by ``torchrun``), else the current CUDA device.
 
-    def __init__(self) -> None:
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.size = dist.get_world_size() if self.active else 1
-        self.rank = dist.get_rank() if self.active else 0
+    >>> collective_device("nccl", torch.device("cpu"), {"LOCAL_RANK": "3"})
+    device(type='cuda', index=3)
+    >>> collective_device("gloo", torch.device("cuda", 1))
+    device(type='cpu')
+    """
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    if run_device.type == "cuda":
+        return run_device
+    if "LOCAL_RANK" in environ:
+        return torch.device("cuda", int(environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class Ranks:
+    """The processes sharing the calibration (``torch.distributed``, a ``process_group`` of it), or just this one.
+
+    ``distributed``: ``True`` to calibrate across the group (``torch.distributed`` must be initialized), ``False``
+    to calibrate this process's data alone, ``None`` for across the group when it has more than one process.
+    """
+
+    def __init__(self, distributed: Optional[bool] = None, process_group: Any = None,
+                 device: torch.device = torch.device("cpu")) -> None:
+        initialized = dist.is_available() and dist.is_initialized()
+        if distributed and not initialized:
+            raise CalibrationError("distributed=True needs torch.distributed initialized (dist.init_process_group)")
+        if not initialized or distributed is False:
+            self.active = False
+        else:
+            self.active = bool(distributed) or dist.get_world_size(process_group) > 1
+        self.group = process_group
+        self.size = dist.get_world_size(process_group) if self.active else 1
+        self.rank = dist.get_rank(process_group) if self.active else 0
+        self.device = collective_device(str(dist.get_backend(process_group)), device) if self.active else device
         self._first_step: dict[int, int] = {}
         self._step = 0
 
-    def _device(self) -> torch.device:
-        if "nccl" in str(dist.get_backend()):
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's ``values`` (float64, one row per rank), on the CPU."""
-        flat = values.to(self._device())
+        flat = values.to(self.device)
         gathered = [torch.empty_like(flat) for _ in range(self.size)]
-        dist.all_gather(gathered, flat)
+        dist.all_gather(gathered, flat, group=self.group)
         return torch.stack(gathered).to(torch.device("cpu"))
 
     def merge(self, layers: list[Layer], totals: list[int], *, failed: bool = False, quiet: bool = False) -> list[int]:

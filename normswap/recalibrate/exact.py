@@ -45,7 +45,7 @@ def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tupl
                 totals[0] += 1
                 totals[1] += batch_size_of(model_input)
                 bar.update()
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM too: the other ranks must not wait for this one
         ranks.merge(layers, totals, failed=True, quiet=True)
         raise
     finally:

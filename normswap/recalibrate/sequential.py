@@ -32,7 +32,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     calibrated, the passes (one per layer and call) and their cost in forwards over the data."""
     try:
         held = [(index, run.move(model_input)) for index, model_input in inputs]
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM too: the other ranks must not wait for this one
         ranks.merge([], [0, 0], failed=True, quiet=True)
         raise
     totals = ranks.merge([], [len(held), sum(batch_size_of(x) for _, x in held)])
