@@ -69,8 +69,8 @@ def bench_recalibration(device: torch.device, rounds: int, batch: int, batches: 
         "eval forward, bf16 autocast": lambda: forward(model, data, amp=True),
         "recalibrate exact, bf16 autocast": lambda: normswap.recalibrate(model, data, amp=True, progress=False),
         "eval forward, channels-last": lambda: forward(last, data_last),
-        "recalibrate exact, channels-last": lambda: normswap.recalibrate(model, data, channels_last=True,
-                                                                          progress=False),
+        "recalibrate exact, channels-last": lambda: normswap.recalibrate(
+            model, data, channels_last=True, progress=False),
     }
     results = _interleaved(cases, device, rounds)
     lines = [f"recalibration: resnet50, {batches} batches of {batch}x3x224x224"]

@@ -88,7 +88,6 @@ class Placement:
         """Where float64 accumulators live: the run device, or the CPU on MPS (which has no float64)."""
         return torch.device("cpu") if self.device.type == "mps" else self.device
 
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the forwards (a no-op without ``amp``)."""
         if self.amp_dtype is None:
