@@ -58,7 +58,7 @@ def convert(model: nn.Module, variant: str, groups: int, calibration: torch.Tens
     if variant in ("copy", "reset"):
         return normswap.convert(copy.deepcopy(model), "gn", groups=groups, affine=variant)
     target = variant.split()[1] if " " in variant else "global"
-    return normswap.convert(copy.deepcopy(model), "gn", groups=groups, affine="fit", target=target,
+    return normswap.convert(copy.deepcopy(model), "gn", groups=groups, affine="fit", fit_target=target,
                             data=calibration.split(16))
 
 

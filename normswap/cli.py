@@ -428,7 +428,7 @@ def convert(checkpoint: Path, to: str, groups: Optional[int], channels_per_group
     fit_options: dict[str, Any] = {"data": data_source, "batch_size": batch_size, "batches": batches,
                                    "device": device, "progress": progress}
     if affine == "fit":
-        fit_options["target"] = fit_target
+        fit_options["fit_target"] = fit_target
     if refine_steps is not None:
         trainable: Any = list(refine_trainable) if len(refine_trainable) > 1 else (refine_trainable or ("all",))[0]
         fit_options["refine"] = refine_steps

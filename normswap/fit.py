@@ -73,7 +73,7 @@ __all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_converted", "fit_report"
 log = logging.getLogger("normswap")
 
 FIT_TARGETS = ("global", "local", "auto")
-"""Every value ``target=`` accepts."""
+"""Every value ``fit_target=`` accepts."""
 
 
 @dataclass
@@ -168,7 +168,7 @@ def fit_converted(
     *,
     data: Iterable[Any],
     batches: Optional[int] = None,
-    target: str = "global",
+    fit_target: str = "global",
     device: Device = None,
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
@@ -184,7 +184,8 @@ def fit_converted(
         data: calibration batches (see :mod:`normswap.data`), read once and held in memory: bound them with
             ``batches``. A few dozen images usually suffice. They are cast to the model's floating dtype.
         batches: use at most this many batches of ``data``.
-        target: ``"global"``, ``"local"`` or ``"auto"`` (see the module documentation).
+        fit_target: ``"global"``, ``"local"`` or ``"auto"`` (see the module documentation); named so as not to be
+            confused with the conversion target ``to=``.
         device: where to run the calibration (the models are moved there and back); default: where the model is.
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar over the layers.
@@ -192,18 +193,19 @@ def fit_converted(
     The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality.
 
     Raises:
-        PlanError: an unknown ``target``.
+        PlanError: an unknown ``fit_target``.
         CalibrationError: the data is empty or malformed, or gives non-finite activations. The affine weights are
             then as they were.
 
     >>> import torch, normswap
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    >>> model = normswap.plan(model, "in", affine="fit").apply(model, data=[torch.randn(2, 1, 8, 8)], target="local")
+    >>> model = normswap.plan(model, "in", affine="fit").apply(model, data=[torch.randn(2, 1, 8, 8)],
+    ...                                                         fit_target="local")
     >>> fit_report(model).chosen
     'local'
     """
-    if target not in FIT_TARGETS:
-        raise PlanError(f"unknown fit target '{target}': choose global, local or auto")
+    if fit_target not in FIT_TARGETS:
+        raise PlanError(f"unknown fit target '{fit_target}': choose global, local or auto")
     inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
     if not inputs:
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")
@@ -216,7 +218,7 @@ def fit_converted(
         converted.to(run.device).eval()
         reference.to(run.device).eval()
         on_device = [run.move(x) for x in inputs]
-        report = _fit(converted, reference, rows, on_device, target, progress)
+        report = _fit(converted, reference, rows, on_device, fit_target, progress)
     except BaseException:
         _set_affine_values(converted, initial)
         raise
@@ -286,7 +288,7 @@ def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow],
     except Revisited as revisit:
         raise CalibrationError(
             f"layer '{fit_rows[revisit.stop].name}' is called a different number of times in different batches "
-            "(or by the original and the converted model): fit it with target='local' or convert with "
+            "(or by the original and the converted model): fit it with fit_target='local' or convert with "
             "affine='copy'"
         ) from None
 

@@ -67,11 +67,12 @@ from . import registry, targets
 from .errors import PlanError
 from .graph import Call, Example, Graph, GraphError, Value, capture, find_example
 from .history import record_step, set_input_shape
+from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
 from .walk import find_modules, get_module, replace_module
 
-__all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "plan_fold"]
+__all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
 
 log = logging.getLogger("normswap")
 
@@ -485,25 +486,58 @@ def _fold_values(model: nn.Module, pair: FoldPair) -> tuple[nn.Module, torch.Ten
         if targets.class_path(type(module)) != expected:
             raise PlanError(f"the fold plan does not fit this model: layer '{name}' is not a {expected}")
     src = targets.SourceLayer.read(bn)
+    weight, bias = fold_weights(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                                src.running_mean.detach(), src.running_var.detach(), src.eps,
+                                None if src.weight is None else src.weight.detach(),
+                                None if src.bias is None else src.bias.detach(),
+                                transposed=isinstance(conv, _CONV_TRANSPOSES), groups=getattr(conv, "groups", 1))
+    return conv, weight, bias, _replacement(bn)
+
+
+def fold_weights(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    bn_weight: Optional[torch.Tensor] = None,
+    bn_bias: Optional[torch.Tensor] = None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a Conv/ConvTranspose/Linear layer with the eval-mode BatchNorm after it multiplied in,
+    computed in float64 and returned in the layer's dtype (a pure function: nothing is changed).
+
+    BatchNorm's eval output is ``y * scale + shift`` per output channel, ``scale = bn_weight / sqrt(running_var +
+    eps)``, ``shift = bn_bias - running_mean * scale``; the folded layer computes it directly. A transposed
+    convolution's output channels are its weight's second dimension, per group (``transposed``, ``groups``).
+
+    >>> conv, bn = torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3).eval()
+    >>> bn.running_mean.fill_(0.5); bn.running_var.fill_(4.0)  # doctest: +ELLIPSIS
+    tensor(...)
+    >>> w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    >>> x = torch.randn(1, 2, 4, 4)
+    >>> torch.allclose(torch.nn.functional.conv2d(x, w, b), bn(conv(x)), atol=1e-6)
+    True
+    """
     compute = torch.float64
-    scale = torch.rsqrt(src.running_var.detach().to(compute) + src.eps)
-    if src.weight is not None:
-        scale = scale * src.weight.detach().to(compute)
-    shift = -src.running_mean.detach().to(compute) * scale
-    if src.bias is not None:
-        shift = shift + src.bias.detach().to(compute)
-    weight = conv.weight.detach()
-    scale = scale.to(weight.device)
-    shift = shift.to(weight.device)
-    if isinstance(conv, _CONV_TRANSPOSES):
-        grouped = weight.to(compute).reshape(conv.groups, weight.shape[0] // conv.groups, *weight.shape[1:])
-        shape = [conv.groups, 1, weight.shape[1]] + [1] * (weight.dim() - 2)
-        folded = (grouped * scale.reshape(shape)).reshape(weight.shape)
+    work = for_float64(weight)
+    scale = torch.rsqrt(for_float64(running_var).to(work.device, compute) + eps)
+    if bn_weight is not None:
+        scale = scale * for_float64(bn_weight).to(work.device, compute)
+    shift = -for_float64(running_mean).to(work.device, compute) * scale
+    if bn_bias is not None:
+        shift = shift + for_float64(bn_bias).to(work.device, compute)
+    if transposed:
+        grouped = work.to(compute).reshape(groups, work.shape[0] // groups, *work.shape[1:])
+        shape = [groups, 1, work.shape[1]] + [1] * (work.dim() - 2)
+        folded = (grouped * scale.reshape(shape)).reshape(work.shape)
     else:
-        folded = weight.to(compute) * scale.reshape([-1] + [1] * (weight.dim() - 1))
-    old_bias = conv.bias.detach().to(compute) if conv.bias is not None else torch.zeros_like(shift)
-    bias = old_bias * scale + shift
-    return conv, folded.to(weight.dtype), bias.to(weight.dtype), _replacement(bn)
+        folded = work.to(compute) * scale.reshape([-1] + [1] * (work.dim() - 1))
+    old_bias = for_float64(bias).to(work.device, compute) if bias is not None else torch.zeros_like(shift)
+    new_bias = old_bias * scale + shift
+    return folded.to(weight.device, weight.dtype), new_bias.to(weight.device, weight.dtype)
 
 
 def fold(

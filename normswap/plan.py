@@ -582,7 +582,7 @@ def _convert_and_refine(model: nn.Module, p: Plan, steps: int, refine_options: d
     return result
 
 
-_FIT_OPTIONS = ("data", "batches", "target", "device", "input_fn", "input_key", "progress")
+_FIT_OPTIONS = ("data", "batches", "fit_target", "device", "input_fn", "input_key", "progress")
 _APPLY_OPTIONS = (*_FIT_OPTIONS, "process_group", "refine", "refine_options")
 _SHARED_WITH_REFINE = ("data", "batches", "device", "input_fn", "input_key", "progress")
 

@@ -177,14 +177,14 @@ def test_timm_fused_norm_act_layers_are_fitted_before_their_activation():
 def test_the_report_has_every_layer_and_auto_keeps_the_target_with_the_smaller_output_error():
     model = small_cnn()
     fitted = normswap.convert(copy.deepcopy(model), "gn", groups=4, affine="fit", data=images(32).split(16),
-                              target="auto")
+                              fit_target="auto")
     report = fit_report(fitted)
     assert [layer.name for layer in report.layers] == ["1", "4"]
     assert all(0 < layer.r2 <= 1 for layer in report.layers)
     assert set(report.output_error) == {"global", "local"}
     assert report.chosen == min(report.output_error, key=report.output_error.get)
     single = normswap.convert(copy.deepcopy(model), "gn", groups=4, affine="fit", data=images(32).split(16),
-                              target=report.chosen)
+                              fit_target=report.chosen)
     torch.testing.assert_close(fitted[4].weight, single[4].weight)
     assert "R2" in str(report) and [step["op"] for step in get_history(fitted)] == ["plan", "fit"]
 
@@ -290,7 +290,7 @@ def test_each_model_runs_once_per_batch_and_target_not_once_per_layer(target, co
     model.insert(0, CountsForwards())
     CountsForwards.calls = {}
     data = images(12).split(4)
-    fitted = normswap.convert(model, "gn", groups=4, affine="fit", data=data, target=target)
+    fitted = normswap.convert(model, "gn", groups=4, affine="fit", data=data, fit_target=target)
     converted = CountsForwards.calls.pop(id(fitted[0]))
     (reference,) = CountsForwards.calls.values()
     assert (converted, reference) == (converted_runs * len(data), len(data))
@@ -315,9 +315,9 @@ def test_a_layer_called_twice_is_fitted_on_both_calls():
 def test_options_are_checked():
     model = small_cnn()
     with pytest.raises(PlanError, match="unknown fit target"):
-        normswap.convert(model, "gn", groups=4, affine="fit", data=[images(2)], target="nearest")
+        normswap.convert(model, "gn", groups=4, affine="fit", data=[images(2)], fit_target="nearest")
     with pytest.raises(PlanError, match="target only apply to a plan made with affine='fit'"):
-        plan(model, "gn", groups=4).apply(model, data=[images(2)], target="local")
+        plan(model, "gn", groups=4).apply(model, data=[images(2)], fit_target="local")
     with pytest.raises(PlanError, match="data only apply to a plan made with affine='fit'"):
         normswap.convert(model, "gn", groups=4, data=[images(2)])
     assert type(model[1]) is nn.BatchNorm2d

@@ -419,7 +419,7 @@ def test_convert_with_refine_reads_an_iterator_once_for_both_steps_and_checks_it
     with pytest.raises(PlanError, match="refine_options only apply with refine"):
         normswap.convert(small_cnn(), "gn", groups=4, refine_options={"lr": 1.0})
     with pytest.raises(PlanError, match="target only apply to a plan made with affine='fit'"):
-        normswap.convert(small_cnn(), "gn", groups=4, data=images(32).split(16), refine=3, target="local")
+        normswap.convert(small_cnn(), "gn", groups=4, data=images(32).split(16), refine=3, fit_target="local")
     with pytest.raises(PlanError, match="pass progress to convert itself"):
         normswap.convert(small_cnn(), "gn", groups=4, data=images(32).split(16), refine=3,
                          refine_options={"progress": False})

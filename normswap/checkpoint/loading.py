@@ -449,6 +449,10 @@ def load_checkpoint(
 ) -> nn.Module:
     """Build the model a checkpoint file holds, with the file's weights, strictly.
 
+    Unlike timm's ``load_checkpoint(model, path)``, which loads a file into a model you built, this builds the model
+    (as ``arch``, or the file, says) and returns it; to load weights into your own model, use
+    ``read_checkpoint(path)`` and its tensors, or ``model.load_state_dict``.
+
     Args:
         path: a safetensors or PyTorch file (the kind is read from its bytes).
         arch: a timm model name (``"resnet50"``), an import path (``"torchvision.models:resnet50"``,
