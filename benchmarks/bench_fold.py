@@ -36,7 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normswap.data import call_model
+from normswap.data import call_model, output_tensors
 from normswap.fold import plan_fold
 from normswap.graph import capture, find_example
 
@@ -113,21 +113,9 @@ def count_norms(model: nn.Module) -> int:
     return sum(isinstance(m, BatchNorms) for m in model.modules())
 
 
-def tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in tensors(item)]
-    return []
-
-
 def relative_difference(got: Any, expected: Any) -> float:
     return max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-               for a, b in zip(tensors(got), tensors(expected)) if a.is_floating_point())
+               for a, b in zip(output_tensors(got), output_tensors(expected)) if a.is_floating_point())
 
 
 def compared_output(model: nn.Module, example: Any) -> Any:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import call_model, floating_dtype, iter_inputs, model_failures, move_input
+from .data import call_model, floating_dtype, iter_inputs, main_output, model_failures, move_input
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 from .placement import for_float64
@@ -48,8 +48,6 @@ __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 """Keys tried, in order, for the labels of a dict batch."""
 
-OUTPUT_KEYS = ("logits", "out", "output")
-"""Keys tried, in order, for the main output of a model that returns a dict."""
 
 
 @dataclass
@@ -219,25 +217,6 @@ def _folded_convs(model: nn.Module) -> set[str]:
     return {pair[0] for step in get_history(model) if step.get("op") == "fold" for pair in step.get("pairs", [])}
 
 
-def _main_output(output: Any) -> torch.Tensor:
-    """The tensor to compare in a model's output: itself, the first tensor of a tuple, or a dict's logits."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        for key in OUTPUT_KEYS:
-            if isinstance(output.get(key), torch.Tensor):
-                return output[key]
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = []
-    for value in values:
-        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
-            return _main_output(value)
-    raise NormswapError(f"the model returned a {type(output).__name__}: expected a tensor, a tuple or a dict of them")
-
-
 def _batch_labels(batch: Any) -> Optional[torch.Tensor]:
     """The integer labels carried by a batch (``(input, labels)`` or a dict with a label key), if any."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
@@ -381,9 +360,9 @@ def compare(
             for index, model_input in iter_inputs(_remember_batches(data, last), batches=batches,
                                                   input_fn=input_fn, input_key=input_key):
                 with model_failures(index, model_input, "the original model"):
-                    out_a = _main_output(call_model(model_a, move_input(model_input, device_a, dtype=dtype_a)))
+                    out_a = main_output(call_model(model_a, move_input(model_input, device_a, dtype=dtype_a)))
                 with model_failures(index, model_input, "the converted model"):
-                    out_b = _main_output(call_model(model_b, move_input(model_input, device_b, dtype=dtype_b)))
+                    out_b = main_output(call_model(model_b, move_input(model_input, device_b, dtype=dtype_b)))
                 if out_a.shape != out_b.shape:
                     raise NormswapError(
                         f"the models' outputs have different shapes: {tuple(out_a.shape)} and {tuple(out_b.shape)}"

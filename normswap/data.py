@@ -52,9 +52,11 @@ __all__ = [
     "describe_input",
     "floating_dtype",
     "iter_inputs",
+    "main_output",
     "model_failures",
     "move_input",
     "open_data",
+    "output_tensors",
 ]
 
 log = logging.getLogger("normswap")
@@ -249,6 +251,45 @@ def floating_dtype(model: nn.Module) -> Optional[torch.dtype]:
         if tensor.is_floating_point():
             return tensor.dtype
     return None
+
+
+OUTPUT_KEYS = ("logits", "out", "output")
+"""Keys tried, in order, for the main output of a model that returns a dict."""
+
+
+def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or tuples, lists and dicts of them, transformers' outputs
+    included), in order; only the floating-point ones with ``floating``.
+
+    >>> [t.shape[0] for t in output_tensors({"boxes": torch.zeros(3, 4), "labels": torch.zeros(3).long()})]
+    [3, 3]
+    """
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() or not floating else []
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in output_tensors(item, floating=floating)]
+    return []
+
+
+def main_output(output: Any) -> torch.Tensor:
+    """The tensor that stands for a model's output: the output itself, a dict's ``logits`` (or ``out``, ``output``),
+    else the first floating-point tensor in it; :class:`NormswapError` when it has none.
+
+    >>> main_output((torch.ones(2, 5), torch.zeros(2))).shape
+    torch.Size([2, 5])
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in OUTPUT_KEYS:
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    found = output_tensors(output, floating=True)
+    if not found:
+        raise NormswapError(f"the model returned a {type(output).__name__} without a floating-point tensor")
+    return found[0]
 
 
 def call_model(model: nn.Module, model_input: Any) -> Any:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from .data import call_model, iter_inputs
 from .errors import CalibrationError, NormswapError, PlanError
 from .graph import capture
-from .history import get_history, record_step
+from .history import last_step, record_step
 from .lockstep import Arrival, Lockstep, Revisited
 from .placement import Device, Placement, for_float64
 from .targets import SourceLayer
@@ -155,10 +155,10 @@ def fit_report(model: nn.Module) -> FitReport:
     >>> fit_report(model).layers[0].channels
     4
     """
-    for step in reversed(get_history(model)):
-        if step.get("op") == "fit":
-            return FitReport.from_dict(step)
-    raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
+    step = last_step(model, "fit")
+    if step is None:
+        raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
+    return FitReport.from_dict(step)
 
 
 def fit_converted(

@@ -31,6 +31,7 @@ __all__ = [
     "get_history",
     "get_input_shape",
     "get_source",
+    "last_step",
     "record_step",
     "set_arch",
     "set_history",
@@ -73,6 +74,22 @@ def set_history(model: nn.Module, steps: list[dict[str, Any]]) -> None:
 def record_step(model: nn.Module, step: dict[str, Any]) -> None:
     """Append one step (a JSON-serialisable dict with an ``"op"`` key) to the model's history."""
     model.__dict__.setdefault(_HISTORY, []).append(copy.deepcopy(step))
+
+
+def last_step(model: nn.Module, op: str) -> Optional[dict[str, Any]]:
+    """The most recent step ``op`` recorded on ``model`` (looking through a DistributedDataParallel wrapper), or
+    ``None``.
+
+    >>> model = nn.Sequential()
+    >>> record_step(model, {"op": "fit", "chosen": "global"})
+    >>> last_step(model, "fit")["chosen"], last_step(model, "refine")
+    ('global', None)
+    """
+    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for step in reversed(get_history(root)):
+        if step.get("op") == op:
+            return step
+    return None
 
 
 def get_arch(model: nn.Module) -> Optional[dict[str, Any]]:

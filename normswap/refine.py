@@ -71,10 +71,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import batch_size_of, call_model, iter_inputs
+from .data import batch_size_of, call_model, iter_inputs, main_output, output_tensors
 from .placement import Device, Placement
 from .errors import CalibrationError, NormswapError, RefineError
-from .history import get_history, record_step
+from .history import last_step, record_step
 from .targets import is_norm_layer
 from .walk import find_modules
 
@@ -85,8 +85,6 @@ log = logging.getLogger("normswap")
 LOSSES = ("kl", "mse", "features")
 """Every value ``loss=`` accepts."""
 
-OUTPUT_KEYS = ("logits", "out", "output")
-"""Keys tried, in order, for the main output of a model that returns a dict."""
 
 Trainable = Union[str, Sequence[str]]
 
@@ -172,11 +170,10 @@ def refine_report(model: nn.Module) -> RefineReport:
         ...
     normswap.errors.NormswapError: this model has not been refined: run normswap.refine(converted, original, data)
     """
-    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    for step in reversed(get_history(root)):
-        if step.get("op") == "refine":
-            return RefineReport.from_dict(step)
-    raise NormswapError("this model has not been refined: run normswap.refine(converted, original, data)")
+    step = last_step(model, "refine")
+    if step is None:
+        raise NormswapError("this model has not been refined: run normswap.refine(converted, original, data)")
+    return RefineReport.from_dict(step)
 
 
 def refine(
@@ -662,13 +659,13 @@ def _output_loss(output: Any, expected: Any, options: _Options) -> torch.Tensor:
     """The loss on the outputs: KL for ``loss="kl"`` (and for ``"features"`` on class outputs), else relative MSE."""
     kind = options.loss
     if kind == "features":
-        kind = "kl" if _has_classes(_main_output(expected)) else "mse"
+        kind = "kl" if _has_classes(main_output(expected)) else "mse"
     return _kl(output, expected, options.temperature) if kind == "kl" else _relative_mse(output, expected)
 
 
 def _kl(output: Any, expected: Any, temperature: float) -> torch.Tensor:
     """KL(teacher ‖ student) of the class distributions along dim 1, averaged over samples (and positions)."""
-    student, teacher = _main_output(output), _main_output(expected)
+    student, teacher = main_output(output), main_output(expected)
     _check_shapes([student], [teacher])
     if not _has_classes(teacher):
         raise RefineError(f"loss='kl' needs class scores along dim 1 of the model output, which has shape "
@@ -682,7 +679,7 @@ def _kl(output: Any, expected: Any, temperature: float) -> torch.Tensor:
 
 def _relative_mse(output: Any, expected: Any) -> torch.Tensor:
     """The mean squared error of every floating-point output tensor over its teacher's mean square, summed."""
-    students, teachers = _float_tensors(output), _float_tensors(expected)
+    students, teachers = output_tensors(output, floating=True), output_tensors(expected, floating=True)
     _check_shapes(students, teachers)
     if not teachers:
         raise RefineError("the model output holds no floating-point tensor to match")
@@ -698,33 +695,8 @@ def _check_shapes(students: list[torch.Tensor], teachers: list[torch.Tensor]) ->
                           "refine a conversion of the same model")
 
 
-def _main_output(output: Any) -> torch.Tensor:
-    """The tensor whose classes are compared: the output itself, the first tensor of a tuple, or a dict's logits."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        for key in OUTPUT_KEYS:
-            if isinstance(output.get(key), torch.Tensor):
-                return output[key]
-    tensors = _float_tensors(output)
-    if not tensors:
-        raise RefineError(f"the model returned a {type(output).__name__} without a floating-point tensor")
-    return tensors[0]
-
-
 def _has_classes(output: torch.Tensor) -> bool:
     return output.dim() >= 2 and output.shape[1] >= 2 and output.is_floating_point()
-
-
-def _float_tensors(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors in a model output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _float_tensors(item)]
-    if isinstance(output, Mapping):
-        return [t for item in output.values() for t in _float_tensors(item)]
-    return []
 
 
 def _feature_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -820,13 +792,13 @@ def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") 
             with state.run.autocast():
                 expected = call_model(state.teacher_on_device, model_input)
                 output = call_model(state.student, model_input)
-            students, teachers = _float_tensors(output), _float_tensors(expected)
+            students, teachers = output_tensors(output, floating=True), output_tensors(expected, floating=True)
             _check_shapes(students, teachers)
             for s, t in zip(students, teachers):
                 s, t = s.double(), t.double()
                 squared_error += (s - t).pow(2).sum().item()
                 squared_reference += t.pow(2).sum().item()
-            main_s, main_t = _main_output(output), _main_output(expected)
+            main_s, main_t = main_output(output), main_output(expected)
             weight = main_t.shape[0] if main_t.dim() else 1
             loss_sum += weight * _output_loss(output, expected, options).item()
             loss_weight += weight

@@ -57,3 +57,24 @@ def save_resnet18(folder: Path) -> tuple[nn.Module, Path]:
 def gn_groups(to: str, groups: int) -> dict:
     """``{"groups": groups}`` for the GroupNorm target, which alone takes a group count."""
     return {"groups": groups} if to == "gn" else {}
+
+
+def run_ranks(worker, out: Path, world: int = 2, *, start_method: str = "fork", timeout: float = 600.0) -> None:
+    """Run ``worker(rank, port, out)`` in ``world`` processes that meet on a free loopback port; wait until all have
+    ended, and fail the test (killing them) if that takes longer than ``timeout`` seconds: a hang is a failure."""
+    import socket
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(worker, args=(port, out), nprocs=world, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} processes did not end within {timeout:.0f} s")

@@ -6,7 +6,6 @@ Two CPU processes (gloo, loopback) are forked from the test process; each writes
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from normswap.errors import CalibrationError
 from normswap.recalibrate import recalibrate
 from normswap.recalibrate.distributed import collective_device
 
+from .helpers import run_ranks
 from .test_recalibrate_distributed import make_model, running_statistics, shard
 
 pytestmark = [
@@ -82,16 +82,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("safety")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.start_processes(_worker, args=(port, out), nprocs=WORLD, join=False, start_method="fork")
-    deadline = time.monotonic() + 8 * LIMIT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung")
+    run_ranks(_worker, out, WORLD, timeout=8 * LIMIT_S)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
@@ -144,10 +135,7 @@ def _nccl_worker(rank: int, port: int, out: Path) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_ranks_end_with_the_statistics_of_all_the_data(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_nccl_worker, args=(port, tmp_path), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_nccl_worker, tmp_path, WORLD, start_method="spawn")
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
     single = running_statistics(recalibrate(make_model(), shard(0) + shard(1), progress=False, channels_last=False))
     for key, value in single.items():

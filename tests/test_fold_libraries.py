@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normswap.data import call_model
+from normswap.data import call_model, output_tensors
 from normswap.fold import plan_fold
 
 from .helpers import randomize_norm_layers
@@ -24,20 +24,8 @@ def norm_layers(model: nn.Module) -> int:
     return sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, frozen)) for m in model.modules())
 
 
-def tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in tensors(item)]
-    return []
-
-
 def relative_difference(got: Any, expected: Any) -> float:
-    pairs = list(zip(tensors(got), tensors(expected)))
+    pairs = list(zip(output_tensors(got), output_tensors(expected)))
     assert pairs
     return max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item() for a, b in pairs)
 

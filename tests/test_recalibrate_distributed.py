@@ -7,7 +7,6 @@ again; the results come back through files.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from torch import nn
 from normswap.errors import CalibrationError
 from normswap.recalibrate import calibration_report, recalibrate
 
-from .helpers import randomize_norm_layers
+from .helpers import randomize_norm_layers, run_ranks
 from .test_recalibrate import assert_statistics, images, population_statistics
 
 pytestmark = [
@@ -111,10 +110,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_worker, args=(port, out), nprocs=WORLD, join=True, start_method="fork")
+    run_ranks(_worker, out, WORLD)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

@@ -8,7 +8,6 @@ again; the results come back through files.
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from normswap.errors import NormswapError
 from normswap.refine import refine
 
+from .helpers import run_ranks
 from .test_refine import converted_cnn, images, snapshot
 
 pytestmark = [
@@ -63,10 +63,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_worker, args=(port, out), nprocs=WORLD, join=True, start_method="fork")
+    run_ranks(_worker, out, WORLD)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

@@ -156,6 +156,19 @@ def _rank(candidate: Candidate, prefix: str, ema: bool) -> tuple:
     return (is_ema != ema, prefix.count("."), preferred if candidate.entry else -1, len(prefix))
 
 
+def _entries(obj: Any, key: Optional[str], where: str) -> list[Candidate]:
+    """The entries of ``obj`` that hold tensors (only the one ``key`` names, if given); an error if there are none."""
+    found = candidates(obj)
+    if not found:
+        raise _no_tensors(obj, where)
+    if key is None:
+        return found
+    chosen = [c for c in found if c.entry == key]
+    if not chosen:
+        raise _no_entry(key, found, where)
+    return chosen
+
+
 def _no_tensors(obj: Any, where: str) -> CheckpointError:
     keys = [str(k) for k in obj] if isinstance(obj, Mapping) else []
     shown = ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
@@ -192,14 +205,7 @@ def choose_weights(obj: Any, expected: set[str], *, key: Optional[str] = None, p
         CheckpointError: ``key`` names no entry holding tensors, or no entry matches any expected key (the message
             lists the entries and prefixes tried, with their match counts).
     """
-    found = candidates(obj)
-    if not found:
-        raise _no_tensors(obj, where)
-    if key is not None:
-        chosen = [c for c in found if c.entry == key]
-        if not chosen:
-            raise _no_entry(key, found, where)
-        found = chosen
+    found = _entries(obj, key, where)
     scored = []
     for candidate in found:
         if prefix is not None:
@@ -228,14 +234,7 @@ def guess_weights(obj: Any, *, key: Optional[str] = None, prefix: Optional[str] 
                   ema: bool = False, where: str = "the file") -> WeightsChoice:
     """The weights when there is no model to match against (``inspect`` without an architecture): the preferred
     entry that holds tensors, with the prefix shared by all its keys stripped."""
-    found = candidates(obj)
-    if not found:
-        raise _no_tensors(obj, where)
-    if key is not None:
-        chosen = [c for c in found if c.entry == key]
-        if not chosen:
-            raise _no_entry(key, found, where)
-        found = chosen
+    found = _entries(obj, key, where)
     found.sort(key=lambda c: (c.is_ema != ema, -len(c.tensors), _rank(c, "", ema)))
     candidate = found[0]
     if prefix is None:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..errors import NormswapError
-from ..history import get_history
+from ..history import last_step
 
 __all__ = ["CalibrationReport", "calibration_report"]
 
@@ -69,7 +69,7 @@ def calibration_report(model: nn.Module) -> CalibrationReport:
     >>> calibration_report(model).samples
     5
     """
-    for step in reversed(get_history(model)):
-        if step.get("op") == "recalibrate":
-            return CalibrationReport.from_dict(step)
-    raise NormswapError("this model has not been recalibrated")
+    step = last_step(model, "recalibrate")
+    if step is None:
+        raise NormswapError("this model has not been recalibrated")
+    return CalibrationReport.from_dict(step)
