@@ -49,7 +49,6 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 """Keys tried, in order, for the labels of a dict batch."""
 
 
-
 @dataclass
 class LayerDivergence:
     """How far apart the outputs of one module (same qualified name in both models) are, over all batches."""
