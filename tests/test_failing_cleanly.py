@@ -265,3 +265,15 @@ def test_converting_to_what_the_model_already_has_writes_nothing_and_fails(ckpt,
     assert result.stderr == ("error: nothing to convert, no file written: every norm layer is left as it is (already "
                              "frozen: bn1, layer1.bn1, layer1.bn2, ...)\n")
     assert files(tmp_path) == before
+
+
+def test_a_safetensors_header_whose_length_looks_like_a_pickle_is_read_as_safetensors(tmp_path):
+    """A header of 0x480 bytes begins with the bytes 0x80 0x04, which also start a pickle of protocol 4."""
+    path = tmp_path / "weights.safetensors"
+    for padding in range(2000):
+        save_file({"w": torch.ones(2)}, path, metadata={"note": "x" * padding})
+        if path.read_bytes()[:2] == b"\x80\x04":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x04"
+    assert formats.file_kind(path) == "safetensors"
+    assert torch.equal(normswap.checkpoint.read_checkpoint(path).tensors["w"], torch.ones(2))

@@ -219,3 +219,30 @@ def test_a_recipe_field_of_the_wrong_type_is_a_clear_error(tmp_path):
         path.write_text(body)
         with pytest.raises(RecipeError, match=message):
             Recipe.load(path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("module_versions", {"layer": "two"}),
+    ("aliases", {"a": 5}),
+    ("input_shape", [1, "3"]),
+    ("manifest", [1, 2]),
+])
+def test_a_malformed_header_field_is_a_clear_error(tmp_path, field, value):
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in small_cnn().state_dict().items()}, path,
+              metadata={"normswap": "0.2.0", field: json.dumps(value)})
+    with pytest.raises(CheckpointError, match=f"the header field '{field}' is malformed"):
+        read_checkpoint(path)
+
+
+def test_a_malformed_manifest_is_a_clear_error(tmp_path):
+    from normswap.demo import DigitsResNet
+
+    path = normswap.save(DigitsResNet(), tmp_path / "digits.safetensors")
+    metadata = normswap.read_metadata(path)
+    metadata["manifest"]["modules"]["bn1"] = {"class": "os.system", "num_features": 16}
+    tensors, _ = normswap.checkpoint.formats.read_safetensors(path)
+    save_file(tensors, path, metadata={key: value if isinstance(value, str) else json.dumps(value)
+                                       for key, value in metadata.items()})
+    with pytest.raises(CheckpointError, match="layer 'bn1': unknown layer class 'os.system'"):
+        load_checkpoint(path, "normswap.demo:DigitsResNet")

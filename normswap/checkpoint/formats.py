@@ -124,12 +124,12 @@ def file_kind(path: Path) -> Optional[str]:
         size = os.fstat(f.fileno()).st_size
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) == 9 and head[8:9] == b"{":  # before the pickle test: a header length can start with 0x80 0x04
         (length,) = struct.unpack("<Q", head[:8])
         if 2 <= length <= min(size - 8, _MAX_HEADER):
             return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
     return None
 
 

@@ -73,11 +73,27 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: the header field '{name}' is not valid JSON") from None
     if "history" in metadata:
         metadata["history"] = validate_history(metadata["history"], where=str(path))
-    for name, kind in (("aliases", dict), ("module_versions", dict), ("source", dict), ("manifest", dict),
-                       ("input_shape", list)):
-        if name in metadata and not isinstance(metadata[name], kind):
-            raise CheckpointError(f"{path}: the header field '{name}' is malformed (not a JSON {kind.__name__})")
+    for name, valid in _FIELD_CHECKS.items():
+        if name in metadata and not valid(metadata[name]):
+            raise CheckpointError(f"{path}: the header field '{name}' is malformed")
     return metadata
+
+
+def _table_of(keys: type, values: type) -> Any:
+    return lambda value: isinstance(value, dict) and all(
+        isinstance(k, keys) and isinstance(v, values) and not isinstance(v, bool) for k, v in value.items())
+
+
+_FIELD_CHECKS = {
+    "aliases": _table_of(str, str),
+    "module_versions": _table_of(str, int),
+    "source": _table_of(str, str),
+    "manifest": lambda value: isinstance(value, dict),
+    "input_shape": lambda value: isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value),
+}
+"""What each structured header field must be, checked when the file is read (the manifest is checked in full when it
+is applied)."""
 
 
 def _check_file(path: PathLike) -> tuple[Path, str]:
