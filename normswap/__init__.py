@@ -21,14 +21,14 @@ from .errors import (
     RefineError,
 )
 from .fit import FitReport, fit_report
-from .fold import FoldPlan, fold, plan_fold
+from .fold import FoldPlan, fold, fold_weights, plan_fold
 from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
 from .recalibrate import CalibrationReport, calibration_report, recalibrate
 from .recipe import Recipe
 from .refine import RefineReport, refine, refine_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ArchSpec",
@@ -57,6 +57,7 @@ __all__ = [
     "convert",
     "fit_report",
     "fold",
+    "fold_weights",
     "freeze",
     "load",
     "load_checkpoint",

@@ -16,6 +16,22 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits, split as the demo model was trained (see :func:`normswap.demo.digits_data`)."""
+    from normswap.demo import digits_data
+
+    return digits_data()
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    """The bundled demo model, trained on ``digits``."""
+    from normswap.demo import load_demo_model
+
+    return load_demo_model()
+
+
 @pytest.fixture(autouse=True)
 def exact_float32_on_gpus():
     """Tests compare GPU results with CPU ones at float32 tolerances: TensorFloat-32, on by default for convolutions

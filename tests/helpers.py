@@ -59,6 +59,19 @@ def gn_groups(to: str, groups: int) -> dict:
     return {"groups": groups} if to == "gn" else {}
 
 
+def _forked_ranks() -> list:
+    import pytest
+    import torch.multiprocessing as mp
+
+    return [pytest.mark.distributed,
+            pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="forks the test process (fast start)")]
+
+
+FORKED_RANKS = _forked_ranks()
+"""The marks of a test module whose processes are forked from the test process (they start in a fraction of a second
+instead of importing torch again)."""
+
+
 def run_ranks(worker, out: Path, world: int = 2, *, start_method: str = "fork", timeout: float = 600.0) -> None:
     """Run ``worker(rank, port, out)`` in ``world`` processes that meet on a free loopback port; wait until all have
     ended, and fail the test (killing them) if that takes longer than ``timeout`` seconds: a hang is a failure."""

@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import json
 import os
 import pathlib
 import signal
@@ -356,3 +357,17 @@ def test_a_model_on_the_gpu_saves_and_loads_on_the_cpu(tmp_path, state_file, ima
     loaded = load(save(model, tmp_path / "gpu.safetensors")).eval()
     assert all(t.device.type == "cpu" for t in tensors_of(loaded))
     torch.testing.assert_close(loaded(images), model(images.cuda()).cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_file_of_normswap_0_1_with_a_structural_history_and_no_manifest_says_what_to_do(tmp_path):
+    """normswap 0.1 recorded conversions as steps to replay; loading no longer replays anything."""
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    plan_step = {"op": "plan", "plan": normswap.plan(model, "frozen").to_dict()}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={
+        "normswap": "0.1.0", "arch": '{"name": "resnet18", "kwargs": {}}', "history": json.dumps([plan_step])})
+    with pytest.raises(CheckpointError, match=r"written by normswap 0.1.0, which recorded its structure as steps "
+                                              r"\(plan\) rather than a manifest: load it with that version and save"):
+        load(path)

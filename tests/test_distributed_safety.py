@@ -12,19 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from normswap.errors import CalibrationError
 from normswap.recalibrate import recalibrate
 from normswap.recalibrate.distributed import collective_device
 
-from .helpers import run_ranks
+from .helpers import FORKED_RANKS, run_ranks
 from .test_recalibrate_distributed import make_model, running_statistics, shard
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="forks the test process (fast start)"),
-]
+pytestmark = FORKED_RANKS
 
 WORLD = 2
 LIMIT_S = 30

@@ -9,23 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import normswap
-from normswap.demo import agreement, digits_data, load_demo_model
+from normswap.demo import agreement
 from normswap.errors import CalibrationError, NormswapError, PlanError
 from normswap.fit import fit_report
 from normswap.history import get_history
 from normswap.plan import plan
 
 from .helpers import gn_groups, randomize_norm_layers, small_cnn
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_data()
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    return load_demo_model()
 
 
 def images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:

@@ -12,20 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from normswap.errors import CalibrationError
 from normswap.recalibrate import calibration_report, recalibrate
 
-from .helpers import randomize_norm_layers, run_ranks
+from .helpers import FORKED_RANKS, randomize_norm_layers, run_ranks
 from .test_recalibrate import assert_statistics, images, population_statistics
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="forks the test process (fast start)"),
-]
+pytestmark = FORKED_RANKS
 
 WORLD = 2
 

@@ -13,22 +13,12 @@ from torch import nn
 import normswap
 from normswap.checkpoint import load, save
 from normswap.cli import main
-from normswap.demo import accuracy, agreement, digits_data, load_demo_model
+from normswap.demo import accuracy, agreement
 from normswap.errors import CalibrationError, NormswapError, PlanError, RefineError
 from normswap.history import get_history
 from normswap.refine import refine, refine_report
 
 from .helpers import randomize_norm_layers, small_cnn
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_data()
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    return load_demo_model()
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from normswap.errors import NormswapError
 from normswap.refine import refine
 
-from .helpers import run_ranks
+from .helpers import FORKED_RANKS, run_ranks
 from .test_refine import converted_cnn, images, snapshot
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="forks the test process (fast start)"),
-]
+pytestmark = FORKED_RANKS
 
 WORLD = 2
 SHARD = 40  # samples per process: 32 to train on, 8 held out
