@@ -36,7 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normswap.data import call_model, output_tensors
+from normswap.data import call_model, move_input, output_tensors
 from normswap.fold import plan_fold
 from normswap.graph import capture, find_example
 
@@ -127,14 +127,6 @@ def compared_output(model: nn.Module, example: Any) -> Any:
     return call_model(model, example)
 
 
-def as_double(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.double()
-    if isinstance(x, dict):
-        return {key: as_double(value) for key, value in x.items()}
-    return type(x)(as_double(item) for item in x)
-
-
 def library_fuse(name: str, model: nn.Module, example: Any) -> str:
     """BatchNorm layers folded by ultralytics' own fuse, or by torch.fx's fuse, or how that fails."""
     model = copy.deepcopy(model)
@@ -170,7 +162,8 @@ def bench_coverage(names: list[str]) -> str:
         with torch.no_grad():
             expected = compared_output(model, example.value)
             error = relative_difference(compared_output(folded, example.value), expected)
-            in_float64 = compared_output(copy.deepcopy(model).double(), as_double(example.value))
+            in_float64 = compared_output(copy.deepcopy(model).double(),
+                                         move_input(example.value, None, dtype=torch.float64))
             rounding = relative_difference(expected, in_float64)
         reasons = sorted({layer.reason for layer in plan.left})
         rows.append([name, plan.layers, len(plan), library_fuse(name, model, example.value), f"{error:.1e}",

@@ -72,9 +72,10 @@ FORKED_RANKS = _forked_ranks()
 instead of importing torch again)."""
 
 
-def run_ranks(worker, out: Path, world: int = 2, *, start_method: str = "fork", timeout: float = 600.0) -> None:
+def run_ranks(worker, out: Path, world: int = 2, *, start_method: str = "fork", timeout: float = 600.0) -> list:
     """Run ``worker(rank, port, out)`` in ``world`` processes that meet on a free loopback port; wait until all have
-    ended, and fail the test (killing them) if that takes longer than ``timeout`` seconds: a hang is a failure."""
+    ended, and fail the test (killing them) if that takes longer than ``timeout`` seconds: a hang is a failure.
+    Returns what each rank saved as ``out / f"rank{rank}.pt"``."""
     import socket
     import time
 
@@ -91,3 +92,4 @@ def run_ranks(worker, out: Path, world: int = 2, *, start_method: str = "fork", 
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {world} processes did not end within {timeout:.0f} s")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]

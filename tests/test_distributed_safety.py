@@ -78,8 +78,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("safety")
-    run_ranks(_worker, out, WORLD, timeout=8 * LIMIT_S)
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_ranks(_worker, out, WORLD, timeout=8 * LIMIT_S)
 
 
 @pytest.mark.parametrize("method", ["exact", "sequential"])
@@ -131,8 +130,7 @@ def _nccl_worker(rank: int, port: int, out: Path) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_ranks_end_with_the_statistics_of_all_the_data(tmp_path):
-    run_ranks(_nccl_worker, tmp_path, WORLD, start_method="spawn")
-    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
+    first, second = run_ranks(_nccl_worker, tmp_path, WORLD, start_method="spawn")
     single = running_statistics(recalibrate(make_model(), shard(0) + shard(1), progress=False, channels_last=False))
     for key, value in single.items():
         assert torch.equal(first[key], second[key]), key

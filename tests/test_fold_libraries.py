@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normswap.data import call_model, output_tensors
+from normswap.data import call_model, move_input, output_tensors
 from normswap.fold import plan_fold
 
 from .helpers import randomize_norm_layers
@@ -43,17 +43,10 @@ def fold_and_compare(model: nn.Module, x: Any, *, run: Callable[[nn.Module, Any]
     with torch.no_grad():
         expected = run(original, x)
         difference = relative_difference(run(folded, x), expected)
-        rounding = relative_difference(expected, run(copy.deepcopy(original).double(), _double(x)))
+        in_float64 = run(copy.deepcopy(original).double(), move_input(x, None, dtype=torch.float64))
+        rounding = relative_difference(expected, in_float64)
     assert difference <= 1e-5 or rounding >= 1e-5, (difference, rounding)
     return folded, p, difference
-
-
-def _double(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.double()
-    if isinstance(x, dict):
-        return {key: _double(value) for key, value in x.items()}
-    return type(x)(_double(item) for item in x)
 
 
 def assert_everything_folded(model: nn.Module, p) -> None:

@@ -106,8 +106,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    run_ranks(_worker, out, WORLD)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_ranks(_worker, out, WORLD)
 
 
 @pytest.mark.parametrize("method", ["exact", "sequential"])

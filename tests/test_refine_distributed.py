@@ -59,8 +59,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    run_ranks(_worker, out, WORLD)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_ranks(_worker, out, WORLD)
 
 
 def test_both_ranks_end_with_identical_weights_that_training_changed(ranks):
