@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import call_model, iter_inputs
 from .errors import CalibrationError, NormswapError, PlanError
@@ -62,6 +61,7 @@ from .graph import capture
 from .history import last_step, record_step
 from .lockstep import Arrival, Lockstep, Revisited
 from .placement import Device, Placement, for_float64
+from .progress import progress_bar
 from .targets import SourceLayer
 from .walk import get_module
 
@@ -327,7 +327,7 @@ def _fit_in_step(converted: nn.Module, reference: nn.Module, rows: list[PlanRow]
             if seen is not None:
                 moments[stop].add(_group_normalized(layers[stop], x), _batch_norm_eval(sources[stop], seen))
 
-    with tqdm(total=len(fit_rows), desc=f"fit ({target})", unit="layer", disable=not progress) as bar:
+    with progress_bar(len(fit_rows), f"fit ({target})", "layer", progress=progress) as bar:
         def settle(stop: int, arrivals: list[Arrival], final: bool) -> None:
             if final:
                 fits[fit_rows[stop].name] = _fit_layer(fit_rows[stop], layers[stop], moments[stop])

@@ -69,10 +69,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import batch_size_of, call_model, iter_inputs, main_output, output_tensors
 from .placement import Device, Placement
+from .progress import progress_bar
 from .errors import CalibrationError, NormswapError, RefineError
 from .history import last_step, record_step
 from .targets import is_norm_layer
@@ -88,7 +88,6 @@ LOSSES = ("kl", "mse", "features")
 
 Trainable = Union[str, Sequence[str]]
 
-_PROGRESS_DELAY_S = 2.0
 
 
 @dataclass
@@ -574,7 +573,7 @@ def _train(state: _State, train: _Inputs, held: _Inputs, options: _Options, rank
         report.agreement_after, report.loss_after, report.error_after = best.agreement, best.loss, best.error
         state.keep_best()  # under several processes, rank 0's starting state, which every rank now has
     stale = 0
-    bar = tqdm(total=options.steps, desc="refine", unit="step", **_progress_setting(progress, ranks.rank))
+    bar = progress_bar(options.steps, "refine", "step", progress=progress, rank=ranks.rank)
     try:
         for step in range(1, options.steps + 1):
             with ranks.failing_together(f"step {step}"):
@@ -812,13 +811,6 @@ def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") 
         loss=loss_sum / loss_weight if loss_weight else None,
         error=squared_error / squared_reference if squared_reference > 0 else None,
     )
-
-
-def _progress_setting(progress: Optional[bool], rank: int) -> dict[str, Any]:
-    """tqdm keyword arguments: always, never, or on a terminal for long runs (rank 0 only)."""
-    if progress is None:
-        return {"disable": None if rank == 0 else True, "delay": _PROGRESS_DELAY_S}
-    return {"disable": not progress or rank != 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------

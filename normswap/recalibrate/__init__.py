@@ -73,7 +73,7 @@ from ..history import record_step
 from .distributed import Ranks
 from .exact import calibrate_exact
 from .report import CalibrationReport, calibration_report
-from .running import Snapshot, length, place, prefers_channels_last, progress_setting
+from .running import Snapshot, length, place, prefers_channels_last
 from .sequential import calibrate_sequential
 from .statistics import Layer, final_statistics, find_layers
 
@@ -154,7 +154,6 @@ def recalibrate(
         root, run.device)
     if layout_chosen:
         run = replace(run, channels_last=True)
-    show = progress_setting(progress, ranks.rank)
     inputs = iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)
     # the first batch is kept to run again in the model's own layout if the chosen one fails on it; nothing is read
     # ahead otherwise (a batch that cannot be read must fail inside the run, where other ranks hear of it)
@@ -163,7 +162,7 @@ def recalibrate(
     try:
         try:
             totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
-                                                     ranks, show, length(data, batches))
+                                                     ranks, progress, length(data, batches))
         except ModelFailure as failure:
             if not (layout_chosen and first and failure.index == first[0][0]):
                 raise
@@ -171,7 +170,7 @@ def recalibrate(
             snapshot.restore()
             run = replace(run, channels_last=False)
             totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
-                                                     ranks, show, length(data, batches))
+                                                     ranks, progress, length(data, batches))
         results = final_statistics(order)
     finally:
         snapshot.restore()
@@ -197,13 +196,13 @@ def recalibrate(
 
 
 def _calibrate(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], method: str, run: Placement,
-               ranks: Ranks, show: dict[str, Any],
+               ranks: Ranks, progress: Optional[bool],
                batches: Optional[int]) -> tuple[list[int], list[Layer], int, float]:
     """One calibration run on a model whose state the caller has snapshotted; returns the totals, the layers in
     forward order, the passes and their cost in forward passes."""
     place(model, run)
     model.eval()
     if method == "exact":
-        totals, order = calibrate_exact(model, layers, inputs, run, ranks, dict(show, total=batches))
+        totals, order = calibrate_exact(model, layers, inputs, run, ranks, progress, batches)
         return totals, order, 1, 1.0
-    return calibrate_sequential(model, layers, inputs, run, ranks, show)
+    return calibrate_sequential(model, layers, inputs, run, ranks, progress)

@@ -4,23 +4,24 @@ are those of everything it saw, merged in float64 from the batch statistics Batc
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import CalibrationError
 from ..targets import classify
 from .distributed import Ranks
 from ..data import batch_size_of
 from ..placement import Placement
+from ..progress import progress_bar
 from .running import forward
 from .statistics import Layer, check_finite, use_scratch_statistics, values_per_channel
 
 
 def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
-                    ranks: Ranks, bar_options: dict[str, Any]) -> tuple[list[int], list[Layer]]:
+                    ranks: Ranks, progress: Optional[bool],
+                    batches: Optional[int]) -> tuple[list[int], list[Layer]]:
     """Batch-statistics calibration in one pass; returns the totals (batches, samples) and the layers in the order
     they first ran."""
     order: list[Layer] = []
@@ -38,7 +39,7 @@ def calibrate_exact(model: nn.Module, layers: list[Layer], inputs: Iterator[tupl
         handles += _hooks(layer, order, current)
     totals = [0, 0]
     try:
-        with tqdm(desc="recalibrate", unit="batch", **bar_options) as bar:
+        with progress_bar(batches, "recalibrate", "batch", progress=progress, rank=ranks.rank) as bar:
             for index, model_input in inputs:
                 current["index"] = index
                 forward(model, model_input, index, run)

@@ -12,7 +12,6 @@ from ..data import call_model, model_failures
 from ..placement import Placement
 from .statistics import Layer
 
-PROGRESS_DELAY_S = 2.0
 
 
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
@@ -85,10 +84,3 @@ def length(data: Any, batches: Optional[int]) -> Optional[int]:
     except TypeError:
         return batches
     return min(size, batches) if batches is not None else size
-
-
-def progress_setting(progress: Optional[bool], rank: int) -> dict[str, Any]:
-    """tqdm keyword arguments: always, never, or on a terminal for long runs (rank 0 only)."""
-    if progress is None:
-        return {"disable": None if rank == 0 else True, "delay": PROGRESS_DELAY_S}
-    return {"disable": not progress}

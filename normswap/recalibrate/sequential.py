@@ -12,22 +12,22 @@ the calibration starts again.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from torch import nn
-from tqdm import tqdm
 
 from ..data import batch_size_of, call_model, model_failures
 from ..errors import CalibrationError
 from ..graph import capture
 from ..lockstep import Arrival, Lockstep, Revisited
 from ..placement import Placement
+from ..progress import progress_bar
 from .distributed import FAILED, REVISITED, PeerFailure, PeerRevisited, Ranks
 from .statistics import Layer, add_input_statistics, check_finite, final_statistics, use_scratch_statistics
 
 
 def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
-                         ranks: Ranks, show: dict[str, Any]) -> tuple[list[int], list[Layer], int, float]:
+                         ranks: Ranks, progress: Optional[bool]) -> tuple[list[int], list[Layer], int, float]:
     """Eval-consistent calibration; returns the totals (batches, samples), the layers in the order they were
     calibrated, the passes (one per layer and call) and their cost in forwards over the data."""
     try:
@@ -42,7 +42,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
         use_scratch_statistics(layer, keep_values=True)
     old = [(layer, layer.module.running_mean.clone(), layer.module.running_var.clone()) for layer in layers]
     try:
-        order, passes = _in_step(model, layers, held, run, ranks, show, {})
+        order, passes = _in_step(model, layers, held, run, ranks, progress, {})
         return totals, order, passes, 1.0
     except Revisited:
         pass
@@ -53,7 +53,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     probes = ranks.merge([], [1 if held else 0])[0]
     ranks.start_over()
     try:
-        order, passes = _in_step(model, layers, held, run, ranks, show, calls)
+        order, passes = _in_step(model, layers, held, run, ranks, progress, calls)
     except Revisited as revisit:
         name = layers[revisit.stop].name if revisit.stop >= 0 else "a layer"
         raise CalibrationError(
@@ -65,7 +65,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
 
 
 def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Placement, ranks: Ranks,
-             show: dict[str, Any], calls: dict[int, int]) -> tuple[list[Layer], int]:
+             progress: Optional[bool], calls: dict[int, int]) -> tuple[list[Layer], int]:
     """One calibration with every batch's forward run in step; returns the layers in the order they got their
     statistics and the number of passes (settled stops)."""
     for layer in layers:
@@ -80,7 +80,7 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
     def measure(stop: int, arrival: Arrival, call: int) -> None:
         add_input_statistics(layers[stop], arrival.args[0])
 
-    with tqdm(total=len(layers), desc="recalibrate", unit="layer", **show) as bar:
+    with progress_bar(len(layers), "recalibrate", "layer", progress=progress, rank=ranks.rank) as bar:
         def settle(stop: int, arrivals: list[Arrival], final: bool) -> None:
             passes[0] += 1
             if not final:

@@ -1,0 +1,28 @@
+"""Progress bars: one policy for every operation that iterates over data.
+
+A bar is shown on standard error when it is a terminal and the work lasts more than a moment (``progress=None``,
+the default), always (``True``) or never (``False``); under several processes only rank 0 shows one. Piped
+output gets none: tqdm disables itself when standard error is not a terminal and ``disable`` is ``None``.
+
+>>> with progress_bar(3, "demo", "step", progress=False) as bar:
+...     for _ in range(3):
+...         bar.update()
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+DELAY_S = 2.0
+"""With ``progress=None``, a bar appears only once the work has lasted this long."""
+
+
+def progress_bar(total: Optional[int], desc: str, unit: str, *, progress: Optional[bool], rank: int = 0) -> tqdm:
+    """A tqdm bar following normswap's policy (module docstring); use it as a context manager."""
+    if progress is None:
+        options = {"disable": None if rank == 0 else True, "delay": DELAY_S}
+    else:
+        options = {"disable": not progress or rank != 0}
+    return tqdm(total=total, desc=desc, unit=unit, **options)
