@@ -26,6 +26,7 @@ from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
 from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
 from .recalibrate import CalibrationReport, calibration_report, recalibrate
 from .recipe import Recipe
+from .registry import register_layer
 from .refine import RefineReport, refine, refine_report
 
 __version__ = "0.2.0"
@@ -67,5 +68,6 @@ __all__ = [
     "recalibrate",
     "refine",
     "refine_report",
+    "register_layer",
     "save",
 ]

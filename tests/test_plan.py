@@ -369,10 +369,12 @@ def test_torchvision_frozen_batchnorm_goes_back_to_batchnorm2d():
 # --- refusals and opt-ins -----------------------------------------------------------------------------------------
 
 
-def test_uninitialized_lazy_batchnorm_is_refused_and_initialized_one_converts():
+def test_uninitialized_lazy_batchnorm_is_a_skipped_row_and_initialized_one_converts():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.LazyBatchNorm2d())
-    with pytest.raises(PlanError, match="layer '1' is an uninitialized LazyBatchNorm2d"):
-        normswap.plan(model, "gn")
+    p = normswap.plan(model, "gn")
+    assert len(p) == 0 and [(s.names, s.reason) for s in p.skipped] == [
+        (["1"], "uninitialized lazy layer: run one forward pass first")]
+    assert "uninitialized lazy layer" in p.why_empty()
     model(images())
     assert type(normswap.convert(model, "frozen")[1]) is FrozenBatchNorm
 
