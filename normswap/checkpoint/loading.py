@@ -38,7 +38,7 @@ from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError
 from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
-from .folders import is_model_folder, read_folder
+from .folders import is_model_folder, keys_for_model, read_folder
 from .formats import file_sha256
 from .manifest import apply_manifest, check_manifest
 
@@ -50,7 +50,6 @@ log = logging.getLogger("normswap")
 PathLike = Union[str, "os.PathLike[str]"]
 
 _JSON_FIELDS = ("arch", "history", "source", "aliases", "manifest", "module_versions", "input_shape")
-_SHOWN_KEYS = 4
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _ALIGNMENT = 64
 
@@ -232,7 +231,8 @@ class CheckpointContents:
         spec = self.resolve_arch(arch, arch_kwargs)
         model = _build(spec, self)
         expected = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
-        choice = containers.choose_weights(self.content, set(expected), key=self.key, prefix=self.prefix,
+        content = keys_for_model(self.content, model) if self.kind == "folder" else self.content
+        choice = containers.choose_weights(content, set(expected), key=self.key, prefix=self.prefix,
                                            ema=self.ema, where=str(self.path))
         if choice.entry or choice.prefix:
             log.info("%s: using %s", self.path.name, choice.describe())
@@ -356,11 +356,6 @@ def _build(spec: ArchSpec, contents: CheckpointContents) -> nn.Module:
     return model
 
 
-def _few(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN_KEYS])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_KEYS else "")
-
-
 def _classifier_prefix(model: nn.Module) -> Optional[str]:
     """Qualified name of the module holding the model's last parameter (the classifier for most networks)."""
     names = [name for name, _ in model.named_parameters()]
@@ -372,9 +367,9 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
                  reshaped: list[str], where: str) -> str:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
+        parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
     if reshaped:
         shown = ", ".join(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
                           for name in reshaped[:2])
@@ -391,7 +386,7 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
                  "pass key= / prefix= (--key / --prefix) if the weights are elsewhere in the file")
     else:
         cause = "wrong architecture or architecture keyword arguments?"
-    return f"{path} does not fit {spec.short()}: {'; '.join(parts)} ({cause})"
+    return f"{path} does not fit {spec.name}: {'; '.join(parts)}, under {where} ({cause})"
 
 
 def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str, torch.Tensor],
