@@ -372,7 +372,7 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
         parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
     if reshaped:
         shown = ", ".join(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
-                          for name in reshaped[:2])
+                          for name in reshaped[:1])
         parts.append(f"{len(reshaped)} shape mismatch(es) ({shown})")
     head = _classifier_prefix(model)
     matched = len(set(expected) & set(tensors))
@@ -385,8 +385,8 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
         cause = (f"wrong architecture? only {matched} of the model's {len(expected)} keys are in {where}; "
                  "pass key= / prefix= (--key / --prefix) if the weights are elsewhere in the file")
     else:
-        cause = "wrong architecture or architecture keyword arguments?"
-    return f"{path} does not fit {spec.name}: {'; '.join(parts)}, under {where} ({cause})"
+        cause = f"wrong architecture or architecture keyword arguments? the keys were matched under {where}"
+    return f"{path} does not fit {spec.name}: {'; '.join(parts)} ({cause})"
 
 
 def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str, torch.Tensor],
