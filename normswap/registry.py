@@ -361,6 +361,8 @@ def register_layer(cls: type, family: str = "frozen", *, key: Optional[str] = No
     known = class_record(cls)
     if known is not None and known != record:
         raise NormswapError(f"register_layer: {cls.__name__} is already known as {known.key!r}")
+    if existing is not None:
+        return existing
     _REGISTERED[key] = record
     _BY_CLASS[cls] = record
     return record
