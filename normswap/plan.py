@@ -264,13 +264,14 @@ def _validate(to: str, groups: Optional[int], channels_per_group: Optional[int],
         raise PlanError(f"affine='{affine}' applies to gn, ln and in; '{to}' always keeps the affine values")
     if unknown not in UNKNOWN_MODES:
         raise PlanError(f"unknown value '{unknown}' for unknown=: choose error, skip or convert")
-    if to != "gn" and (groups is not None or channels_per_group is not None):
-        given = "groups" if groups is not None else "channels_per_group"
-        raise PlanError(f"{given}= applies to to='gn' only (to='ln' uses one group, to='in' one per channel), "
-                        f"not to '{to}'")
-    if trainable_affine and to != "frozen":
-        raise PlanError(f"trainable_affine= applies to to='frozen' only; '{to}' layers keep their parameters as "
-                        "they are")
+    chosen = targets.target(to)
+    given = [name for name, value in (("groups", groups), ("channels_per_group", channels_per_group),
+                                      ("trainable_affine", trainable_affine or None)) if value is not None]
+    for name in given:
+        if name not in chosen.options:
+            owner = next(t.name for t in targets.TARGET_RECORDS if name in t.options)
+            detail = " (to='ln' uses one group, to='in' one per channel)" if owner == "gn" else ""
+            raise PlanError(f"{name}= applies to to='{owner}' only{detail}, not to '{to}'")
     if groups is not None and groups < 1:
         raise PlanError(f"groups must be at least 1, got {groups}")
     if channels_per_group is not None and channels_per_group < 1:
@@ -316,7 +317,7 @@ def plan(
     """
     _validate(to, groups, channels_per_group, group_policy, affine, unknown, trainable_affine)
     include_list, exclude_list = _as_list(include), _as_list(exclude)
-    if to == "gn" and groups is None:
+    if "groups" in targets.target(to).options and groups is None:
         groups = DEFAULT_GROUPS
     options = {
         "groups": groups,

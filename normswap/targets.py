@@ -261,6 +261,8 @@ class Target:
     help: str
     build: Callable[[SourceLayer, "PlanRow"], nn.Module]
     groups: Optional[Callable[[int, dict[str, Any], str], int]] = None
+    options: tuple[str, ...] = ()
+    """The plan options only this target takes (``groups=`` for GroupNorm, ``trainable_affine=`` for frozen)."""
 
     @property
     def grouped(self) -> bool:
@@ -280,13 +282,13 @@ _BATCH_NORM_BY_RANK = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d", Non
 
 TARGET_RECORDS: tuple[Target, ...] = (
     Target("gn", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm (32 groups, or groups=)", _build_group_norm,
-           _chosen_groups),
+           _chosen_groups, ("groups", "channels_per_group")),
     Target("ln", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group (LayerNorm-style)",
            _build_group_norm, _one_group),
     Target("in", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group per channel (InstanceNorm-style)",
            _build_group_norm, _group_per_channel),
     Target("frozen", "frozen", "normswap.FrozenBatchNorm", "normswap.FrozenBatchNormAct", "FrozenBatchNorm",
-           _build_frozen),
+           _build_frozen, options=("trainable_affine",)),
     Target("sync", "sync", "SyncBatchNorm", "timm.SyncBatchNormAct", "SyncBatchNorm", _build_sync),
     Target("bn", "bn", "BatchNorm2d", "timm.BatchNormAct2d", "plain BatchNorm of the original rank", _build_bn),
 )

@@ -39,10 +39,15 @@ def relative_difference(got: Any, expected: Any) -> float:
 
 
 def own_rounding(model: nn.Module, x: Any, expected: Any) -> float:
-    """How far the model's own output is from its float64 output: the rounding any exact rewrite may add."""
+    """How far the model's own output is from its output in a wider dtype (float64; float32 for a half-precision
+    model): the rounding any exact rewrite may add. RAFT builds float32 coordinate grids whatever its dtype, so it
+    cannot run in float64: its float32 rounding is taken as 1e-6 of the output."""
+    wider = torch.float32 if next(model.parameters()).dtype == torch.float16 else torch.float64
+    if type(model).__name__ == "RAFT":
+        return 1e-6
     with torch.no_grad():
-        in_float64 = call_model(copy.deepcopy(model).double(), move_input(x, None, dtype=torch.float64))
-    return relative_difference(expected, in_float64)
+        in_wider = call_model(copy.deepcopy(model).to(wider), move_input(x, None, dtype=wider))
+    return relative_difference(expected, in_wider)
 
 
 def assert_loads_back(model: nn.Module, spec: ArchSpec, x: Any, path) -> None:
@@ -70,7 +75,7 @@ def check_end_to_end(tmp_path, name: str, kwargs: dict, x: Any, *, folds: int, l
     with torch.no_grad():
         expected = call_model(copy.deepcopy(model), x)
     rounding = own_rounding(model, x, expected)
-    tolerance = max(1e-5, 2 * rounding) if not half else max(2e-3, 2 * rounding)
+    tolerance = max(1e-5, 2 * rounding) if not half else 2 * rounding
 
     converted = normswap.convert(copy.deepcopy(model), "gn", groups=2)
     assert norm_layers(converted) == 0 and sum(isinstance(m, nn.GroupNorm) for m in converted.modules()) >= layers
@@ -164,9 +169,10 @@ def test_smp_architectures_with_three_encoders_end_to_end(tmp_path, architecture
     if not hasattr(smp, architecture):
         pytest.skip(f"segmentation_models_pytorch {smp.__version__} has no {architecture}")
     folds, layers = SMP[architecture, encoder]
-    size = 128 if architecture == "PAN" else 64  # PAN pools its deepest features 8x
+    # PAN pools its deepest features 8x, to 1x1 at 128x128: torch's group_norm refuses a 1x1 batch of one
+    x = images(2, 3, 128, 128) if architecture == "PAN" else images(1, 3, 64, 64)
     check_end_to_end(tmp_path, f"segmentation_models_pytorch:{architecture}",
-                     {"encoder_name": encoder, "classes": 2}, images(1, 3, size, size), folds=folds, layers=layers)
+                     {"encoder_name": encoder, "classes": 2}, x, folds=folds, layers=layers)
 
 
 # --- MONAI -------------------------------------------------------------------------------------------------------

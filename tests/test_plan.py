@@ -659,3 +659,12 @@ def test_sync_batchnorm_source_converts_to_frozen_with_its_statistics():
     converted = normswap.convert(model, "frozen")
     assert type(converted[1]) is FrozenBatchNorm
     torch.testing.assert_close(converted(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_option_of_one_target_is_refused_for_another_naming_its_target():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+    with pytest.raises(PlanError, match=r"groups= applies to to='gn' only \(to='ln' uses one group"):
+        normswap.plan(model, "ln", groups=2)
+    with pytest.raises(PlanError, match="trainable_affine= applies to to='frozen' only, not to 'gn'"):
+        normswap.plan(model, "gn", trainable_affine=True)
+    assert normswap.plan(model, "gn").rows[0].groups == 8
