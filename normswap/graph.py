@@ -118,6 +118,9 @@ _SHAPE_OF_OTHER = frozenset(f"torch.Tensor.{name}" for name in ("reshape_as", "v
 
 _MAX_DEPTH = 8
 
+_LEAVES = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout, slice, type(...))
+"""Argument types that hold no tensor (checked first: most arguments of a forward's calls are these)."""
+
 
 @dataclass(eq=False)
 class Value:
@@ -631,7 +634,7 @@ def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     """The tensors in ``obj``, through tuples, lists, dicts and dataclasses, in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if depth >= _MAX_DEPTH:
+    if obj is None or isinstance(obj, _LEAVES) or depth >= _MAX_DEPTH:
         return []
     if isinstance(obj, (tuple, list)):
         return [t for item in obj for t in _tensors(item, depth + 1)]
