@@ -55,7 +55,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import logging
@@ -66,11 +65,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .data import batch_size_of, call_model, iter_inputs, main_output, output_tensors
+from .distributed import PeerFailure, Ranks
 from .placement import Device, Placement
 from .progress import progress_bar
 from .errors import CalibrationError, NormswapError, RefineError
@@ -197,6 +196,8 @@ def refine(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
     progress: Optional[bool] = None,
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
 ) -> RefineReport:
     """Train ``converted`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place.
 
@@ -229,6 +230,12 @@ def refine(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar, ``False`` never; ``None`` shows one on a terminal for runs longer
             than two seconds.
+        distributed: ``True``: refine across the processes of ``torch.distributed`` (data-parallel, each on its
+            own shard); ``False``: this process alone, without any collective, even when ``torch.distributed`` is
+            initialized (refining on rank 0 only); ``None`` (default): across the processes when there are more
+            than one. Across processes, **every** rank of the group must call ``refine``; a failure or an
+            interruption on one makes the others raise, naming it (see :mod:`normswap.distributed`).
+        process_group: the ``torch.distributed`` group to refine across (default: the whole world).
 
     Returns:
         The :class:`RefineReport`; it is also recorded in ``converted``'s history (:func:`refine_report`).
@@ -252,8 +259,8 @@ def refine(
     _check_separate(student, teacher)
     selected, label = _trainable_parameters(student, trainable)
     start = time.perf_counter()
-    ranks = _Ranks()
     run = Placement.resolve(student, device, amp, error=RefineError)
+    ranks = _Ranks(distributed, process_group, run.device)
     with ranks.failing_together("reading the calibration data"):
         train, held = _split(_read_inputs(data, batches, input_fn, input_key), options.holdout, seed + ranks.rank)
     counts = ranks.sum([train.samples, held.samples])
@@ -817,56 +824,23 @@ def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") 
 # Several processes.
 
 
-class _Ranks:
-    """The processes refining together (``torch.distributed``), or just this one."""
+class _PeerFailure(RefineError, PeerFailure):
+    """Another process failed while refining; it raises its own error."""
 
-    def __init__(self) -> None:
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.size = dist.get_world_size() if self.active else 1
-        self.rank = dist.get_rank() if self.active else 0
 
-    def _device(self) -> torch.device:
-        if "nccl" in str(dist.get_backend()):
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+class _Ranks(Ranks):
+    """The processes refining together (``torch.distributed``, a ``process_group`` of it), or just this one."""
 
-    def sum(self, values: list[float]) -> list[float]:
-        """``values`` summed over the processes (float64)."""
-        if not self.active:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor)
-        return tensor.cpu().tolist()
+    peer_failure = _PeerFailure
 
-    def gather(self, value: int) -> list[int]:
-        """One number from every process, in rank order."""
-        if not self.active:
-            return [value]
-        table = torch.zeros(self.size, dtype=torch.float64, device=self._device())
-        table[self.rank] = value
-        dist.all_reduce(table)
-        return [int(v) for v in table.cpu().tolist()]
-
-    @contextlib.contextmanager
-    def failing_together(self, what: str) -> Any:
-        """Run the block; under several processes, tell the others whether it failed, so that a failure on one
-        process is an error on every process instead of a hang in the next collective."""
-        try:
-            yield
-        except Exception:
-            if self.active:
-                self.gather(1)
-            raise
-        if self.active:
-            failing = [rank for rank, failed in enumerate(self.gather(0)) if failed]
-            if failing:
-                raise RefineError(f"refinement failed on rank {failing[0]} while {what} (see its error)")
+    def __init__(self, distributed: Optional[bool], process_group: Any, device: torch.device) -> None:
+        super().__init__(distributed, process_group, device, operation="refinement", error=RefineError)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model as it trains: under several processes, in ``DistributedDataParallel`` (which starts every
-        process from rank 0's weights)."""
+        """The model as it trains: under several processes, in ``DistributedDataParallel`` over the group (which
+        starts every process from rank 0's weights)."""
         if not self.active:
             return model
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                                   find_unused_parameters=True)
+                                                   find_unused_parameters=True, process_group=self.group)
