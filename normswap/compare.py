@@ -42,6 +42,7 @@ from .data import call_model, floating_dtype, iter_inputs, main_output, model_fa
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 from .placement import for_float64
+from .unwrap import unwrapped
 
 __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
 
@@ -340,6 +341,7 @@ def compare(
     >>> report.max_abs, report.top1_agreement, report.first_divergence
     (0.0, 1.0, None)
     """
+    model_a, model_b = unwrapped(model_a), unwrapped(model_b)
     homes = [(model, _device_of(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)

@@ -70,6 +70,7 @@ from .history import record_step, set_input_shape
 from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
+from .unwrap import unwrapped
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
@@ -182,8 +183,9 @@ class FoldPlan:
         """Fold the planned pairs of ``model`` in place (and freeze the rest if planned); returns the model.
 
         Everything is checked and computed before the first change: a plan that does not fit the model raises
-        :class:`PlanError` and leaves the model as it was.
+        :class:`PlanError` and leaves the model as it was. A wrapper (:mod:`normswap.unwrap`) is looked through.
         """
+        model = unwrapped(model)
         folded = [_fold_values(model, pair) for pair in self.pairs]
         freeze_plan = _freeze_plan(model, self.left)
         for pair, (conv, weight, bias, replacement) in zip(self.pairs, folded):
@@ -288,6 +290,7 @@ def plan_fold(
     layer  into        C  bias     keeps
     1      0 (Linear)  4  updated
     """
+    model = unwrapped(model)
     options = {"freeze_rest": freeze_rest, "within": within, "example_input": example_input is not None,
                "data": data is not None, "input_shape": list(input_shape) if input_shape is not None else None}
     prefix = ""

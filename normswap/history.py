@@ -22,6 +22,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .errors import CheckpointError
+from .unwrap import unwrapped
 
 __all__ = [
     "SCHEMA",
@@ -77,16 +78,15 @@ def record_step(model: nn.Module, step: dict[str, Any]) -> None:
 
 
 def last_step(model: nn.Module, op: str) -> Optional[dict[str, Any]]:
-    """The most recent step ``op`` recorded on ``model`` (looking through a DistributedDataParallel wrapper), or
-    ``None``.
+    """The most recent step ``op`` recorded on ``model`` (looking through the wrappers
+    :func:`normswap.unwrap.unwrapped` knows: ``torch.compile``, DDP, DataParallel, EMA), or ``None``.
 
     >>> model = nn.Sequential()
     >>> record_step(model, {"op": "fit", "chosen": "global"})
     >>> last_step(model, "fit")["chosen"], last_step(model, "refine")
     ('global', None)
     """
-    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    for step in reversed(get_history(root)):
+    for step in reversed(get_history(unwrapped(model))):
         if step.get("op") == op:
             return step
     return None

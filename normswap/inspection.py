@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .unwrap import unwrapped
+
 __all__ = ["BAD_STATS", "LayerReport", "format_reports", "group_counts_near", "inspect_model", "inspect_state_dict"]
 
 BAD_STATS = ("nonfinite", "negative_var")
@@ -140,7 +142,7 @@ def inspect_model(model: nn.Module) -> list[LayerReport]:
     from .walk import find_modules
 
     reports = []
-    for found in find_modules(model, is_norm_layer):
+    for found in find_modules(unwrapped(model), is_norm_layer):
         module, kind = found.module, classify(found.module)
         if kind == "lazy":
             reports.append(LayerReport(found.names, type(module).__name__, 0,

@@ -28,6 +28,7 @@ from torch import nn
 from . import registry, targets
 from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
+from .unwrap import unwrapped
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["Plan", "PlanRow", "SkippedLayer", "apply_conversion", "choose_groups", "convert", "freeze", "plan"]
@@ -176,8 +177,10 @@ class Plan:
         All replacements are built before the first one is put in, so a plan that does not fit the model raises
         :class:`PlanError` and leaves the model as it was; a fit that fails or is interrupted puts the original
         layers back. If the model itself is a norm layer, the new layer is returned. The plan (and the fit) are
-        recorded in the model's history (see :mod:`normswap.history`).
+        recorded in the model's history (see :mod:`normswap.history`). A model in a wrapper (``torch.compile``,
+        DataParallel, EMA: :mod:`normswap.unwrap`) is looked through: the model inside is converted and returned.
         """
+        model = unwrapped(model)
         fitting = any(row.affine == "fit" for row in self.rows)
         given = sorted([*fit_options, *(["data"] if data is not None else [])])
         if not fitting and given:
@@ -358,6 +361,7 @@ def plan(
     24
     """
     _validate(to, groups, channels_per_group, group_policy, affine, unknown, trainable_affine)
+    model = unwrapped(model)
     include_list, exclude_list = _as_list(include), _as_list(exclude)
     if to == "gn" and groups is None:
         groups = DEFAULT_GROUPS

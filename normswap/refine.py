@@ -75,6 +75,7 @@ from .progress import progress_bar
 from .errors import CalibrationError, NormswapError, RefineError
 from .history import last_step, record_step
 from .targets import is_norm_layer
+from .unwrap import unwrapped
 from .walk import find_modules
 
 __all__ = ["LOSSES", "RefineReport", "refine", "refine_report"]
@@ -203,7 +204,8 @@ def refine(
 
     Args:
         converted: the model to refine (the student), e.g. ``normswap.convert(copy.deepcopy(model), "gn",
-            affine="fit", data=...)``; a ``DistributedDataParallel`` wrapper is looked through.
+            affine="fit", data=...)``; wrappers (``torch.compile``, DDP, DataParallel, EMA: :mod:`normswap.unwrap`)
+            are looked through, here and in ``original``.
         original: the model to reproduce (the teacher); never changed.
         data: calibration batches, see :mod:`normswap.data`: tensors, ``(input, ...)`` tuples (labels are ignored),
             dicts, or anything with ``input_fn``. Read once and held in memory. Under ``torch.distributed``, each
@@ -254,8 +256,7 @@ def refine(
     True
     """
     options = _Options.check(steps, lr, loss, holdout, batch_size, eval_every, patience, temperature, feature_weight)
-    student = converted.module if isinstance(converted, nn.parallel.DistributedDataParallel) else converted
-    teacher = original.module if isinstance(original, nn.parallel.DistributedDataParallel) else original
+    student, teacher = unwrapped(converted), unwrapped(original)
     _check_separate(student, teacher)
     selected, label = _trainable_parameters(student, trainable)
     start = time.perf_counter()
