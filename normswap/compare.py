@@ -42,6 +42,7 @@ from .data import call_model, floating_dtype, iter_inputs, main_output, model_fa
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 from .placement import for_float64
+from .tables import text_table
 from .unwrap import unwrapped
 
 __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
@@ -118,13 +119,12 @@ def format_report(report: ComparisonReport, max_rows: int = 30) -> str:
         depth += 1
     shown = [layer for layer in report.layers if _depth(layer.name) <= depth or layer.name == first]
     out.append(f"layers (forward order; {len(shown)} of {len(report.layers)} shown):")
-    rows = [("layer", "a", "b", "relative", "max abs")]
+    rows = []
     for layer in shown:
         mark = "  <- first divergence" if layer.name == first else ""
         class_b = layer.class_b if layer.class_b != layer.class_a else "same"
         rows.append((layer.name, layer.class_a, class_b, f"{layer.relative:.3g}", f"{layer.max_abs:.3g}{mark}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    out.extend("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    out.append(text_table(("layer", "a", "b", "relative", "max abs"), rows))
     if first is None:
         out.append(f"no layer differs by more than {report.tolerance:g} (relative)")
     else:

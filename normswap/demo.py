@@ -34,6 +34,7 @@ from .fold import fold
 from .plan import convert, freeze
 from .recalibrate import recalibrate
 from .refine import refine
+from .tables import text_table
 
 __all__ = [
     "CHECKPOINT",
@@ -188,11 +189,9 @@ class DemoResult:
             (row.step, "-" if row.agreement is None else f"{row.agreement:.1%}", f"{row.accuracy:.1%}", row.detail)
             for row in self.rows
         ]
-        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
         out = ["normswap demo: a small BatchNorm ResNet trained on scikit-learn's digits "
                "(agreement: top-1 agreement with the original model on the test images)"]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         out.append(f"({self.seconds:.1f} s)")
         return "\n".join(out)
 

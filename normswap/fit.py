@@ -62,6 +62,7 @@ from .history import last_step, record_step
 from .lockstep import Arrival, Lockstep, Revisited
 from .placement import Device, Placement, for_float64
 from .progress import progress_bar
+from .tables import text_table
 from .targets import SourceLayer
 from .walk import get_module
 
@@ -121,9 +122,7 @@ class FitReport:
         header = ("layer", "C", "G", "R2", "kept", "R2 copy", "note")
         lines = [(layer.name, str(layer.channels), str(layer.groups), _number(layer.r2), layer.kept or "-",
                   _number(layer.copy_r2), layer.note) for layer in self.layers]
-        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from .history import record_step, set_input_shape
 from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
+from .tables import text_table
 from .unwrap import unwrapped
 from .walk import find_modules, get_module, replace_module
 
@@ -230,9 +231,7 @@ def format_fold_plan(p: FoldPlan) -> str:
         header = ("layer", "into", "C", "bias", "keeps")
         rows = [(pair.bn, f"{pair.conv} ({pair.conv_class.rsplit('.', 1)[-1]})", str(pair.channels),
                  "new" if pair.new_bias else "updated", pair.keeps or "") for pair in p.pairs]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        out.append(text_table(header, rows))
     groups: dict[tuple[str, str], list[str]] = {}
     for layer in p.left:
         groups.setdefault(("frozen" if layer.frozen else "left", layer.reason), []).append(layer.names[0])

@@ -28,6 +28,7 @@ from torch import nn
 from . import registry, targets
 from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
+from .tables import text_table
 from .unwrap import unwrapped
 from .walk import find_modules, get_module, replace_module
 
@@ -487,11 +488,9 @@ def format_plan(p: Plan, max_rows: Optional[int] = None) -> str:
             row.stats,
             note,
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = [f"plan: {len(p)} layer(s) to {p.target}, {len(p.skipped)} skipped"]
     if lines:
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         if max_rows is not None and len(p.rows) > max_rows:
             out.append(f"... {len(p.rows) - max_rows} more")
     reasons: dict[str, list[str]] = {}
