@@ -44,6 +44,7 @@ from .history import get_history
 from .placement import for_float64
 from .tables import text_table
 from .unwrap import unwrapped
+from .walk import model_device
 
 __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
 
@@ -230,12 +231,6 @@ def _batch_labels(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _remember_batches(data: Iterable[Any], last: list) -> Iterator[Any]:
     for batch in data:
         last[:] = [batch]
@@ -342,11 +337,11 @@ def compare(
     (0.0, 1.0, None)
     """
     model_a, model_b = unwrapped(model_a), unwrapped(model_b)
-    homes = [(model, _device_of(model)) for model in (model_a, model_b)]
+    homes = [(model, model_device(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)
         model_b.to(device)
-    device_a, device_b = _device_of(model_a), _device_of(model_b)
+    device_a, device_b = model_device(model_a), model_device(model_b)
     dtype_a, dtype_b = floating_dtype(model_a), floating_dtype(model_b)
     all_labels = torch.as_tensor(labels).reshape(-1) if labels is not None else None
     modes = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]

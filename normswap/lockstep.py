@@ -36,11 +36,16 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Sequence, TypeVar
 
+import torch
 from torch import nn
 
-__all__ = ["Arrival", "Lockstep", "Revisited"]
+from .graph import capture
+
+__all__ = ["Arrival", "Lockstep", "Revisited", "count_calls", "run_counting_calls"]
+
+T = TypeVar("T")
 
 
 class Revisited(Exception):
@@ -239,3 +244,38 @@ class Lockstep:
 def _first_seen(paused: dict[int, int]) -> Optional[int]:
     """The paused stop seen first, the lowest-numbered among those seen at the same step."""
     return min(paused, key=lambda stop: (paused[stop], stop)) if paused else None
+
+
+def count_calls(model: nn.Module, model_input: Any, modules: Sequence[nn.Module]) -> dict[int, int]:
+    """How many times each of ``modules`` (by position: its stop number) is called in one forward of ``model`` on
+    ``model_input``, for those called at all (:func:`normswap.graph.capture`, which leaves nothing on the model).
+
+    >>> layer = nn.Linear(2, 2)
+    >>> count_calls(nn.Sequential(layer, nn.ReLU(), layer), torch.zeros(1, 2), [layer])
+    {0: 2}
+    """
+    graph = capture(model, model_input)
+    return {stop: graph.call_count(module) for stop, module in enumerate(modules) if graph.call_count(module)}
+
+
+def run_counting_calls(attempt: Callable[[dict[int, int]], T], count: Callable[[], dict[int, int]], *,
+                       restore: Callable[[], None],
+                       refuse: Callable[[Revisited], BaseException]) -> tuple[T, bool]:
+    """Run ``attempt(calls)`` as if every stop were called once per forward; if a lane reaches a stop again
+    (:class:`Revisited`), ``restore`` what the attempt changed, ``count`` the calls (:func:`count_calls`) and run
+    ``attempt`` once more with them. A second :class:`Revisited` (a layer called a different number of times in
+    another batch) is raised as ``refuse(revisit)``. Returns the result and whether the calls had to be counted.
+
+    >>> run_counting_calls(lambda calls: calls.get(0, 1), lambda: {0: 2}, restore=lambda: None,
+    ...                    refuse=lambda revisit: ValueError(revisit))
+    (1, False)
+    """
+    try:
+        return attempt({}), False
+    except Revisited:
+        restore()
+    calls = count()
+    try:
+        return attempt(calls), True
+    except Revisited as revisit:
+        raise refuse(revisit) from None

@@ -76,7 +76,7 @@ from .errors import CalibrationError, NormswapError, RefineError
 from .history import last_step, record_step
 from .targets import is_norm_layer
 from .unwrap import unwrapped
-from .walk import find_modules
+from .walk import find_modules, model_device
 
 __all__ = ["LOSSES", "RefineReport", "refine", "refine_report"]
 
@@ -458,20 +458,10 @@ def _join(inputs: list[Any]) -> Any:
 
 def _leading(pool: Any) -> int:
     """The number of samples in a pooled input: the common first dimension of its tensors."""
-    sizes = {t.shape[0] for t in _all_tensors(pool)}
+    sizes = {t.shape[0] for t in output_tensors(pool)}
     if len(sizes) != 1:
         raise _NotPoolable
     return sizes.pop()
-
-
-def _all_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _all_tensors(item)]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _all_tensors(item)]
-    return []
 
 
 def _take(pool: Any, indices: torch.Tensor) -> Any:
@@ -516,7 +506,7 @@ class _State:
         self.student_flags = [(m, m.training) for m in student.modules()]
         self.teacher_flags = [(m, m.training) for m in teacher.modules()]
         self.requires_grad = [(p, p.requires_grad) for p in student.parameters()]
-        self.home = next((t.device for t in (*student.parameters(), *student.buffers())), None)
+        self.home = model_device(student)
         self.initial = [p.detach().clone() for p in selected]
         self.best = [t.clone() for t in self.initial]
         self.teacher_on_device = teacher

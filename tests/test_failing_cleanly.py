@@ -190,9 +190,7 @@ def test_verify_on_data_of_the_wrong_channel_count_names_the_batch(ckpt, tmp_pat
     torch.save(torch.rand(8, 3, 8, 8), tmp_path / "rgb.pt")
     result = run("verify", ckpt, ckpt, *DEMO_ARCH, "--data", tmp_path / "rgb.pt")
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: batch 0 (a float32 tensor of shape [8, 3, 8, 8]) failed in the original "
-                                    "model: "
-                                    "RuntimeError: ")
+    assert result.stderr.startswith("error: batch 0 (float32 8x3x8x8) failed in the original model: RuntimeError: ")
     assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
 
 

@@ -465,7 +465,7 @@ def test_a_failing_batch_leaves_the_model_untouched_and_names_the_batch():
     model = resnet18().train()
     before = state(model)
     data = images([2, 2]) + [torch.randn(2, 5, 32, 32)]
-    with pytest.raises(CalibrationError, match=r"batch 2 \(a float32 tensor of shape \[2, 5, 32, 32\]\).*channels"):
+    with pytest.raises(CalibrationError, match=r"batch 2 \(float32 2x5x32x32\).*channels"):
         recalibrate(model, data)
     assert_same_state(model, before)
     assert all(module.training for module in model.modules())
