@@ -11,7 +11,9 @@ forward runs once, on any model that runs, whatever its control flow.
 
 Only one lane runs at a time, handed over explicitly, so the calls into the model are as sequential and
 deterministic as a loop over the batches (the threads exist only to keep each forward's Python stack while it
-waits). Each lane runs under the context its caller gives (no_grad, autocast, device: thread-local state in torch).
+waits). Each lane runs under the thread-local torch state of the thread that calls :meth:`Lockstep.run` (grad and
+inference mode, autocast, torch function and dispatch modes, the current CUDA device and stream), then under the
+context its caller gives (no_grad, autocast, device), so a forward in a lane computes what it would in a loop.
 
 A stop can be settled several times per forward when its layer is called several times (``calls=``): round ``r``
 is settled once every lane that will call it an ``r``-th time has paused there. A lane that reaches a stop after its
@@ -36,10 +38,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .graph import capture
 
@@ -78,6 +82,41 @@ class Arrival:
     lane: int
     module: nn.Module
     args: tuple
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+
+
+class _CallerState:
+    """The thread-local torch state of the thread that runs the lockstep, captured there, to be entered in each lane
+    thread: grad and inference mode, autocast (per device type, with the cast cache setting), the torch function
+    and dispatch modes (outermost first), the current CUDA device and stream (where CUDA is in use)."""
+
+    def __init__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        self.autocast = [(device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                         if torch.is_autocast_enabled(device)]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.function_modes = _get_current_function_mode_stack()
+        self.dispatch_modes = _get_current_dispatch_mode_stack()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.stream = torch.cuda.current_stream() if cuda else None
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if self.stream is not None:
+                stack.enter_context(torch.cuda.device(self.stream.device))
+                stack.enter_context(torch.cuda.stream(self.stream))
+            if self.inference:
+                stack.enter_context(torch.inference_mode())
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=self.autocast_cache))
+            for mode in (*self.function_modes, *self.dispatch_modes):
+                stack.enter_context(mode)
+            yield
 
 
 class _Lane:
@@ -126,11 +165,13 @@ class Lockstep:
         self.main = threading.Semaphore(0)
         self.aborting = False
         self.local = threading.local()
+        self.caller_state: Optional[_CallerState] = None
 
     def run(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
         """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called in
         this thread with the lanes paused there (``final`` on the stop's last round), before they go on. Returns
         each lane's output. The first error of a lane or of ``settle`` stops every lane and is raised here."""
+        self.caller_state = _CallerState()
         handles = [module.register_forward_pre_hook(self._hook(stop)) for module, stop in self.stops.items()]
         first_seen: dict[int, int] = {}
         try:
@@ -208,7 +249,7 @@ class Lockstep:
     def _body(self, lane: _Lane) -> None:
         self.local.lane = lane
         try:
-            with self.context():
+            with self.caller_state.entered(), self.context():
                 lane.output = lane.forward()
         except _Abort:
             pass
