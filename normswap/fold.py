@@ -71,7 +71,7 @@ from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
 from .tables import text_table
-from .unwrap import unwrapped
+from .unwrap import unwrapped, unwrapped_to_change
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
@@ -186,7 +186,7 @@ class FoldPlan:
         Everything is checked and computed before the first change: a plan that does not fit the model raises
         :class:`PlanError` and leaves the model as it was. A wrapper (:mod:`normswap.unwrap`) is looked through.
         """
-        model = unwrapped(model)
+        model = unwrapped_to_change(model, "fold")
         folded = [_fold_values(model, pair) for pair in self.pairs]
         freeze_plan = _freeze_plan(model, self.left)
         for pair, (conv, weight, bias, replacement) in zip(self.pairs, folded):

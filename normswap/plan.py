@@ -29,7 +29,7 @@ from . import registry, targets
 from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
 from .tables import text_table
-from .unwrap import unwrapped
+from .unwrap import unwrapped, unwrapped_to_change
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["Plan", "PlanRow", "SkippedLayer", "apply_conversion", "choose_groups", "convert", "freeze", "plan"]
@@ -181,7 +181,7 @@ class Plan:
         recorded in the model's history (see :mod:`normswap.history`). A model in a wrapper (``torch.compile``,
         DataParallel, EMA: :mod:`normswap.unwrap`) is looked through: the model inside is converted and returned.
         """
-        model = unwrapped(model)
+        model = unwrapped_to_change(model, "convert")
         fitting = any(row.affine == "fit" for row in self.rows)
         given = sorted([*fit_options, *(["data"] if data is not None else [])])
         if not fitting and given:

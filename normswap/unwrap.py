@@ -4,7 +4,9 @@
 ``ModelEmaV2`` and ``ModelEmaV3`` and ``torch.optim.swa_utils.AveragedModel`` hold the model they wrap; normswap's
 operations (plan, convert, fold, fit, recalibrate, refine, compare, inspect, their reports, and save) work on that
 model, through any number of wrappers. Wrapper classes are recognised by type; timm and ``swa_utils`` are never
-imported for it (a wrapper of theirs exists only once they are).
+imported for it (a wrapper of theirs exists only once they are). An operation that changes the module tree (convert,
+fold) refuses a model inside ``DistributedDataParallel``, which keeps the parameters it was built with
+(:func:`unwrapped_to_change`).
 
 Example::
 
@@ -21,7 +23,9 @@ from typing import Optional
 
 from torch import nn
 
-__all__ = ["unwrap_model", "unwrapped"]
+from .errors import PlanError
+
+__all__ = ["unwrap_model", "unwrapped", "unwrapped_to_change"]
 
 _EMA_WRAPPERS = ("ModelEma", "ModelEmaV2", "ModelEmaV3")
 
@@ -64,3 +68,19 @@ def unwrapped(model: nn.Module) -> nn.Module:
     True
     """
     return unwrap_model(model)[-1]
+
+
+def unwrapped_to_change(model: nn.Module, operation: str) -> nn.Module:
+    """The model inside every wrapper around ``model``, for an ``operation`` that replaces its layers.
+    ``DistributedDataParallel`` keeps the parameters (and their gradient buckets) it was built with, so a model in
+    it is refused with :class:`~normswap.errors.PlanError`: change the model first, then wrap it.
+
+    >>> unwrapped_to_change(nn.DataParallel(nn.Linear(2, 2)), "convert")
+    Linear(in_features=2, out_features=2, bias=True)
+    """
+    chain = unwrap_model(model)
+    if any(isinstance(wrapper, nn.parallel.DistributedDataParallel) for wrapper in chain):
+        raise PlanError(f"cannot {operation} a model inside DistributedDataParallel, which keeps the parameters it "
+                        f"was built with: {operation} the model first, then wrap it (or pass ddp.module and wrap "
+                        "it again)")
+    return chain[-1]

@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import normswap
 from normswap.distributed import PeerFailure, Ranks, collective_device
-from normswap.errors import CalibrationError, NormswapError, RefineError
+from normswap.errors import CalibrationError, NormswapError, PlanError, RefineError
 from normswap.recalibrate.distributed import Ranks as CalibrationRanks
+from normswap.inspection import inspect_model
 from normswap.refine import refine
 
-from .helpers import FORKED_RANKS, run_ranks
+from .helpers import FORKED_RANKS, run_ranks, small_cnn
 from .test_refine import converted_cnn, images, snapshot
 
 pytestmark = FORKED_RANKS
@@ -65,6 +67,8 @@ def _outcome(run) -> tuple[str, float]:
         outcome = "finished"
     except RefineError as exc:
         outcome = f"RefineError: {exc}"
+    except PlanError as exc:
+        outcome = f"PlanError: {exc}"
     except NormswapError as exc:
         outcome = f"{type(exc).__name__}: {exc}"
     except KeyboardInterrupt:
@@ -95,6 +99,15 @@ def _worker(rank: int, port: int, out: Path) -> None:
         original, converted = converted_cnn()
         report = refine(converted, original, shard(rank), steps=4, process_group=group, progress=False)
         results["group"] = (report.world_size, report.train_samples, snapshot(converted))
+        ddp = torch.nn.parallel.DistributedDataParallel(small_cnn())
+        results["ddp"] = {
+            "plan": [row.name for row in normswap.plan(ddp, "gn", groups=4).rows],
+            "inspect": [report.names for report in inspect_model(ddp)],
+            "convert": _outcome(lambda: normswap.convert(ddp, "gn", groups=4))[0],
+            "fold": _outcome(lambda: normswap.fold(ddp))[0],
+            "recalibrated": normswap.calibration_report(normswap.recalibrate(ddp, shard(rank), progress=False)
+                                                        ).calibrated,
+        }
         if rank == 0:  # the common pattern: refine on one rank only while the others wait at a barrier
             original, converted = converted_cnn()
             report = refine(converted, original, shard(0), steps=4, distributed=False, progress=False)
@@ -131,6 +144,16 @@ def test_refine_over_a_process_group_and_on_one_rank_alone(ranks):
     refine(converted, original, shard(0), steps=4, progress=False)  # the same run in a process of its own
     for key, value in snapshot(converted).items():
         torch.testing.assert_close(alone[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_in_ddp_is_looked_through_but_not_changed_in_structure_under_it(ranks):
+    for rank in ranks:
+        ddp = rank["ddp"]
+        assert ddp["plan"] == ["1", "4"] and ddp["inspect"] == [["1"], ["4"]] and ddp["recalibrated"] == ["1", "4"]
+        for operation in ("convert", "fold"):
+            assert ddp[operation] == (f"PlanError: cannot {operation} a model inside DistributedDataParallel, which "
+                                      f"keeps the parameters it was built with: {operation} the model first, then "
+                                      "wrap it (or pass ddp.module and wrap it again)")
 
 
 def test_without_torch_distributed_an_operation_runs_alone_and_fails_alone():
