@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import call_model, iter_inputs, output_tensors
-from .errors import CalibrationError, NormswapError, PlanError
-from .history import last_step, record_step
+from .errors import CalibrationError, PlanError
+from .history import record_step, required_step
 from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from .placement import Device, Placement, for_float64
 from .progress import progress_bar
@@ -152,10 +152,8 @@ def fit_report(model: nn.Module) -> FitReport:
     >>> fit_report(model).layers[0].channels
     4
     """
-    step = last_step(model, "fit")
-    if step is None:
-        raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
-    return FitReport.from_dict(step)
+    return FitReport.from_dict(required_step(
+        model, "fit", "this model has no fitted affine weights: convert it with affine='fit' first"))
 
 
 def fit_converted(

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NormswapError
 from .unwrap import unwrapped
 
 __all__ = [
@@ -90,6 +90,21 @@ def last_step(model: nn.Module, op: str) -> Optional[dict[str, Any]]:
         if step.get("op") == op:
             return step
     return None
+
+
+def required_step(model: nn.Module, op: str, missing: str) -> dict[str, Any]:
+    """:func:`last_step`, for a report read from the history: :class:`NormswapError` saying ``missing`` (what to run
+    first) when ``model`` has no step ``op``.
+
+    >>> required_step(nn.Sequential(), "fit", "this model has no fitted affine weights")
+    Traceback (most recent call last):
+        ...
+    normswap.errors.NormswapError: this model has no fitted affine weights
+    """
+    step = last_step(model, op)
+    if step is None:
+        raise NormswapError(missing)
+    return step
 
 
 def get_arch(model: nn.Module) -> Optional[dict[str, Any]]:

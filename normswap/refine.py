@@ -72,8 +72,8 @@ from .data import batch_size_of, call_model, iter_inputs, main_output, output_te
 from .distributed import PeerFailure, Ranks
 from .placement import Device, Placement
 from .progress import progress_bar
-from .errors import CalibrationError, NormswapError, RefineError
-from .history import last_step, record_step
+from .errors import CalibrationError, RefineError
+from .history import record_step, required_step
 from .targets import is_norm_layer
 from .unwrap import unwrapped
 from .walk import find_modules, model_device
@@ -169,10 +169,8 @@ def refine_report(model: nn.Module) -> RefineReport:
         ...
     normswap.errors.NormswapError: this model has not been refined: run normswap.refine(converted, original, data)
     """
-    step = last_step(model, "refine")
-    if step is None:
-        raise NormswapError("this model has not been refined: run normswap.refine(converted, original, data)")
-    return RefineReport.from_dict(step)
+    return RefineReport.from_dict(required_step(
+        model, "refine", "this model has not been refined: run normswap.refine(converted, original, data)"))
 
 
 def refine(
