@@ -272,7 +272,7 @@ MAX_DEPTH = 8
 """How deep :func:`output_tensors` looks into nested containers."""
 
 
-def output_tensors(output: Any, *, floating: bool = False, depth: int = 0) -> list[torch.Tensor]:
+def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]:
     """Every tensor in a model output or input (a tensor, or tuples, lists, dicts and dataclasses of them,
     transformers' outputs included, down to :data:`MAX_DEPTH` levels), in order; only the floating-point ones with
     ``floating``.
@@ -280,19 +280,26 @@ def output_tensors(output: Any, *, floating: bool = False, depth: int = 0) -> li
     >>> [t.shape[0] for t in output_tensors({"boxes": torch.zeros(3, 4), "labels": torch.zeros(3).long()})]
     [3, 3]
     """
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() or not floating else []
-    if depth >= MAX_DEPTH:
+    return _tensors_in(output, floating, 0)
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+def _tensors_in(value: Any, floating: bool, depth: int) -> list[torch.Tensor]:
+    """:func:`output_tensors`, positional and with the depth reached (it runs on every call a graph records)."""
+    if isinstance(value, torch.Tensor):
+        return [value] if not floating or value.is_floating_point() else []
+    if type(value) in _PLAIN or depth >= MAX_DEPTH:
         return []
-    if isinstance(output, Mapping):
-        items = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = [getattr(output, f.name, None) for f in dataclasses.fields(output)]
-    else:
-        return []
-    return [t for item in items for t in output_tensors(item, floating=floating, depth=depth + 1)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors_in(item, floating, depth + 1)]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _tensors_in(item, floating, depth + 1)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors_in(getattr(value, f.name, None), floating,
+                                                                           depth + 1)]
+    return []
 
 
 def main_output(output: Any) -> torch.Tensor:
