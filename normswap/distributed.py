@@ -14,7 +14,8 @@ Every operation that can run across processes (:func:`~normswap.recalibrate.reca
 - A block run under :meth:`Ranks.failing_together` tells the other processes whether it failed: a process that
   fails — an error, a failing data loader, Ctrl-C or SIGTERM alike (any ``BaseException``) — reports so at the
   block's end instead of leaving the others waiting in their next collective until its timeout, and the others
-  raise :class:`PeerFailure` naming it.
+  raise :class:`PeerFailure` naming it. A process that is gone altogether (killed, or ended) is a
+  :class:`PeerFailure` too, at the next collective, instead of the backend's own error.
 
 Example::
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Iterator, Optional
 
@@ -108,7 +110,12 @@ class Ranks:
         if not self.active:
             return flat.unsqueeze(0).cpu()
         gathered = [torch.empty_like(flat) for _ in range(self.size)]
-        dist.all_gather(gathered, flat, group=self.group)
+        try:
+            dist.all_gather(gathered, flat, group=self.group)
+        except RuntimeError as exc:  # the backend's errors (DistBackendError...): a process has gone
+            reason = _first_sentence(exc)
+            raise self.peer_failure(f"{self.operation} lost the other processes ({reason}): one of them has "
+                                    "stopped (see its error)") from exc
         return torch.stack(gathered).cpu()
 
     def gather(self, value: float) -> list[float]:
@@ -149,3 +156,13 @@ class Ranks:
             failing = [rank for rank, status in enumerate(statuses) if status != OK]
             if failing:
                 raise self.failure(failing[0], what)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of a backend's error, without the source location gloo and NCCL put first.
+
+    >>> _first_sentence(RuntimeError("[gloo/pair.cc:561] Connection closed by peer [::1]:80. This is typically..."))
+    'Connection closed by peer [::1]:80'
+    """
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    return re.split(r"\.(\s|$)", text.splitlines()[0] if text else "", maxsplit=1)[0] or type(exc).__name__

@@ -156,6 +156,28 @@ def test_a_model_in_ddp_is_looked_through_but_not_changed_in_structure_under_it(
                                       "wrap it (or pass ddp.module and wrap it again)")
 
 
+def _leaving_worker(rank: int, port: int, out: Path) -> None:
+    import datetime
+    import os
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    if rank == 1:  # a process that is gone (killed, or ended without calling refine)
+        torch.save({}, out / f"rank{rank}.pt")
+        os._exit(0)
+    original, converted = converted_cnn()
+    results = {"refine": _outcome(lambda: refine(converted, original, shard(0), steps=2, progress=False))}
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_is_gone_is_the_operation_s_own_error_on_the_others(tmp_path):
+    outcome, seconds = run_ranks(_leaving_worker, tmp_path, WORLD, timeout=8 * LIMIT_S)[0]["refine"]
+    assert outcome.startswith("RefineError: refinement lost the other processes (")
+    assert outcome.endswith("): one of them has stopped (see its error)") and seconds < LIMIT_S
+
+
 def test_without_torch_distributed_an_operation_runs_alone_and_fails_alone():
     ranks = Ranks()
     assert (ranks.active, ranks.size, ranks.rank) == (False, 1, 0)
