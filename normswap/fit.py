@@ -61,6 +61,7 @@ from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_ca
 from .placement import Device, Placement, for_float64
 from .progress import progress_bar
 from .tables import text_table
+from .unwrap import unwrapped
 from .targets import SourceLayer
 from .walk import get_module, model_device
 
@@ -185,7 +186,8 @@ def fit_converted(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar over the layers.
 
-    The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality.
+    The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality. Wrappers
+    around either model (``torch.compile``, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through.
 
     Raises:
         PlanError: an unknown ``fit_target``.
@@ -201,6 +203,7 @@ def fit_converted(
     """
     if fit_target not in FIT_TARGETS:
         raise PlanError(f"unknown fit target '{fit_target}': choose global, local or auto")
+    converted, reference = unwrapped(converted), unwrapped(reference)
     inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
     if not inputs:
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")

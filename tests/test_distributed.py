@@ -213,3 +213,21 @@ def test_nccl_collectives_run_on_the_operation_s_gpu_or_the_one_local_rank_names
     assert collective_device("nccl", torch.device("cuda", 2), {"LOCAL_RANK": "0"}) == torch.device("cuda", 2)
     assert collective_device("nccl", torch.device("cpu"), {"LOCAL_RANK": "1"}) == torch.device("cuda", 1)
     assert collective_device("gloo", torch.device("cuda", 1), {"LOCAL_RANK": "1"}) == torch.device("cpu")
+
+
+def _nccl_worker(rank: int, port: int, out: Path) -> None:
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:  # no torch.cuda.set_device: the collectives must still run on each rank's own GPU
+        original, converted = converted_cnn()
+        refine(converted, original, shard(rank), steps=4, device=f"cuda:{rank}", progress=False)
+        torch.save(snapshot(converted), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_ranks_refine_on_their_own_gpus_to_the_same_weights(tmp_path):
+    first, second = run_ranks(_nccl_worker, tmp_path, WORLD, start_method="spawn")
+    for key, value in first.items():
+        assert torch.equal(value.cpu(), second[key].cpu()), key

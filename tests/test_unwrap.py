@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import normswap
+from normswap.fit import fit_converted
 from normswap.inspection import inspect_model
 from normswap.unwrap import unwrap_model, unwrapped
 
@@ -77,6 +78,21 @@ def test_fit_through_a_wrapper_fits_the_model_inside(name):
     expected = normswap.convert(copy.deepcopy(original), "gn", groups=4, affine="fit", data=images())
     for key, value in expected.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_fit_converted_looks_through_wrappers_around_both_models():
+    original = small_cnn()
+    plan = normswap.plan(original, "gn", groups=4, affine="fit")
+    expected = plan.apply(copy.deepcopy(original), data=images())
+    converted = copy.deepcopy(expected)
+    with torch.no_grad():  # back to the copied BatchNorm affine, as the conversion left it before fitting
+        for name in ("1", "4"):
+            converted.get_submodule(name).weight.copy_(original.get_submodule(name).weight)
+            converted.get_submodule(name).bias.copy_(original.get_submodule(name).bias)
+    report = fit_converted(torch.compile(converted), nn.DataParallel(original), plan.rows, data=images())
+    assert report == normswap.fit_report(expected)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("name", WRAPPERS)
