@@ -103,6 +103,7 @@ class Ranks:
         self.size = dist.get_world_size(process_group) if self.active else 1
         self.rank = dist.get_rank(process_group) if self.active else 0
         self.device = collective_device(str(dist.get_backend(process_group)), device) if self.active else device
+        self.failed = False
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every process's ``values`` (one row per rank, float64, on the CPU); ``values`` itself when inactive."""
@@ -141,11 +142,16 @@ class Ranks:
     def failing_together(self, what: str = "") -> Iterator[None]:
         """Run the block; across processes, tell the others at its end whether it failed (any ``BaseException``:
         Ctrl-C and SIGTERM too), so that a failure on one process is an error on each of them instead of a wait
-        for it. The failing process raises its own error; the others raise :meth:`failure` naming it."""
+        for it. The failing process raises its own error; the others raise :meth:`failure` naming it.
+
+        Blocks nest: an outer block around a whole run catches a failure between its inner blocks (an interrupt
+        in an optimizer step), which the others then hear of at their next inner block's end. A failure is told
+        once (:attr:`failed`): after it, no process waits for another."""
         try:
             yield
         except BaseException:
-            if self.active:
+            if self.active and not self.failed:
+                self.failed = True
                 try:
                     self.gather(FAILED)
                 except Exception as exc:  # the others may be gone already: this process's own error matters
@@ -155,6 +161,7 @@ class Ranks:
             statuses = self.gather(OK)
             failing = [rank for rank, status in enumerate(statuses) if status != OK]
             if failing:
+                self.failed = True
                 raise self.failure(failing[0], what)
 
 

@@ -276,7 +276,8 @@ def refine(
     )
     try:
         state.enter()
-        _train(state, train, held, options, ranks, report, seed + ranks.rank, progress)
+        with ranks.failing_together("training"):  # also a failure between the blocks inside (an optimizer step)
+            _train(state, train, held, options, ranks, report, seed + ranks.rank, progress)
     except BaseException:
         state.restore_initial()
         raise

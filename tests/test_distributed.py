@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import normswap
 from normswap.distributed import PeerFailure, Ranks, collective_device
@@ -60,6 +61,19 @@ def interrupt_at_forward(model: torch.nn.Module, call: int) -> None:
     model[0].register_forward_pre_hook(hook)
 
 
+def interrupt_at_optimizer_step(step: int):
+    """Make every optimizer raise ``KeyboardInterrupt`` at its ``step``-th step (0: never), between the blocks
+    whose failures the processes tell each other; returns the hook's handle."""
+    steps = [0]
+
+    def hook(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == step:
+            raise KeyboardInterrupt
+
+    return register_optimizer_step_pre_hook(hook)
+
+
 def _outcome(run) -> tuple[str, float]:
     started = time.monotonic()
     try:
@@ -84,7 +98,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for case in ("loader", "forward"):
+        for case in ("loader", "forward", "optimizer step"):
             original, converted = converted_cnn()
             before = snapshot(converted)
             data = shard(rank)
@@ -92,8 +106,10 @@ def _worker(rank: int, port: int, out: Path) -> None:
                 data = Interrupting(data, at=2)
             if rank == 1 and case == "forward":
                 interrupt_at_forward(converted, call=3)
+            hook = interrupt_at_optimizer_step(3 if rank == 1 and case == "optimizer step" else 0)
             results[case] = _outcome(lambda: refine(converted, original, data, steps=6, eval_every=2,
                                                     progress=False))
+            hook.remove()
             results[f"{case} unchanged"] = all(torch.equal(v, before[k]) for k, v in snapshot(converted).items())
         group = dist.new_group([0, 1])
         original, converted = converted_cnn()
@@ -124,7 +140,8 @@ def ranks(tmp_path_factory) -> list[dict]:
     return run_ranks(_worker, out, WORLD, timeout=8 * LIMIT_S)
 
 
-@pytest.mark.parametrize("case, what", [("loader", "reading the calibration data"), ("forward", "step 2")])
+@pytest.mark.parametrize("case, what", [("loader", "reading the calibration data"), ("forward", "step 2"),
+                                        ("optimizer step", "step 4")])
 def test_refine_interrupted_on_one_rank_releases_the_other_quickly_naming_it(ranks, case, what):
     interrupted, other = ranks[1][case], ranks[0][case]
     assert interrupted[0] == "KeyboardInterrupt"
