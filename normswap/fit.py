@@ -61,8 +61,8 @@ from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_ca
 from .placement import Device, Placement, for_float64
 from .progress import progress_bar
 from .tables import text_table
-from .unwrap import unwrapped
 from .targets import SourceLayer
+from .unwrap import unwrapped
 from .walk import get_module, model_device
 
 if TYPE_CHECKING:
