@@ -146,8 +146,8 @@ def convert(
 
     >>> import torch
     >>> model = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), "gn", groups=4)
-    >>> model[1]
-    GroupNorm(4, 8, eps=1e-05, affine=True)
+    >>> type(model[1]).__name__, model[1].num_groups
+    ('GroupNorm', 4)
     """
     p = plan(model, to, groups=groups, channels_per_group=channels_per_group, group_policy=group_policy,
              affine=affine, include=include, exclude=exclude, trainable_affine=trainable_affine, unknown=unknown)
