@@ -10,6 +10,7 @@ everything and is left out, as is the package root, which only gathers the publi
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import subprocess
 import sys
@@ -72,9 +73,11 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     return {module for module in found if module != name}
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.lru_cache(maxsize=1)
+def import_graph() -> dict[str, frozenset[str]]:
+    """Every module's imports (read once per test session)."""
     names = module_names()
-    return {name: imported_modules(name, path, set(names)) for name, path in names.items()}
+    return {name: frozenset(imported_modules(name, path, set(names))) for name, path in names.items()}
 
 
 def layer_of(module: str) -> str:
@@ -85,7 +88,7 @@ def layer_of(module: str) -> str:
     raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to the README's module table)")
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def cycles(graph: dict[str, typing.AbstractSet[str]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
