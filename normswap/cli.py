@@ -587,14 +587,22 @@ def verify(original: Path, converted: Path, data_source: str, batch_size: int, b
     model_b = _open_for_comparison(converted, source)
     data = open_data(data_source, model=model_a, batch_size=batch_size)
     report = compare(model_a, model_b, data, batches=batches, input_key=input_key, device=device,
-                     layers=not no_layers, tolerance=tolerance, max_relative=max_relative, min_agreement=min_agreement)
+                     layers=not no_layers, tolerance=tolerance)
     if as_json:
         emit_json({"original": str(original), "converted": str(converted), **report.to_dict()})
     else:
         click.echo(f"original: {original}\nconverted: {converted}")
         click.echo(str(report))
-    if report.passed is False:
-        raise NormswapError(f"verify failed: {'; '.join(report.failures)}")
+    if max_relative is not None and not report.relative <= max_relative:
+        raise NormswapError(f"verify failed: the outputs' relative difference {report.relative:.3g} exceeds "
+                            f"--max-relative {max_relative:g}")
+    if min_agreement is not None:
+        if report.top1_agreement is None:
+            raise NormswapError("verify failed: --min-agreement needs class outputs (N, classes), and the model "
+                                "outputs are not")
+        if report.top1_agreement < min_agreement:
+            raise NormswapError(f"verify failed: top-1 agreement {report.top1_agreement:.2%} is below "
+                                f"--min-agreement {min_agreement:.2%}")
 
 
 def _describe_history(steps: list[dict[str, Any]]) -> str:

@@ -76,30 +76,6 @@ class ComparisonReport:
     accuracy_b: Optional[float] = None
     tolerance: float = 1e-4
     layers: list[LayerDivergence] = field(default_factory=list)
-    max_relative: Optional[float] = None
-    min_agreement: Optional[float] = None
-
-    @property
-    def failures(self) -> list[str]:
-        """Each threshold (``max_relative``, ``min_agreement``) the models miss, one sentence each."""
-        missed = []
-        if self.max_relative is not None and not self.relative <= self.max_relative:
-            missed.append(f"the outputs' relative difference {self.relative:.3g} exceeds max_relative "
-                          f"{self.max_relative:g}")
-        if self.min_agreement is not None:
-            if self.top1_agreement is None:
-                missed.append("min_agreement needs class outputs (N, classes), and the model outputs are not")
-            elif self.top1_agreement < self.min_agreement:
-                missed.append(f"top-1 agreement {self.top1_agreement:.2%} is below min_agreement "
-                              f"{self.min_agreement:.2%}")
-        return missed
-
-    @property
-    def passed(self) -> Optional[bool]:
-        """The verdict on the thresholds given to :func:`compare`: ``None`` without thresholds."""
-        if self.max_relative is None and self.min_agreement is None:
-            return None
-        return not self.failures
 
     @property
     def first_divergence(self) -> Optional[str]:
@@ -113,7 +89,6 @@ class ComparisonReport:
         """A JSON-serialisable dict of every figure, with all layers."""
         data = asdict(self)
         data["first_divergence"] = self.first_divergence
-        data["passed"], data["failures"] = self.passed, self.failures
         return data
 
     def __str__(self) -> str:
@@ -133,8 +108,6 @@ def format_report(report: ComparisonReport, max_rows: int = 30) -> str:
         if report.accuracy_a is not None:
             line += f", accuracy a {report.accuracy_a:.2%}, b {report.accuracy_b:.2%}"
         out.append(line)
-    if report.passed is not None:
-        out.append("verdict: " + ("passed" if report.passed else "failed: " + "; ".join(report.failures)))
     if not report.layers:
         return "\n".join(out)
     first = report.first_divergence
@@ -342,8 +315,6 @@ def compare(
     device: Union[str, torch.device, None] = None,
     layers: bool = True,
     tolerance: float = 1e-4,
-    max_relative: Optional[float] = None,
-    min_agreement: Optional[float] = None,
 ) -> ComparisonReport:
     """Compare ``model``'s eval-mode outputs with ``original``'s on the same data, output by output and layer by
     layer.
@@ -362,14 +333,9 @@ def compare(
             model runs where it is, its input moved to the device of its first parameter.
         layers: also measure per-layer divergence; this keeps one batch of ``model_a``'s module outputs in memory.
         tolerance: relative difference above which a layer counts as diverged.
-        max_relative, min_agreement: thresholds for a verdict (``normswap verify --max-relative``,
-            ``--min-agreement``): the outputs' relative difference at most ``max_relative``, top-1 agreement (a
-            fraction) at least ``min_agreement``. ``report.passed`` is then the verdict and ``report.failures`` says
-            which threshold was missed; without thresholds ``report.passed`` is ``None``.
 
     Raises:
         CalibrationError: no batches, a malformed batch, or ``labels`` that do not match the number of samples.
-        NormswapError: a threshold that is negative or not a number, or ``min_agreement`` above 1.
 
     >>> import torch
     >>> from torch import nn
@@ -377,10 +343,7 @@ def compare(
     >>> report = compare(model, model, [torch.randn(4, 3, 6, 6)], labels=[0, 1, 2, 3])
     >>> report.max_abs, report.top1_agreement, report.first_divergence
     (0.0, 1.0, None)
-    >>> compare(model, model, [torch.randn(4, 3, 6, 6)], max_relative=1e-6, layers=False).passed
-    True
     """
-    _check_thresholds(max_relative, min_agreement)
     model_a, model_b = original, model
     homes = [(model, _device_of(model)) for model in (model_a, model_b)]
     if device is not None:
@@ -429,14 +392,4 @@ def compare(
         raise CalibrationError("there are no batches to compare the models on")
     if all_labels is not None and all_labels.numel() != used:
         raise CalibrationError(f"labels has {all_labels.numel()} entries but the data has {used} samples")
-    report = stats.report(tolerance, probe.results() if probe is not None else [])
-    report.max_relative, report.min_agreement = max_relative, min_agreement
-    return report
-
-
-def _check_thresholds(max_relative: Optional[float], min_agreement: Optional[float]) -> None:
-    """:class:`NormswapError` for a threshold that is not a number in its range (NaN included)."""
-    if max_relative is not None and not (0 <= max_relative < math.inf):
-        raise NormswapError(f"max_relative must be a finite number of at least 0, got {max_relative}")
-    if min_agreement is not None and not (0 <= min_agreement <= 1):
-        raise NormswapError(f"min_agreement must be a fraction between 0 and 1, got {min_agreement}")
+    return stats.report(tolerance, probe.results() if probe is not None else [])
