@@ -26,16 +26,17 @@ TOP = ("normswap", "normswap.__main__", "normswap.cli")
 """Modules above every layer: the package root (the public names), the command line."""
 
 LAYERS = {
-    "core": ["_version", "deprecation", "errors", "history", "layers", "offline", "plan_rows", "registry", "targets",
-             "walk"],
+    "core": ["_version", "deprecation", "errors", "history", "layers", "offline", "plan_rows", "registry", "tables",
+             "targets", "unwrap", "walk"],
     "files": ["arch", "checkpoint", "imports"],
-    "runtime": ["data", "graph", "lockstep", "placement", "progress"],
+    "runtime": ["data", "distributed", "graph", "lockstep", "placement", "progress", "report_page"],
     "operations": ["compare", "fit", "fold", "inspection", "plan", "recalibrate", "refine"],
     "façade": ["api", "demo", "recipe"],
 }
 """normswap's layers, lowest first (``/work/shared/DESIGN.md``, the README's "How it works"): a module may import
 its own layer's modules (without a cycle) and those of the layers below it, never those above. A package
-(``checkpoint``, ``recalibrate``) stands for all its submodules."""
+(``checkpoint``, ``recalibrate``) stands for all its submodules. Text tables and wrapper unwrapping need nothing but
+the errors, and ``history`` and ``checkpoint.saving`` use them: they sit in the core."""
 
 
 def module_names() -> dict[str, Path]:
