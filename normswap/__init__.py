@@ -8,14 +8,11 @@ The Python API is the product; the ``normswap`` command is a thin shell over it.
 >>> model = p.apply(model)                      # or: normswap.convert(model, "gn", groups=32)
 """
 
-import sys
-
 from ._version import __version__
 from .api import convert, freeze
 from .arch import ArchSpec
 from .checkpoint import load, load_checkpoint, read_metadata, save
 from .compare import ComparisonReport, compare
-from .deprecation import moved
 from .errors import (
     ArchitectureError,
     CalibrationError,
@@ -32,13 +29,6 @@ from .plan import Plan, PlanRow, SkippedLayer, choose_groups, plan
 from .recalibrate import CalibrationReport, calibration_report, recalibrate
 from .recipe import Recipe
 from .refine import RefineReport, refine, refine_report
-
-# the façade used to live in normswap.plan: its old names keep working, with a DeprecationWarning
-_api, _plan = sys.modules[f"{__name__}.api"], sys.modules[f"{__name__}.plan"]
-for _old, _new in (("convert", "normswap.convert"), ("freeze", "normswap.freeze"),
-                   ("apply_conversion", "normswap.api.apply_conversion")):
-    setattr(_plan, _old, moved(getattr(_api, _old), f"normswap.plan.{_old}", _new))
-del _api, _plan, _old, _new, sys, moved
 
 __all__ = [
     "ArchSpec",

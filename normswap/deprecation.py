@@ -1,7 +1,8 @@
 """Old spellings of the public API, still accepted, each with a ``DeprecationWarning`` that names the new one.
 
 Public names are never broken between versions: a renamed keyword keeps working through :func:`renamed_keywords`,
-a moved function through :func:`moved`, and both say what to write instead.
+a moved function through :func:`moved` (and, in the module it left, :func:`forwarding`), and each says what to
+write instead.
 
 >>> import warnings
 >>> @renamed_keywords(reference="original")
@@ -18,10 +19,11 @@ a moved function through :func:`moved`, and both say what to write instead.
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 from typing import Any, Callable, TypeVar
 
-__all__ = ["moved", "renamed_keywords", "warn_deprecated"]
+__all__ = ["forwarding", "moved", "renamed_keywords", "warn_deprecated"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,3 +77,31 @@ def moved(function: F, old_name: str, new_name: str) -> F:
         return function(*args, **kwargs)
 
     return under_old_name  # type: ignore[return-value]
+
+
+def forwarding(module: str, names: dict[str, tuple[str, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that serves the functions that left ``module``: ``names`` maps each old attribute to
+    ``(new module, public name)``, and the function is imported from its new module on first use and returned as
+    :func:`moved` wraps it. The new home is named as data, so the module it left does not import its replacement
+    (a façade built on it): the layers keep pointing one way.
+
+    >>> import warnings
+    >>> __getattr__ = forwarding("normswap.old", {"size": ("operator", "operator.length_hint")})
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     __getattr__("size")([1, 2, 3])
+    3
+    >>> __getattr__("shape")
+    Traceback (most recent call last):
+    ...
+    AttributeError: module 'normswap.old' has no attribute 'shape'
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        home, public = names[name]
+        function = getattr(importlib.import_module(home), public.rpartition(".")[2])
+        return moved(function, f"{module}.{name}", public)
+
+    return __getattr__

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import registry, targets
 from .errors import PlanError
+from .deprecation import forwarding
 from .history import carry_memory, get_history, record_step, set_history
 from .plan_rows import PlanRow, SkippedLayer
 from .walk import find_modules, get_module, replace_module
@@ -466,3 +467,10 @@ def format_plan(p: Plan, max_rows: Optional[int] = None) -> str:
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         out.append(f"skipped ({reason}): {shown}")
     return "\n".join(out)
+
+
+__getattr__ = forwarding(__name__, {"convert": ("normswap.api", "normswap.convert"),
+                                    "freeze": ("normswap.api", "normswap.freeze"),
+                                    "apply_conversion": ("normswap.api", "normswap.api.apply_conversion")})
+"""The façade's old home: ``normswap.plan.convert``, ``.freeze`` and ``.apply_conversion`` still work, with a
+``DeprecationWarning`` (they are in :mod:`normswap.api`)."""

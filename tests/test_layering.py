@@ -4,7 +4,9 @@ The import graph is read from the source with ``ast``, every ``import`` counted:
 and under ``if TYPE_CHECKING:`` alike, since each of them is a dependency a refactoring has to respect. Importing a
 submodule of another subpackage (``normswap.checkpoint.formats``) also runs that subpackage's ``__init__``, so it
 counts as importing the subpackage too. The command line (``normswap/cli.py``, ``__main__.py``) sits above
-everything and is left out, as is the package root, which only gathers the public names.
+everything and is left out, as is the package root, which only gathers the public names. A function that moved up
+(``normswap.plan.convert``, now ``normswap.api.convert``) is served in its old module by name, as data
+(:func:`normswap.deprecation.forwarding`): the old module does not depend on its replacement.
 """
 
 from __future__ import annotations
