@@ -198,7 +198,9 @@ def test_type_hints_resolve_on_every_public_function_and_method():
 
 
 def test_the_facade_shows_every_option_in_its_signature():
-    for function in (normswap.convert, normswap.freeze, normswap.api.apply_conversion):
+    from normswap.api import apply_conversion
+
+    for function in (normswap.convert, normswap.freeze, apply_conversion):
         kinds = {parameter.kind for parameter in inspect.signature(function).parameters.values()}
         assert inspect.Parameter.VAR_KEYWORD not in kinds, function.__name__
     assert {"groups", "affine", "data", "fit_target", "refine", "refine_options", "strict"} <= set(
@@ -229,7 +231,9 @@ def test_pyproject_asks_for_tomli_where_python_has_no_tomllib_and_reads_the_vers
     text = (PACKAGE.parent / "pyproject.toml").read_text()
     assert 'tomli>=1.1; python_version < \\"3.11\\"' in text
     assert 'version = { attr = "normswap._version.__version__" }' in text
-    assert normswap.__version__ == normswap._version.__version__
+    from normswap._version import __version__
+
+    assert normswap.__version__ == __version__
 
 
 @pytest.mark.parametrize("old, new", [("convert", "normswap.convert"), ("freeze", "normswap.freeze"),
