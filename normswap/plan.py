@@ -26,8 +26,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 from torch import nn
 
 from . import registry, targets
-from .errors import PlanError
 from .deprecation import forwarding
+from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
 from .plan_rows import PlanRow, SkippedLayer
 from .walk import find_modules, get_module, replace_module
