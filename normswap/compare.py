@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import call_model, floating_dtype, iter_inputs, main_output, model_failures, move_input
+from .deprecation import renamed_keywords
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 from .placement import for_float64
@@ -297,9 +298,10 @@ class _OutputStats:
         )
 
 
+@renamed_keywords(model_a="original", model_b="model")
 def compare(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    original: nn.Module,
+    model: nn.Module,
     data: Iterable[Any],
     *,
     labels: Union[torch.Tensor, Sequence[int], None] = None,
@@ -310,10 +312,12 @@ def compare(
     layers: bool = True,
     tolerance: float = 1e-4,
 ) -> ComparisonReport:
-    """Compare two models' eval-mode outputs on the same data, output by output and layer by layer.
+    """Compare ``model``'s eval-mode outputs with ``original``'s on the same data, output by output and layer by
+    layer.
 
-    ``model_a`` is the reference (relative differences are taken against it). Both models are run in eval mode
-    and left in the mode and on the device they were in.
+    ``original`` is the reference (relative differences are taken against it; the report's ``a`` figures are its
+    own, ``b`` those of ``model``). Both models are run in eval mode and left in the mode and on the device they
+    were in. The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
 
     Args:
         data: batches as :func:`normswap.data.iter_inputs` reads them; each model input is passed as
@@ -336,7 +340,7 @@ def compare(
     >>> report.max_abs, report.top1_agreement, report.first_divergence
     (0.0, 1.0, None)
     """
-    model_a, model_b = unwrapped(model_a), unwrapped(model_b)
+    model_a, model_b = unwrapped(original), unwrapped(model)
     homes = [(model, model_device(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)

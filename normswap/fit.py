@@ -48,25 +48,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import call_model, iter_inputs, output_tensors
+from .deprecation import renamed_keywords
 from .errors import CalibrationError, PlanError
 from .history import record_step, required_step
 from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from .placement import Device, Placement, for_float64
+from .plan_rows import PlanRow
 from .progress import progress_bar
 from .tables import text_table
 from .targets import SourceLayer
 from .unwrap import unwrapped
 from .walk import get_module, model_device
-
-if TYPE_CHECKING:
-    from .plan import PlanRow
 
 __all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_converted", "fit_report"]
 
@@ -157,9 +156,10 @@ def fit_report(model: nn.Module) -> FitReport:
         model, "fit", "this model has no fitted affine weights: convert it with affine='fit' first"))
 
 
+@renamed_keywords(converted="model", reference="original")
 def fit_converted(
-    converted: nn.Module,
-    reference: nn.Module,
+    model: nn.Module,
+    original: nn.Module,
     rows: list[PlanRow],
     *,
     data: Iterable[Any],
@@ -171,7 +171,8 @@ def fit_converted(
     progress: Optional[bool] = None,
 ) -> FitReport:
     """Fit the GroupNorm affine weights of the layers ``rows`` converted (with ``affine="fit"``) so that
-    ``converted`` reproduces ``reference``, the model before the conversion.
+    ``model`` reproduces ``original``, the model before the conversion (the old keyword names ``converted=`` and
+    ``reference=`` still work, with a ``DeprecationWarning``).
 
     :meth:`normswap.plan.Plan.apply` calls this for a plan made with ``affine="fit"``, and takes its keyword
     arguments (``normswap.convert(model, "gn", affine="fit", data=...)`` passes them on):
@@ -186,7 +187,7 @@ def fit_converted(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar over the layers.
 
-    The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality. Wrappers
+    The fit is recorded in ``model``'s history; :func:`fit_report` returns the per-layer fit quality. Wrappers
     around either model (``torch.compile``, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through.
 
     Raises:
@@ -203,7 +204,7 @@ def fit_converted(
     """
     if fit_target not in FIT_TARGETS:
         raise PlanError(f"unknown fit target '{fit_target}': choose global, local or auto")
-    converted, reference = unwrapped(converted), unwrapped(reference)
+    converted, reference = unwrapped(model), unwrapped(original)
     inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
     if not inputs:
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")

@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -268,6 +268,8 @@ def plan_fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
 
@@ -281,6 +283,8 @@ def plan_fold(
             running statistics and unknown subclasses stay as they are).
         within: qualified name of a submodule: fold only the layers inside it.
         example_input, data, input_shape: the example input, see above.
+        input_fn, input_key: how to find the model input in the first batch of ``data``, as in
+            :func:`normswap.data.iter_inputs` (``input_key="pixel_values"`` for dict batches).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
@@ -308,7 +312,7 @@ def plan_fold(
     if candidates:
         try:
             example = Example(example_input, "example_input") if example_input is not None else find_example(
-                model, data, input_shape)
+                model, data, input_shape, input_fn=input_fn, input_key=input_key)
             result.example = str(example)
             graph = capture(model, example.value, example=result.example)
         except GraphError as exc:
@@ -550,6 +554,8 @@ def fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -568,4 +574,4 @@ def fold(
     ), True)
     """
     return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                     input_shape=input_shape).apply(model)
+                     input_shape=input_shape, input_fn=input_fn, input_key=input_key).apply(model)

@@ -48,7 +48,8 @@ Example::
     ...                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
     >>> images = [torch.randn(16, 3, 12, 12) for _ in range(4)]
     >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=4, affine="fit", data=images)
-    >>> report = normswap.refine(converted, original, images, steps=20, progress=False)
+    >>> converted = normswap.refine(converted, original, images, steps=20, progress=False)
+    >>> report = normswap.refine_report(converted)
     >>> report.steps <= 20, report.holdout_samples, report.kept in ("best", "unchanged")
     (True, 13, True)
 """
@@ -72,6 +73,7 @@ from .data import batch_size_of, call_model, iter_inputs, main_output, output_te
 from .distributed import PeerFailure, Ranks
 from .placement import Device, Placement
 from .progress import progress_bar
+from .deprecation import renamed_keywords, warn_deprecated
 from .errors import CalibrationError, RefineError
 from .history import record_step, required_step
 from .targets import is_norm_layer
@@ -167,14 +169,15 @@ def refine_report(model: nn.Module) -> RefineReport:
     >>> refine_report(torch.nn.Linear(2, 2))
     Traceback (most recent call last):
         ...
-    normswap.errors.NormswapError: this model has not been refined: run normswap.refine(converted, original, data)
+    normswap.errors.NormswapError: this model has not been refined: run normswap.refine(model, original, data)
     """
     return RefineReport.from_dict(required_step(
-        model, "refine", "this model has not been refined: run normswap.refine(converted, original, data)"))
+        model, "refine", "this model has not been refined: run normswap.refine(model, original, data)"))
 
 
+@renamed_keywords(converted="model")
 def refine(
-    converted: nn.Module,
+    model: nn.Module,
     original: nn.Module,
     data: Iterable[Any],
     *,
@@ -197,20 +200,22 @@ def refine(
     progress: Optional[bool] = None,
     distributed: Optional[bool] = None,
     process_group: Any = None,
-) -> RefineReport:
-    """Train ``converted`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place.
+    return_report: bool = False,
+) -> Union[nn.Module, RefineReport]:
+    """Train ``model`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place; returns ``model``.
 
     Args:
-        converted: the model to refine (the student), e.g. ``normswap.convert(copy.deepcopy(model), "gn",
-            affine="fit", data=...)``; wrappers (``torch.compile``, DDP, DataParallel, EMA: :mod:`normswap.unwrap`)
-            are looked through, here and in ``original``.
+        model: the model to refine (the student; the old keyword name ``converted=`` still works, with a
+            ``DeprecationWarning``), e.g. ``normswap.convert(copy.deepcopy(model), "gn", affine="fit", data=...)``;
+            wrappers (``torch.compile``, DDP, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through, here
+            and in ``original``.
         original: the model to reproduce (the teacher); never changed.
         data: calibration batches, see :mod:`normswap.data`: tensors, ``(input, ...)`` tuples (labels are ignored),
             dicts, or anything with ``input_fn``. Read once and held in memory. Under ``torch.distributed``, each
             process passes its own shard.
         steps: the most optimizer steps to run.
         lr: Adam's learning rate.
-        trainable: ``"all"`` parameters of ``converted``, only those of its ``"norm"`` layers (GroupNorm, LayerNorm,
+        trainable: ``"all"`` parameters of ``model``, only those of its ``"norm"`` layers (GroupNorm, LayerNorm,
             InstanceNorm and BatchNorm weights and biases), or glob patterns over parameter names
             (``["layer4.*", "fc.*"]``).
         loss: ``"kl"``, ``"mse"`` or ``"features"`` (see the module documentation).
@@ -237,24 +242,28 @@ def refine(
             interruption on one makes the others raise, naming it (see :mod:`normswap.distributed`).
         process_group: the ``torch.distributed`` group to refine across (default: the whole world).
 
+        return_report: deprecated: return the :class:`RefineReport` instead of the model, as normswap 0.2 did;
+            read it with ``refine_report(model)`` instead.
+
     Returns:
-        The :class:`RefineReport`; it is also recorded in ``converted``'s history (:func:`refine_report`).
+        ``model``, refined; :func:`refine_report` reads the :class:`RefineReport` recorded in its history.
 
     Raises:
         RefineError: an option is invalid, the two models are the same or share parameters, their outputs do not
             match in shape, ``loss="kl"`` on an output without classes, no parameter is trainable, or the loss
-            becomes non-finite. ``converted`` is then exactly as it was.
+            becomes non-finite. ``model`` is then exactly as it was.
         CalibrationError: the data is empty or malformed.
 
     >>> import copy, torch, normswap
     >>> original = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
     >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
-    >>> report = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, progress=False)
+    >>> converted = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, progress=False)
+    >>> report = refine_report(converted)
     >>> report.loss_after <= report.loss_before
     True
     """
     options = _Options.check(steps, lr, loss, holdout, batch_size, eval_every, patience, temperature, feature_weight)
-    student, teacher = unwrapped(converted), unwrapped(original)
+    student, teacher = unwrapped(model), unwrapped(original)
     _check_separate(student, teacher)
     selected, label = _trainable_parameters(student, trainable)
     start = time.perf_counter()
@@ -286,7 +295,11 @@ def refine(
     report.seconds = round(time.perf_counter() - start, 3)
     record_step(student, {"op": "refine", **report.to_dict()})
     log.info("%s", report)
-    return report
+    if return_report:
+        warn_deprecated("refine(return_report=True) is deprecated: refine returns the model, and "
+                        "normswap.refine_report(model) its report", stacklevel=2)
+        return report
+    return model
 
 
 @dataclass

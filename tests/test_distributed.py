@@ -21,7 +21,7 @@ from normswap.distributed import PeerFailure, Ranks, collective_device
 from normswap.errors import CalibrationError, NormswapError, PlanError, RefineError
 from normswap.recalibrate.distributed import Ranks as CalibrationRanks
 from normswap.inspection import inspect_model
-from normswap.refine import refine
+from normswap.refine import refine, refine_report
 
 from .helpers import FORKED_RANKS, run_ranks, small_cnn
 from .test_refine import converted_cnn, images, snapshot
@@ -113,7 +113,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
             results[f"{case} unchanged"] = all(torch.equal(v, before[k]) for k, v in snapshot(converted).items())
         group = dist.new_group([0, 1])
         original, converted = converted_cnn()
-        report = refine(converted, original, shard(rank), steps=4, process_group=group, progress=False)
+        report = refine_report(refine(converted, original, shard(rank), steps=4, process_group=group,
+                                      progress=False))
         results["group"] = (report.world_size, report.train_samples, snapshot(converted))
         ddp = torch.nn.parallel.DistributedDataParallel(small_cnn())
         results["ddp"] = {
@@ -126,7 +127,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
         }
         if rank == 0:  # the common pattern: refine on one rank only while the others wait at a barrier
             original, converted = converted_cnn()
-            report = refine(converted, original, shard(0), steps=4, distributed=False, progress=False)
+            report = refine_report(refine(converted, original, shard(0), steps=4, distributed=False,
+                                          progress=False))
             results["alone"] = (report.world_size, report.train_samples, snapshot(converted))
         dist.barrier()
     finally:

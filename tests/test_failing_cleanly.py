@@ -249,8 +249,8 @@ def test_an_include_that_matches_nothing_writes_nothing_and_fails(ckpt, tmp_path
     result = run("convert", ckpt, *DEMO_ARCH, "--to", "gn", "--include", "backbone.*")
     assert result.exit_code == 1
     assert "warning: the pattern 'backbone.*' matches no norm layer" in result.stderr
-    assert result.stderr.endswith("error: nothing to convert, no file written: no norm layer matches the include "
-                                  "pattern(s) 'backbone.*'\n")
+    assert result.stderr.endswith("error: nothing to convert: no norm layer matches the include pattern(s) "
+                                  "'backbone.*'\n")
     assert files(tmp_path) == before
 
 
@@ -260,8 +260,8 @@ def test_converting_to_what_the_model_already_has_writes_nothing_and_fails(ckpt,
     before = files(tmp_path)
     result = run("freeze", frozen)
     assert result.exit_code == 1
-    assert result.stderr == ("error: nothing to convert, no file written: every norm layer is left as it is (already "
-                             "frozen: bn1, layer1.bn1, layer1.bn2, ...)\n")
+    assert result.stderr == ("error: nothing to convert: every norm layer is left as it is (already frozen: bn1, "
+                             "layer1.bn1, layer1.bn2, ...)\n")
     assert files(tmp_path) == before
 
 

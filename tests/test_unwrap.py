@@ -110,9 +110,10 @@ def test_refine_and_its_report_through_wrappers_around_both_models(name):
     original = small_cnn()
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
     alone = copy.deepcopy(converted)
-    report = normswap.refine(wrap(name, converted), nn.DataParallel(original), images(), steps=3, progress=False)
-    expected = normswap.refine(alone, original, images(), steps=3, progress=False)
-    assert report.evaluations == expected.evaluations
+    wrapper = wrap(name, converted)
+    assert normswap.refine(wrapper, nn.DataParallel(original), images(), steps=3, progress=False) is wrapper
+    normswap.refine(alone, original, images(), steps=3, progress=False)
+    assert normswap.refine_report(wrapper).evaluations == normswap.refine_report(alone).evaluations
     assert normswap.refine_report(wrap(name, converted)).steps == 3
     for key, value in alone.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key

@@ -35,6 +35,7 @@ from ..arch import ArchSpec
 from ..errors import OutputError
 from ..history import get_arch, get_history, get_input_shape, get_source
 from ..unwrap import unwrap_model
+from .._version import __version__
 from . import formats
 from .atomic import atomic_write, check_output
 from .manifest import derive_manifest
@@ -122,8 +123,6 @@ def save(
         OutputError: ``path`` exists (and not ``overwrite``), its folder is missing or not writable, it does not end
             in ``.safetensors``, or the disk is full.
     """
-    from .. import __version__
-
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise OutputError(f"cannot write {path}: normswap writes safetensors files, name it *{SAFETENSORS_SUFFIX}")
