@@ -63,7 +63,7 @@ import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +75,8 @@ from .history import record_step, set_input_shape
 from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
+from .tables import text_table
+from .unwrap import unwrapped, unwrapped_to_change
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
@@ -231,8 +233,9 @@ class FoldPlan:
         """Fold the planned pairs of ``model`` in place (and freeze the rest if planned); returns the model.
 
         Everything is checked and computed before the first change: a plan that does not fit the model raises
-        :class:`PlanError` and leaves the model as it was.
+        :class:`PlanError` and leaves the model as it was. A wrapper (:mod:`normswap.unwrap`) is looked through.
         """
+        model = unwrapped_to_change(model, "fold")
         folded = [_fold_values(model, pair) for pair in self.pairs]
         freeze_plan = _freeze_plan(model, self.left)
         for pair, (conv, weight, bias, replacement) in zip(self.pairs, folded):
@@ -277,9 +280,7 @@ def format_fold_plan(p: FoldPlan) -> str:
         header = ("layer", "into", "C", "bias", "keeps")
         rows = [(pair.bn, f"{pair.conv} ({pair.conv_class.rsplit('.', 1)[-1]})", str(pair.channels),
                  "new" if pair.new_bias else "updated", pair.keeps or "") for pair in p.pairs]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        out.append(text_table(header, rows))
     groups: dict[tuple[str, str], list[str]] = {}
     for layer in p.left:
         groups.setdefault(("frozen" if layer.frozen else "left", layer.reason), []).append(layer.names[0])
@@ -316,6 +317,8 @@ def plan_fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
 
@@ -329,6 +332,8 @@ def plan_fold(
             running statistics and unknown subclasses stay as they are).
         within: qualified name of a submodule: fold only the layers inside it.
         example_input, data, input_shape: the example input, see above.
+        input_fn, input_key: how to find the model input in the first batch of ``data``, as in
+            :func:`normswap.data.iter_inputs` (``input_key="pixel_values"`` for dict batches).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
@@ -337,6 +342,7 @@ def plan_fold(
     layer  into        C  bias     keeps
     1      0 (Linear)  4  updated
     """
+    model = unwrapped(model)
     options = {"freeze_rest": freeze_rest, "within": within, "example_input": example_input is not None,
                "data": data is not None, "input_shape": list(input_shape) if input_shape is not None else None}
     prefix = ""
@@ -356,7 +362,7 @@ def plan_fold(
     if candidates:
         try:
             example = Example(example_input, "example_input") if example_input is not None else find_example(
-                model, data, input_shape)
+                model, data, input_shape, input_fn=input_fn, input_key=input_key)
             result.example = str(example)
             with _provisional_biases(model) as provisional:
                 graph = capture(model, example.value, example=result.example)
@@ -618,6 +624,8 @@ def fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -637,7 +645,7 @@ def fold(
     ), True)
     """
     planned = plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                        input_shape=input_shape)
+                        input_shape=input_shape, input_fn=input_fn, input_key=input_key)
     if planned.why_empty():
         warnings.warn(f"fold changed nothing: {planned.why_empty()}", UserWarning, stacklevel=2)
     return planned.apply(model)

@@ -31,7 +31,7 @@ duplicated in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -39,9 +39,7 @@ from torch import nn
 from . import registry
 from .errors import NormswapError, PlanError
 from .layers import FrozenBatchNorm
-
-if TYPE_CHECKING:
-    from .plan import PlanRow
+from .plan_rows import PlanRow
 
 __all__ = ["TARGETS", "TARGET_NAMES", "TARGET_RECORDS", "SourceLayer", "Target", "build", "choose_groups",
            "class_path", "classify", "fallback_class", "is_norm_layer", "target", "target_class"]
