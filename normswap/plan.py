@@ -87,11 +87,12 @@ class Plan:
         except (KeyError, TypeError) as exc:
             raise PlanError(f"not a normswap plan: {exc}") from None
         for row in result.rows:
-            if row.target not in registry.TARGET_NAMES or not row.eps > 0 or not row.names:
+            if row.target not in targets.TARGET_NAMES or not row.eps > 0 or not row.names:
                 raise PlanError(
                     f"not a normswap plan: row {row.names} needs a known target, a positive eps and at least one name"
                 )
-            if targets.target(row.target).grouped and not (isinstance(row.groups, int) and row.groups > 0 and row.channels % row.groups == 0):
+            grouped = targets.target(row.target).grouped
+            if grouped and not (isinstance(row.groups, int) and row.groups > 0 and row.channels % row.groups == 0):
                 raise PlanError(f"not a normswap plan: row {row.names} has {row.groups} groups for {row.channels} "
                                 "channels; a GroupNorm row needs a group count that divides its channels")
         return result
@@ -228,8 +229,8 @@ def _filter_reason(names: list[str], include: list[str], exclude: list[str]) -> 
 
 def _validate(to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str, affine: str,
               unknown: str, trainable_affine: bool) -> None:
-    if to not in registry.TARGET_NAMES:
-        raise PlanError(f"unknown target '{to}': choose one of {', '.join(registry.TARGET_NAMES)}")
+    if to not in targets.TARGET_NAMES:
+        raise PlanError(f"unknown target '{to}': choose one of {', '.join(targets.TARGET_NAMES)}")
     if group_policy not in GROUP_POLICIES:
         raise PlanError(f"unknown group policy '{group_policy}': choose divisor or exact")
     if affine not in AFFINE_MODES:

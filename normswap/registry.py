@@ -43,7 +43,8 @@ from torch import nn
 from .errors import NormswapError
 
 __all__ = ["FAMILIES", "LAYER_CLASSES", "LAZY", "PROVEN_FROZEN", "UNKNOWN", "UNPROVEN", "Family", "LayerClass",
-           "by_key", "channels_of", "class_record", "eps_of", "probe_batch_norm", "record_of", "register_layer"]
+           "by_key", "channels_of", "class_record", "eps_of", "probe_batch_norm", "probed", "proven_record",
+           "record_of", "register_layer"]
 
 RANK_ATTR = "normswap_rank"
 """Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
