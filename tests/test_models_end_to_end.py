@@ -105,6 +105,7 @@ def images(*shape: int) -> torch.Tensor:
 # --- torchvision -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchvision_lraspp_end_to_end(tmp_path):
     check_end_to_end(tmp_path, "torchvision.models.segmentation:lraspp_mobilenet_v3_large", {"num_classes": 2},
                      images(1, 3, 64, 64), folds=47, layers=47)

@@ -105,8 +105,9 @@ def tiny_detr(name: str = "DetrForObjectDetection") -> nn.Module:
 # --- third-party classes -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["DetrForObjectDetection", "ConditionalDetrForObjectDetection",
-                                  "TableTransformerForObjectDetection"])
+@pytest.mark.parametrize("name", ["DetrForObjectDetection",
+                                  pytest.param("ConditionalDetrForObjectDetection", marks=pytest.mark.slow),
+                                  pytest.param("TableTransformerForObjectDetection", marks=pytest.mark.slow)])
 def test_the_detr_family_frozen_batchnorm_is_converted_frozen_and_folded(name):
     model = tiny_detr(name)
     prefix = name.split("For")[0]
