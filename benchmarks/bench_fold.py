@@ -8,7 +8,8 @@ Three tables, printed as markdown:
    traces, ``torch.fx.experimental.optimization.fuse``, and the largest relative difference of the folded model's
    output from the unfused eval model's (detection models: of the backbone features, which hold every BatchNorm),
    beside the model's own float32-vs-float64 difference (float16 for the half-precision model), and what planning
-   costs: the fastest of two plans over the fastest of three eval forwards of the same example, interleaved.
+   costs: the fastest of two plans over the fastest of three eval forwards of the same example, interleaved, in CPU
+   seconds of the process (other processes' load does not inflate them).
 2. Forward time: folded against BatchNorm eval forward of YOLOv8n at 640x640 and timm resnet50 at 224x224, timed
    in interleaved rounds in the same run (the ratio of medians is the figure).
 3. With ``--capture``: how the graph is captured. For each model, seconds for normswap's capture (one recorded
@@ -251,11 +252,12 @@ def bench_coverage(names: list[str]) -> str:
 
 
 def time_call(fn: Callable[[], Any]) -> float:
-    """Seconds one call of ``fn`` takes, without gradients."""
-    start = time.perf_counter()
+    """CPU seconds of this process one call of ``fn`` takes, without gradients: unlike wall time, not inflated by
+    other processes on a shared machine (with one thread the two agree on a quiet one)."""
+    start = time.process_time()
     with torch.no_grad():
         fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def time_forward(model: nn.Module, x: torch.Tensor) -> float:
