@@ -349,3 +349,19 @@ def test_raft_folds_on_its_documented_image_pair():
     p = normswap.plan_fold(model)
     assert len(p) == 15 == p.layers
     assert p.example == "(1x3x128x128, 1x3x128x128) (torchvision's documented input: a pair of images)"
+
+
+def test_a_half_precision_yolo_checkpoint_folds_into_a_half_precision_file(tmp_path):
+    from safetensors import safe_open
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = randomize_norm_layers(DetectionModel("yolov8n.yaml", verbose=False)).eval().half()
+    torch.save({"model": model, "epoch": 1}, tmp_path / "best.pt")
+    result = CliRunner().invoke(main, ["fold", str(tmp_path / "best.pt"), "--trust-pickle",
+                                       "--input-shape", "1,3,64,64"])
+    assert result.exit_code == 0, result.output
+    assert "folded 57 of 57" in result.output
+    with safe_open(tmp_path / "best-folded.safetensors", "pt") as written:
+        dtypes = {written.get_tensor(name).dtype for name in written.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
