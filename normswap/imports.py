@@ -7,6 +7,10 @@ from: ``torchvision.models:resnet50`` resolves, ``torchvision.models:resnet.torc
 attributes from ``resnet`` into ``torch`` and ``os`` leaves the package), nor does ``normswap.checkpoint:os.remove``,
 nor a private name (``normswap.data:_import``).
 
+Importing a library can reach the network on its own (ultralytics checks whether it is online when imported and
+pip-installs what it misses; Hugging Face libraries look up the hub): :func:`offline` switches that off for the
+duration of an import or a build, and restores everything it set.
+
 Example::
 
     >>> resolve("torchvision.models:resnet18").__name__
@@ -19,14 +23,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
+import os
 import re
+import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import NormswapError
 
-__all__ = ["IMPORT_PATH", "is_import_path", "resolve"]
+__all__ = ["IMPORT_PATH", "OFFLINE_ENVIRONMENT", "describe_callable", "is_import_path", "offline", "resolve"]
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 """``package.module:attribute.attribute``: what an import path looks like."""
@@ -38,7 +46,70 @@ def is_import_path(text: str) -> bool:
     >>> is_import_path("monai.networks.nets:UNet"), is_import_path("resnet50"), is_import_path("a:b;rm")
     (True, False, False)
     """
-    return bool(IMPORT_PATH.match(text))
+    return isinstance(text, str) and bool(IMPORT_PATH.fullmatch(text))
+
+
+OFFLINE_ENVIRONMENT = {"YOLO_OFFLINE": "True", "YOLO_AUTOINSTALL": "False", "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1"}
+"""Environment variables that keep ultralytics and the Hugging Face libraries off the network, for an import."""
+
+_OFFLINE_FLAGS = (("ultralytics.utils", "ONLINE", False), ("ultralytics.utils", "AUTOINSTALL", False),
+                  ("ultralytics.utils.checks", "ONLINE", False), ("ultralytics.utils.checks", "AUTOINSTALL", False),
+                  ("huggingface_hub.constants", "HF_HUB_OFFLINE", True))
+"""The same switches in modules already imported (they read the environment once, when imported)."""
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Within the block, libraries that would contact a host or install packages do not: the variables of
+    :data:`OFFLINE_ENVIRONMENT` are set, and the flags modules already imported read from them; all are restored
+    afterwards, whatever the user had set.
+
+    >>> import os
+    >>> before = os.environ.get("HF_HUB_OFFLINE")
+    >>> with offline():
+    ...     os.environ["HF_HUB_OFFLINE"]
+    '1'
+    >>> os.environ.get("HF_HUB_OFFLINE") == before
+    True
+    """
+    saved_environment = {name: os.environ.get(name) for name in OFFLINE_ENVIRONMENT}
+    saved_flags = []
+    os.environ.update(OFFLINE_ENVIRONMENT)
+    try:
+        for module_name, attribute, value in _OFFLINE_FLAGS:
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, attribute):
+                saved_flags.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, value)
+        yield
+    finally:
+        for module, attribute, value in reversed(saved_flags):
+            setattr(module, attribute, value)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def describe_callable(target: Any) -> str:
+    """What a callable is, in words, for a message: ``"a function (subprocess.getoutput)"``, ``"a class that is not
+    a torch.nn.Module (subprocess.Popen)"``...
+
+    >>> describe_callable(os.path.join)
+    'a function (posixpath.join)'
+    """
+    name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    if inspect.isclass(target):
+        return f"a class that is not a torch.nn.Module ({name})"
+    if inspect.isbuiltin(target):
+        return f"a built-in function ({name})"
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        return f"a function ({name})"
+    if isinstance(target, types.ModuleType):
+        return f"a module ({target.__name__})"
+    return f"a callable {type(target).__name__} object ({name})"
 
 
 def _within(module_name: str, package: str) -> bool:
@@ -61,7 +132,8 @@ def resolve(path: str, *, what: str = "import path", error: type[NormswapError] 
     if any(part.startswith("_") for part in attributes.split(".")):
         raise error(f"{where}: '{attributes}' is private; name a public callable")
     try:
-        target: Any = importer(module_name)
+        with offline():
+            target: Any = importer(module_name)
     except ImportError as exc:
         raise error(f"{where}: cannot import '{module_name}' ({exc})") from None
     except Exception as exc:
