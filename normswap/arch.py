@@ -3,9 +3,10 @@
 A spec is a name and keyword arguments. normswap builds these names on its own, the *registered builders*:
 
 - a timm model name (``resnet50``), built with ``timm.create_model(name, pretrained=False, **kwargs)``;
-- a torchvision model builder written ``torchvision.models:NAME`` (``torchvision.models.detection:NAME``,
-  ``torchvision.models.quantization:NAME``...): a function of that module that ``torchvision.models.list_models``
-  lists, called with ``weights=None, weights_backbone=None`` (quantizable models unquantized);
+- a torchvision model builder written ``torchvision.models:NAME`` (any name ``torchvision.models.list_models()``
+  lists) or ``torchvision.models.SUB:NAME`` (``detection``, ``quantization``...: a builder of that very module, so
+  ``torchvision.models.quantization:resnet18`` is the quantizable one), called with ``weights=None,
+  weights_backbone=None`` (quantizable models unquantized);
 - a Hugging Face transformers model class written ``transformers:CLASS``
   (``transformers:ResNetForImageClassification``), whose keyword arguments are its configuration, built with
   ``CLASS(config)``: no hub (offline for the call, ``use_pretrained_backbone=False``), no remote code;
@@ -298,7 +299,10 @@ class ArchSpec:
                                     f"{shown(_first_line(exc))}") from exc
         if not isinstance(model, nn.Module):
             raise ArchitectureError(f"{self.name} returned a {type(model).__name__}, not a torch.nn.Module")
-        set_arch(model, self.to_dict())
+        recorded = self.to_dict()
+        if self.builder == "ultralytics" and isinstance(getattr(model, "yaml", None), dict):
+            recorded["kwargs"]["cfg"] = json.loads(json.dumps(model.yaml))  # the yaml itself, not its file name
+        set_arch(model, recorded)
         return model
 
     def _factory(self) -> Callable[..., Any]:
@@ -310,7 +314,8 @@ class ArchSpec:
         if builder == "transformers":
             return _transformers_factory(self.name.partition(":")[2])
         if builder == "ultralytics":
-            return _ultralytics_factory(self.name.partition(":")[2], self.kwargs)
+            return _ultralytics_factory(self.name.partition(":")[2], self.kwargs,
+                                        from_file=self.from_file or "cfg" in self.file_keys)
         factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
         if self.file_keys and not (inspect.isclass(factory) and issubclass(factory, nn.Module)):
             keys = ", ".join(shown(key) for key in sorted(self.file_keys))
@@ -353,11 +358,12 @@ def _torchvision_builder(name: str) -> Optional[tuple[str, Callable[..., nn.Modu
     except ImportError:
         return None
     function = getattr(module, attribute, None)
-    if function is None:
-        return None
-    for registered in list_models(module=module):
-        if get_model_builder(registered) is function:
-            return registered, function
+    if function is not None:
+        for registered in list_models(module=module):
+            if get_model_builder(registered) is function:
+                return registered, function
+    if module_name == "torchvision.models" and attribute in list_models():  # any model by its registered name
+        return attribute, get_model_builder(attribute)
     return None
 
 
@@ -406,8 +412,8 @@ def _transformers_factory(name: str) -> Callable[..., nn.Module]:
     return create
 
 
-def _ultralytics_factory(name: str, kwargs: dict[str, Any]) -> Callable[..., nn.Module]:
-    """An ultralytics model class, after checking that its yaml (``cfg``) names only module classes."""
+def _ultralytics_factory(name: str, kwargs: dict[str, Any], from_file: bool) -> Callable[..., nn.Module]:
+    """An ultralytics model class; a yaml (``cfg``) from a file must be a mapping that names only module classes."""
     try:
         with imports.offline():
             from ultralytics.nn import tasks
@@ -421,10 +427,11 @@ def _ultralytics_factory(name: str, kwargs: dict[str, Any]) -> Callable[..., nn.
     if unknown:
         raise ArchitectureError(f"ultralytics.nn.tasks:{name} is built from its yaml: '{shown(unknown[0])}' is not "
                                 f"one of its arguments ({', '.join(_ULTRALYTICS_KWARGS)})")
-    if not isinstance(kwargs.get("cfg"), dict):
+    if from_file and not isinstance(kwargs.get("cfg"), dict):
         raise ArchitectureError(f"ultralytics.nn.tasks:{name} is built on a file's word only from its yaml as a "
                                 "mapping (cfg={...}), not from a file name")
-    _check_ultralytics_yaml(kwargs["cfg"], tasks)
+    if from_file:
+        _check_ultralytics_yaml(kwargs["cfg"], tasks)
 
     def create(**arguments: Any) -> nn.Module:
         return cls(**{"verbose": False, **arguments})
