@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import normswap
 from normswap.checkpoint import atomic as atomic_module
-from normswap.checkpoint import load, load_checkpoint, read_metadata
+from normswap.checkpoint import load, read_metadata
 from normswap.cli import TARGET_CHOICES, main
 from normswap.targets import TARGETS
 

@@ -8,6 +8,7 @@ class, refuses even a typed name that is not one, and the marker file the attack
 """
 
 import json
+import os
 import pathlib
 import re
 import tomllib
@@ -21,6 +22,7 @@ import normswap
 from normswap.arch import ArchSpec
 from normswap.checkpoint import load, load_checkpoint, read_checkpoint
 from normswap.cli import main
+from normswap.demo import DigitsResNet
 from normswap.errors import ArchitectureError, CheckpointError, NormswapError
 from normswap.recipe import Recipe, RecipeError
 
@@ -228,8 +230,6 @@ def test_typing_the_name_builds_it_with_the_recorded_keyword_arguments(tmp_path)
 
 
 def test_verify_does_not_let_one_file_build_what_the_other_was_given(place):
-    from normswap.demo import DigitsResNet
-
     plain = place["dir"] / "plain.pt"
     torch.save(DigitsResNet().state_dict(), plain)
     path, name = crafted_file(place, "shell command")
@@ -309,8 +309,6 @@ def test_a_malformed_header_field_is_a_clear_error(tmp_path, field, value):
 
 
 def test_a_malformed_manifest_is_a_clear_error(tmp_path):
-    from normswap.demo import DigitsResNet
-
     path = normswap.save(DigitsResNet(), tmp_path / "digits.safetensors")
     metadata = normswap.read_metadata(path)
     metadata["manifest"]["modules"]["bn1"] = {"class": "os.system", "num_features": 16}
@@ -329,8 +327,6 @@ def header_file(path, tensors, **fields):
 
 
 def demo_tensors():
-    from normswap.demo import DigitsResNet
-
     torch.manual_seed(0)
     return DigitsResNet().state_dict()
 
@@ -363,9 +359,9 @@ def test_file_driven_sizes_are_refused_before_anything_is_allocated(tmp_path):
                        arch={"name": "normswap.demo:DigitsResNet", "kwargs": {}}, input_shape=[1] * 10 ** 6)
     commands = [["convert", str(huge_head), "--to", "gn"], ["fold", str(wide)], ["fold", str(deep)],
                 ["fold", str(wide), "--input-shape", "2,1,8,8", "--dry-run"]]
+    environment = {**os.environ, "PYTHONPATH": str(pathlib.Path(normswap.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", _BOUNDED, json.dumps(commands)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(pathlib.Path(normswap.__file__).parents[1])})
+                          cwd=tmp_path, timeout=600, env=environment)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     (head_code, head_err), (wide_code, wide_err), (deep_code, deep_err), (given_code, _) = report["results"]
@@ -415,7 +411,7 @@ def test_a_transformers_config_never_reaches_the_network(tmp_path, monkeypatch):
     with pytest.raises(ArchitectureError, match="building transformers:DetrForObjectDetection.* failed"):
         load(hub)
     assert attempts == []
-    assert "HF_HUB_OFFLINE" not in __import__("os").environ  # the call restored what it set
+    assert "HF_HUB_OFFLINE" not in os.environ  # the call restored what it set
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -425,7 +421,7 @@ def test_a_transformers_config_never_reaches_the_network(tmp_path, monkeypatch):
     ("momentum", 7, "'momentum' must be null or a number from 0 to 1"),
 ])
 def test_a_bad_number_in_a_manifest_is_one_clear_error(tmp_path, field, value, message):
-    path = normswap.save(normswap.convert(__import__("normswap.demo").demo.DigitsResNet(), "frozen"),
+    path = normswap.save(normswap.convert(DigitsResNet(), "frozen"),
                          tmp_path / "digits.safetensors")
     metadata = normswap.read_metadata(path)
     metadata["manifest"]["modules"]["bn1"][field] = value
@@ -438,7 +434,7 @@ def test_a_bad_number_in_a_manifest_is_one_clear_error(tmp_path, field, value, m
 
 
 def test_a_group_count_of_zero_is_one_clear_error(tmp_path):
-    path = normswap.save(normswap.convert(__import__("normswap.demo").demo.DigitsResNet(), "gn", groups=4),
+    path = normswap.save(normswap.convert(DigitsResNet(), "gn", groups=4),
                          tmp_path / "digits.safetensors")
     metadata = normswap.read_metadata(path)
     metadata["manifest"]["modules"]["bn1"]["num_groups"] = 0
@@ -485,7 +481,7 @@ def test_recipe_rules_are_matched_in_linear_time():
     once against the rules in order: ten times the rules cost about ten times the time, not a hundred."""
     import time
 
-    model = __import__("normswap.demo").demo.DigitsResNet()
+    model = DigitsResNet()
 
     def planning_time(recipe):
         best = float("inf")
@@ -514,8 +510,6 @@ def test_a_threshold_that_is_not_finite_is_a_usage_error(place, option, value):
 
 
 def test_an_input_key_for_tensor_batches_is_an_error(place):
-    from normswap.demo import DigitsResNet
-
     plain = place["dir"] / "plain.pt"
     torch.save(DigitsResNet().state_dict(), plain)
     torch.save(torch.randn(4, 1, 8, 8), place["dir"] / "digits.pt")

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -252,6 +251,7 @@ class CheckpointContents:
         from .saving import unwrap_model
 
         model = unwrap_model(model)[-1]
+        own = get_arch(model)
         recorded = self.arch
         spec = recorded if recorded is not None else ArchSpec(f"{type(model).__module__}:{type(model).__name__}")
         manifest = self.manifest
@@ -263,7 +263,7 @@ class CheckpointContents:
         choice, tensors = self._tensors_for(model, spec)
         model = self._load(model, spec, choice, tensors)
         if recorded is None:
-            set_arch(model, None)
+            set_arch(model, own)  # the file says nothing: the model keeps what it knew of itself, if anything
         return model
 
     def _tensors_for(self, model: nn.Module, spec: ArchSpec) -> tuple[containers.WeightsChoice,
@@ -295,7 +295,8 @@ class CheckpointContents:
     def _load(self, model: nn.Module, spec: ArchSpec, choice: containers.WeightsChoice,
               tensors: dict[str, torch.Tensor]) -> nn.Module:
         _load_strictly(model, _aligned(tensors), self._versions(choice, model))
-        set_arch(model, spec.to_dict())
+        built = get_arch(model)  # what the builder recorded (an ultralytics yaml itself, not its file name)
+        set_arch(model, built if built is not None and built["name"] == spec.name else spec.to_dict())
         set_history(model, self.history)
         source = dict(self.source)
         if choice.entry:
