@@ -603,8 +603,31 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
             if _structure(built) == structure:
                 if repr(built) == description:
                     return spec
+                for variant in _with_drop_rates(spec, model):
+                    built = _rebuilt(variant, model, manifest)
+                    if built is not None and repr(built) == description:
+                        return variant
                 break
             spec = _adjusted(spec, built, model)
             if spec is None:
                 break
     return None
+
+
+def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
+    """``spec`` with the dropout and drop-path rates a timm model was built with, as far as the model tells them:
+    ``drop_rate`` is kept on the model; ``drop_path_rate`` is the largest drop-path probability, or that times
+    ``(n + 1) / n`` for models whose first block has none and whose ``n`` others stop one step short of the rate
+    (EfficientNet). Each is confirmed like any other spec."""
+    if spec.builder != "timm":
+        return []
+    kwargs = dict(spec.kwargs)
+    if isinstance(getattr(model, "drop_rate", None), float) and model.drop_rate:
+        kwargs["drop_rate"] = model.drop_rate
+    probabilities = [module.drop_prob for module in model.modules()
+                     if isinstance(getattr(module, "drop_prob", None), float)]
+    rates = [None]
+    if probabilities and max(probabilities) > 0:
+        top, blocks = max(probabilities), len(probabilities)
+        rates = [float(f"{top:.6g}"), float(f"{top * (blocks + 1) / blocks:.6g}")]
+    return [ArchSpec(spec.name, {**kwargs, **({"drop_path_rate": rate} if rate else {})}) for rate in rates]

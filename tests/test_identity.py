@@ -189,3 +189,13 @@ def test_a_model_that_does_not_fit_the_file_is_refused(tmp_path):
         load(path, model=other)
     with pytest.raises(normswap.NormswapError, match="give model= or arch="):
         load(path, model=monai_unet(), arch="monai.networks.nets:UNet")
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_timm_dropout_rates_are_found_too(name):
+    """Dropout and drop-path rates change no shape but every module's description: they are read off the model and
+    confirmed like the rest, so a model built for fine-tuning is recorded as it was built."""
+    import timm
+
+    model = timm.create_model(name, num_classes=3, drop_rate=0.2, drop_path_rate=0.1)
+    assert identify(model).kwargs == {"num_classes": 3, "drop_rate": 0.2, "drop_path_rate": 0.1}
