@@ -199,3 +199,15 @@ def test_timm_dropout_rates_are_found_too(name):
 
     model = timm.create_model(name, num_classes=3, drop_rate=0.2, drop_path_rate=0.1)
     assert identify(model).kwargs == {"num_classes": 3, "drop_rate": 0.2, "drop_path_rate": 0.1}
+
+
+def test_a_misfit_leaves_your_model_as_it_was(tmp_path):
+    from monai.networks.nets import UNet
+
+    path = normswap.save(normswap.freeze(monai_unet()), tmp_path / "unet-frozen.safetensors")
+    other = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), norm="batch")
+    before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load(path, model=other)
+    assert any(isinstance(m, nn.BatchNorm3d) for m in other.modules())
+    assert all(torch.equal(other.state_dict()[name], tensor) for name, tensor in before.items())

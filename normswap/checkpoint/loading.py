@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import OrderedDict
@@ -255,12 +256,16 @@ class CheckpointContents:
         recorded = self.arch
         spec = recorded if recorded is not None else ArchSpec(f"{type(model).__module__}:{type(model).__name__}")
         manifest = self.manifest
+        if manifest is None:
+            self._check_no_steps()
+        shadow = _on_meta(model)  # checked on a copy without memory first: a misfit leaves the user's model as it was
+        if manifest is not None:
+            shadow = apply_manifest(shadow, manifest)
+            check_manifest(shadow, manifest)
+        choice, tensors = self._tensors_for(shadow, spec)
         if manifest is not None:
             model = apply_manifest(model, manifest)
             check_manifest(model, manifest)
-        else:
-            self._check_no_steps()
-        choice, tensors = self._tensors_for(model, spec)
         model = self._load(model, spec, choice, tensors)
         if recorded is None:
             set_arch(model, own)  # the file says nothing: the model keeps what it knew of itself, if anything
@@ -322,6 +327,17 @@ class CheckpointContents:
                 f"its structure as steps ({', '.join(structural)}) rather than a manifest: load it with that "
                 "version and save it again"
             )
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (tied ones still tied): its structure,
+    for free."""
+    memo: dict[int, Any] = {}
+    for tensor in chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
 
 
 def _check_dtypes(path: Path, state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
