@@ -25,6 +25,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections import Counter
@@ -164,8 +165,6 @@ class FiniteFloat(click.FloatRange):
     name = "finite float"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        import math
-
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
