@@ -518,3 +518,12 @@ def test_an_input_key_for_tensor_batches_is_an_error(place):
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "batch 0 is a tensor, which has no keys: input_key='image'" in result.stderr
     assert not (place["dir"] / "plain-recalibrated.safetensors").exists()
+
+
+def test_a_tensor_name_cannot_forge_a_line_of_a_message(tmp_path):
+    tensors = {**demo_tensors(), "fc.weight\nerror: all is well": torch.zeros(1)}
+    path = header_file(tmp_path / "model.safetensors", tensors, arch={"name": "normswap.demo:DigitsResNet",
+                                                                        "kwargs": {}})
+    result = run("convert", path, "--to", "gn")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "unexpected key(s) (fc.weight\\nerror: all is well)" in result.stderr
