@@ -684,9 +684,12 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
         reports, spec, steps = inspect_state_dict(guess.tensors), None, contents.history
         where = {**contents.source, **({"entry": guess.entry} if guess.entry else {}),
                  **({"prefix": guess.prefix} if guess.prefix else {})}
-        if recorded is not None:
-            note = (f"arch: {recorded.short()} (not built: normswap imports it only when you pass --arch "
+        if recorded is not None and recorded.looks_like_model_class:
+            note = (f"arch: {recorded.call()} (not built: normswap imports it only when you pass --arch "
                     f"{recorded.name}; layers found by their running statistics)")
+        elif recorded is not None:
+            note = (f"arch: {recorded.call()} (not built: not a model class, normswap does not run it; layers found "
+                    "by their running statistics)")
     if as_json:
         emit_json({"file": str(checkpoint), "source": where, "arch": spec if spec else
                    (recorded.to_dict() if recorded else None), "built": spec is not None, "history": steps,

@@ -158,7 +158,8 @@ def test_the_refusal_shows_the_recorded_call_in_full_and_escaped(place):
     assert "typing its name imports evil_package.models and runs that code" in message
     assert "pass --arch evil_package.models:Net" in message
     result = run("inspect", path)
-    assert result.exit_code == 0 and "\nerror:" not in result.stdout
+    assert result.exit_code == 0 and "\nerror:" not in result.stdout and f"cmd={padded!r}" in result.stdout
+    assert "only when you pass --arch evil_package.models:Net" in result.stdout
     result = run("convert", path, "--to", "gn")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and padded in result.stderr
     assert untouched(place)
@@ -192,7 +193,7 @@ def test_inspect_shows_a_crafted_file_as_data_without_building_it(place, attack)
     path, name = crafted_file(place, attack)
     result = run("inspect", path)
     assert result.exit_code == 0, result.output
-    assert f"not built: normswap imports it only when you pass --arch {name}" in result.stdout
+    assert "not built: not a model class, normswap does not run it" in result.stdout and "--arch" not in result.stdout
     assert "\x1b" not in result.stdout
     assert "6 norm layer(s)" not in result.stdout and "2 norm layer(s)" in result.stdout
     assert untouched(place)
