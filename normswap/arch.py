@@ -547,12 +547,13 @@ def _structure(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict(keep_vars=True).items()}
 
 
-def _rebuilt(spec: ArchSpec, model: nn.Module, manifest: dict[str, Any]) -> Optional[nn.Module]:
-    """``spec`` built on the meta device with ``manifest`` applied, or ``None`` if that fails. An ultralytics model,
-    which runs a forward when it is built, is built on the CPU (the model being saved is of that size already)."""
+def _rebuilt(spec: ArchSpec, model: nn.Module, manifest: dict[str, Any], cpu: bool) -> Optional[nn.Module]:
+    """``spec`` built on the meta device with ``manifest`` applied, or ``None`` if that fails; with ``cpu``, on the
+    CPU when the meta device cannot build it (an ultralytics model runs a forward when it is built, a RegNet computes
+    its widths with tensors): the model being saved is of that size already."""
     from .checkpoint.manifest import apply_manifest
 
-    for device in ("meta", None) if spec.builder == "ultralytics" else ("meta",):
+    for device in ("meta", None) if cpu else ("meta",):
         try:
             return apply_manifest(spec.build(device=device), manifest)
         except Exception:  # noqa: BLE001 - a candidate that cannot be built is not the model's architecture
@@ -595,16 +596,17 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
 
     manifest = derive_manifest(model)
     structure, description = _structure(model), repr(model)
-    for spec in _candidates(model):
+    for index, spec in enumerate(_candidates(model)):
+        cpu = index < 3 or spec.builder == "ultralytics"  # the likeliest candidates are worth a real build
         for _ in range(3):  # the spec, then with num_classes, then with in_chans as the model's shapes say
-            built = _rebuilt(spec, model, manifest)
+            built = _rebuilt(spec, model, manifest, cpu)
             if built is None:
                 break
             if _structure(built) == structure:
                 if repr(built) == description:
                     return spec
                 for variant in _with_drop_rates(spec, model):
-                    built = _rebuilt(variant, model, manifest)
+                    built = _rebuilt(variant, model, manifest, cpu)
                     if built is not None and repr(built) == description:
                         return variant
                 break
