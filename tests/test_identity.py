@@ -211,3 +211,30 @@ def test_a_misfit_leaves_your_model_as_it_was(tmp_path):
         load(path, model=other)
     assert any(isinstance(m, nn.BatchNorm3d) for m in other.modules())
     assert all(torch.equal(other.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+SWEEP_TORCHVISION = ("mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "regnet_x_800mf", "densenet121",
+                     "shufflenet_v2_x0_5", "squeezenet1_0", "mnasnet0_5", "r3d_18", "quantized_mobilenet_v2",
+                     "quantized_shufflenet_v2_x0_5", "convnext_tiny")
+SWEEP_TIMM = ("mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224", "convnext_atto", "regnety_002",
+              "densenet121", "rexnet_100", "levit_128s", "fastvit_t8", "repvgg_a0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEP_TORCHVISION)
+def test_torchvision_models_built_by_their_functions_are_identified(name):
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    spec = identify(builder(num_classes=7))
+    module = builder.__module__.rpartition(".")[0]
+    assert spec == ArchSpec(f"{module}:{builder.__name__}", {"num_classes": 7})
+    assert identify(normswap.freeze(builder(num_classes=7))) == spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEP_TIMM)
+def test_timm_models_are_identified(name):
+    import timm
+
+    assert identify(timm.create_model(name, num_classes=7)) == ArchSpec(name, {"num_classes": 7})
