@@ -119,7 +119,7 @@ def test_quantizable_resnet18_folds_at_least_what_fuse_modules_fuses(tmp_path):
     fused.fuse_model()
     pairs = before - norm_layers(fused)
     assert pairs == 20
-    check_end_to_end(tmp_path, "torchvision.models.quantization:quantized_resnet18", {"quantize": False},
+    check_end_to_end(tmp_path, "torchvision.models.quantization:resnet18", {"quantize": False},
                      images(1, 3, 64, 64), folds=pairs, layers=20)
 
 
