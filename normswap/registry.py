@@ -282,8 +282,10 @@ def _transformers_records() -> list[LayerClass]:
     return found
 
 
-def _all_records() -> list[LayerClass]:
-    return [*LAYER_CLASSES, *_REGISTERED.values(), *_transformers_records()]
+def _records_named(name: str) -> list[LayerClass]:
+    """Every record of a class called ``name`` (transformers' modules are searched only for its frozen names)."""
+    found = _transformers_records() if name.endswith(_TRANSFORMERS_FROZEN) else []
+    return [r for r in (*LAYER_CLASSES, *_REGISTERED.values(), *found) if r.name == name]
 
 
 def by_key(key: str) -> LayerClass:
@@ -306,7 +308,7 @@ def record_of(module: nn.Module) -> Optional[LayerClass]:
 def class_record(cls: type) -> Optional[LayerClass]:
     """The record of the class ``cls`` itself, or ``None``."""
     if cls not in _BY_CLASS:
-        records = [r for r in _all_records() if r.name == cls.__name__]
+        records = _records_named(cls.__name__)
         found = next((r for r in records if r.loaded() is cls), None)
         if found is None and cls.__module__ in {r.module for r in records if r.loaded() is None}:
             return None  # its module is still being imported: look again next time
