@@ -72,7 +72,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .data import call_model, iter_inputs
-from .errors import NormswapError
+from .errors import NormswapError, spelled
 from .history import get_input_shape
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
@@ -334,7 +334,7 @@ def find_example(
     found = _first_layer_input(model, placement)
     if found is None:
         raise GraphError(f"cannot tell what input a {type(model).__name__} takes: pass an example input, "
-                         "input_shape= (--input-shape on the command line) or data=")
+                         f"{spelled('input_shape=', '--input-shape')} or {spelled('data=', '--data')}")
     return Example(_package(model, found[0]), found[1])
 
 

@@ -184,7 +184,7 @@ BAD_INPUTS = {
     "unknown kind": (_bad_file("model.onnx", b"onnx"), 1,
                      r"model\.onnx is not a checkpoint: it is neither a safetensors file nor a PyTorch file"),
     "dict with no tensors": (_bad_file("opt.pt", "no tensors"), 1,
-                             r"opt\.pt holds no tensors \(keys: epoch, optimizer\): pass key= \(--key\)"),
+                             r"opt\.pt holds no tensors \(keys: epoch, optimizer\): pass --key to name"),
 }
 
 
