@@ -26,11 +26,12 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Optional
-
-from torch import nn
+from typing import TYPE_CHECKING, Optional
 
 from .errors import NormswapError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["LAYER_CLASSES", "LAZY", "TARGETS", "TARGET_NAMES", "UNKNOWN", "LayerClass", "Target", "by_key", "record_of",
            "target", "target_class"]
