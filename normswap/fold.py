@@ -267,6 +267,7 @@ def plan_fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    progress: Optional[bool] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
 
@@ -280,6 +281,8 @@ def plan_fold(
             running statistics and unknown subclasses stay as they are).
         within: qualified name of a submodule: fold only the layers inside it.
         example_input, data, input_shape: the example input, see above.
+        progress: ``True`` shows a progress bar while the model runs, ``False`` never; ``None`` shows one on a
+            terminal once the run has lasted two seconds (:mod:`normswap.progress`).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
@@ -308,7 +311,7 @@ def plan_fold(
             example = Example(example_input, "example_input") if example_input is not None else find_example(
                 model, data, input_shape)
             result.example = str(example)
-            graph = capture(model, example.value, example=result.example)
+            graph = capture(model, example.value, example=result.example, progress=progress)
         except GraphError as exc:
             given = example_input is not None or data is not None or input_shape is not None
             hint = "" if given else ("; give the input it takes (input_shape=, data= or example_input=; "
@@ -548,6 +551,7 @@ def fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    progress: Optional[bool] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -566,4 +570,4 @@ def fold(
     ), True)
     """
     return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                     input_shape=input_shape).apply(model)
+                     input_shape=input_shape, progress=progress).apply(model)
