@@ -6,8 +6,10 @@ option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_o
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
 ``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with
 the same cleanup as Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead.
-timm and torchvision are imported only when an architecture or the data needs them, so ``--help`` and usage errors
-do not wait for them.
+Every command checks its inputs (files, ``--trust-pickle``, data, options) before it looks at the output path, and
+errors name options as typed here (``--force``, see :func:`normswap.errors.spelled`). torch and the operations are
+imported inside the commands, after their options are parsed, so ``--help`` and usage errors wait for nothing but
+click.
 
 Example::
 
@@ -248,7 +250,8 @@ def emit_json(data: Any) -> None:
 
 
 def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bool) -> Path:
-    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability before any work.
+    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability once the inputs
+    are, before the long work.
 
     >>> output_path(Path("/tmp/resnet50.pt"), None, "gn", force=True)
     PosixPath('/tmp/resnet50-gn.safetensors')

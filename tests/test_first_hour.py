@@ -214,6 +214,16 @@ def test_progress_false_silences_the_bar_even_on_a_terminal():
     assert "%|" not in _stderr_under_a_pty(code)
 
 
+def test_the_command_line_progress_option_shows_or_silences_the_bars(checkpoint, tmp_path):
+    _, path, data = checkpoint
+    shown = run("fold", path, *ARCH, "--dry-run", "--progress")
+    assert shown.exit_code == 0 and re.search(r"running the model: .*\d+/\d+", shown.stderr), shown.stderr
+    compared = run("verify", path, path, *ARCH, "--data", data, "--batch-size", 2, "--progress")
+    assert compared.exit_code == 0 and re.search(r"compare: 100%.*3/3", compared.stderr), compared.stderr
+    silent = run("verify", path, path, *ARCH, "--data", data, "--batch-size", 2, "--no-progress")
+    assert silent.exit_code == 0 and silent.stderr == ""
+
+
 # --- verdicts ------------------------------------------------------------------------------------------------------
 
 def test_verify_ends_with_one_verdict_line_per_threshold(checkpoint, tmp_path):
