@@ -266,7 +266,8 @@ def test_the_command_line_block_runs_line_by_line(files, monkeypatch):
         ("inspect resnet50.pt --arch resnet50 --report", lambda out, new: new == {"resnet50.html"}),
         ("convert resnet50.pt --arch resnet50 --to gn --groups 32 --dry-run", lambda out, new: "plan:" in out
          and not new),
-        ("convert resnet50.pt --arch resnet50 --to gn --groups 32", lambda out, new: new == {"resnet50-gn.safetensors"}),
+        ("convert resnet50.pt --arch resnet50 --to gn --groups 32",
+         lambda out, new: new == {"resnet50-gn.safetensors"}),
         ("convert resnet50.pt --arch resnet50 --to gn --affine fit", lambda out, new: new == {"gn-fit.safetensors"}
          and "fit" in _history("gn-fit.safetensors")),
         ("convert resnet50.pt --arch resnet50 --to gn --affine fit --data calib/ --refine 200",
