@@ -752,7 +752,8 @@ def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: 
 def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional[str], dry_run: bool,
                  progress: Optional[bool], source: CheckpointSource, output: Optional[Path], force: bool,
                  as_json: bool) -> None:
-    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors (the suffix comes from the recipe).
+    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors, the suffix being the recipe's
+    [output] suffix or else its file name (recipes/frozen-backbone.toml: <stem>-frozen-backbone.safetensors).
 
     Without CHECKPOINT, the recipe's architecture is built with fresh weights (a converted model to train from
     scratch) and written to <arch>-<suffix>.safetensors in the current folder. A recipe's architecture is built on
