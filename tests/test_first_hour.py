@@ -206,7 +206,7 @@ def test_compare_and_fold_planning_show_a_bar_on_a_terminal_and_nothing_when_pip
     assert err == b"SILENCED\n"
 
 
-def test_the_command_line_progress_option_shows_or_silences_the_bars(checkpoint, tmp_path):
+def test_the_command_line_progress_option_shows_or_silences_the_bars(checkpoint, tmp_path, monkeypatch):
     _, path, data = checkpoint
     shown = run("fold", path, *ARCH, "--dry-run", "--progress")
     assert shown.exit_code == 0 and re.search(r"running the model: .*\d+/\d+", shown.stderr), shown.stderr
@@ -214,6 +214,9 @@ def test_the_command_line_progress_option_shows_or_silences_the_bars(checkpoint,
     assert compared.exit_code == 0 and re.search(r"compare: 100%.*3/3", compared.stderr), compared.stderr
     silent = run("verify", path, path, *ARCH, "--data", data, "--batch-size", 2, "--no-progress")
     assert silent.exit_code == 0 and silent.stderr == ""
+    monkeypatch.setenv("RANK", "1")  # a process torchrun started, other than the first: never a bar
+    other_rank = run("verify", path, path, *ARCH, "--data", data, "--batch-size", 2, "--progress")
+    assert other_rank.exit_code == 0 and other_rank.stderr == ""
 
 
 # --- verdicts ------------------------------------------------------------------------------------------------------
