@@ -8,7 +8,7 @@ The Python API is the product; the ``normswap`` command is a thin shell over it.
 >>> model = p.apply(model)                      # or: normswap.convert(model, "gn", groups=32)
 
 The names below are imported on first use, so that ``import normswap`` (and ``normswap --help``) does not wait for
-torch: ``normswap.convert`` is ``normswap.plan.convert`` once asked for. A public function and the module it lives
+torch: ``normswap.convert`` is ``normswap.api.convert`` once asked for. A public function and the module it lives
 in may share a name (``fold``, ``compare``, ``plan``, ``refine``, ``recalibrate``): the package attribute is always
 the function; the module is ``sys.modules["normswap.fold"]`` (``from normswap.fold import ...`` works as usual).
 """
@@ -20,7 +20,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 _EXPORTS: dict[str, str] = {
     "ArchSpec": "arch",
@@ -50,8 +50,8 @@ _EXPORTS: dict[str, str] = {
     "PlanRow": "plan",
     "SkippedLayer": "plan",
     "choose_groups": "plan",
-    "convert": "plan",
-    "freeze": "plan",
+    "convert": "api",
+    "freeze": "api",
     "plan": "plan",
     "CalibrationReport": "recalibrate",
     "calibration_report": "recalibrate",
@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .api import convert, freeze
     from .arch import ArchSpec
     from .checkpoint import load, load_checkpoint, read_metadata, save
     from .compare import ComparisonReport, compare
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
     from .fit import FitReport, fit_report
     from .fold import FoldPlan, fold, fold_weights, plan_fold
     from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
-    from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
+    from .plan import Plan, PlanRow, SkippedLayer, choose_groups, plan
     from .recalibrate import CalibrationReport, calibration_report, recalibrate
     from .recipe import Recipe
     from .refine import RefineReport, refine, refine_report
