@@ -27,6 +27,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import NormswapError
+from .errors import NormswapError, shown
 from .registry import TARGET_NAMES, TARGETS
 
 __all__ = [
@@ -74,10 +75,10 @@ class NormswapCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         from .checkpoint.atomic import Terminated, interruptible
-        from .offline import no_downloads
+        from .offline import offline
 
         try:  # this process: SIGTERM cleans up like Ctrl-C, and nothing a command imports goes online
-            with interruptible(), no_downloads(hub=True):
+            with interruptible(), offline():
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -155,6 +156,23 @@ def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
     ctx.meta["normswap.debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     _configure_logging(ctx, level)
+
+
+class FiniteFloat(click.FloatRange):
+    """A number within a range that must be finite: ``nan`` passes every comparison a range makes, and ``inf``
+    would make a threshold mean nothing, so both are usage errors.
+
+    >>> FiniteFloat(min=0).convert("1e-5", None, None)
+    1e-05
+    """
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _parse_arch_kwargs(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[dict]:
@@ -257,16 +275,11 @@ def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bo
 
 
 def write_model(model: Any, path: Path, force: bool) -> int:
-    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes. Warns when
-    the model records no architecture (a pickled model read without ``--arch``): the file then cannot rebuild it."""
+    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes. ``save`` warns
+    when it cannot tell the model's architecture (a pickled model of no library it knows, read without ``--arch``)."""
     from .checkpoint import save
-    from .history import get_arch
 
-    n_bytes = save(model, path, overwrite=force).stat().st_size
-    if get_arch(model) is None:
-        log.warning(f"{path.name} records no architecture (the input was a pickled model and --arch was not given): "
-                    "load it with normswap.load_checkpoint(path, arch=...), or convert again with --arch to record it")
-    return n_bytes
+    return save(model, path, overwrite=force).stat().st_size
 
 
 def _size(n_bytes: int) -> str:
@@ -369,7 +382,7 @@ def _conversion_options(command: Callable) -> Callable:
 @click.option("--refine", "refine_steps", type=click.IntRange(min=1), metavar="N",
               help="Then train the converted model for up to N steps to reproduce the original's outputs on "
                    "--data (no labels needed); a held-out part of the data picks the best state.")
-@click.option("--refine-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--refine-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="With --refine: Adam's learning rate.")
 @click.option("--refine-loss", type=click.Choice(["kl", "mse", "features"]), default="kl", show_default=True,
               help="With --refine: KL divergence of the class scores, relative MSE of the outputs, or KL plus the "
@@ -578,12 +591,12 @@ def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
 @click.option("--batches", type=click.IntRange(min=1), metavar="N", help="Compare on the first N batches only.")
 @click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
 @click.option("--device", metavar="DEV", help="Run both models on this device (cpu, cuda, cuda:1).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Relative difference above which a layer counts as diverged.")
 @click.option("--no-layers", is_flag=True, help="Compare outputs only, without the per-layer table.")
-@click.option("--max-relative", type=click.FloatRange(min=0), metavar="R",
+@click.option("--max-relative", type=FiniteFloat(min=0), metavar="R",
               help="Fail (exit 1) when the outputs' relative difference exceeds R, e.g. 1e-5 for freeze or fold.")
-@click.option("--min-agreement", type=click.FloatRange(min=0, max=1), metavar="P",
+@click.option("--min-agreement", type=FiniteFloat(min=0, max=1), metavar="P",
               help="Fail (exit 1) when top-1 agreement is below P (a fraction, e.g. 0.9).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
               help="Also write the comparison as an HTML page: output agreement and a chart of per-layer divergence.")
@@ -643,13 +656,16 @@ def _check_page_path(path: Path, force: bool) -> None:
 
 
 def _describe_history(steps: list[dict[str, Any]]) -> str:
+    """The history as one line; the text came from a file, so it is escaped."""
     parts = []
     for step in steps:
         if step.get("op") == "plan":
             plan = step.get("plan", {})
-            parts.append(f"plan to {plan.get('target')} ({len(plan.get('rows', []))} layers)")
+            rows = plan.get("rows", [])
+            parts.append(f"plan to {shown(str(plan.get('target')))} ({len(rows) if isinstance(rows, list) else '?'} "
+                         "layers)")
         else:
-            parts.append(str(step.get("op")))
+            parts.append(shown(str(step.get("op"))))
     return ", then ".join(parts) if parts else "none"
 
 
@@ -680,9 +696,12 @@ def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: 
         reports, spec, steps = inspect_state_dict(guess.tensors), None, contents.history
         where = {**contents.source, **({"entry": guess.entry} if guess.entry else {}),
                  **({"prefix": guess.prefix} if guess.prefix else {})}
-        if recorded is not None:
-            note = (f"arch: {recorded.short()} (not built: normswap imports it only when you pass --arch "
+        if recorded is not None and recorded.looks_like_model_class:
+            note = (f"arch: {recorded.call()} (not built: normswap imports it only when you pass --arch "
                     f"{recorded.name}; layers found by their running statistics)")
+        elif recorded is not None:
+            note = (f"arch: {recorded.call()} (not built: not a model class, normswap does not run it; layers found "
+                    "by their running statistics)")
     if report_path is not None:
         _check_page_path(report_path, force)
         arch_line = f"arch: {spec['name']}" if spec is not None else note or "arch: unknown"
@@ -693,10 +712,10 @@ def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: 
                    "layers": [report.to_dict() for report in reports],
                    "warnings": [f"{report.name}: {text}" for report in reports for text in report.warnings.values()]})
         return
-    entry = "".join(f", {name} '{where[name]}'" for name in ("entry", "prefix") if name in where)
-    click.echo(f"file: {checkpoint} (sha256 {where['sha256'][:16]}{entry})")
+    entry = "".join(f", {name} '{shown(where[name])}'" for name in ("entry", "prefix") if name in where)
+    click.echo(f"file: {checkpoint} (sha256 {shown(where['sha256'][:16])}{entry})")
     if spec is not None:
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+        kwargs = ", ".join(f"{shown(k)}={v!r}" for k, v in spec["kwargs"].items())
         click.echo(f"arch: {spec['name']}" + (f" ({kwargs})" if kwargs else ""))
     else:
         click.echo(note or "arch: unknown (layers found by their running statistics; pass --arch for classes and "

@@ -61,3 +61,14 @@ class CalibrationError(NormswapError):
 
 class RefineError(NormswapError):
     """Refinement cannot run as asked (an invalid option, models that do not fit together, a diverging loss)."""
+
+
+def shown(text: str) -> str:
+    """``text`` as it may be printed in a one-line message: unchanged if every character is printable, else with
+    control and other unprintable characters escaped as ``repr`` writes them.
+
+    >>> shown("layer1.0"), shown("a\\nerror: forged")
+    ('layer1.0', 'a\\\\nerror: forged')
+    """
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]

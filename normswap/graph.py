@@ -72,7 +72,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .data import call_model, describe_input, iter_inputs, output_tensors
 from .errors import NormswapError, spelled
-from .history import get_input_shape
+from .history import checked_example_shape, get_input_shape
 from .progress import progress_bar
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
@@ -302,7 +302,7 @@ def find_example(
         return Example(_package(model, torch.randn(shape, **placement)), "input_shape")
     recorded = get_input_shape(model)
     if recorded:
-        return Example(_package(model, torch.randn(_checked_shape(recorded), **placement)),
+        return Example(_package(model, torch.randn(_checked_shape(checked_example_shape(recorded)), **placement)),
                        "the input shape the checkpoint records")
     for derive in (_timm_shape, _transformers_input, _ultralytics_shape, _torchvision_shape):
         found = derive(model)
