@@ -79,8 +79,8 @@ def stand_in_resnet50(**kwargs) -> nn.Module:
 
     model = ResNet(block=Bottleneck, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, **kwargs)
     config = dict(timm.create_model("resnet18").pretrained_cfg)
-    model.pretrained_cfg = model.default_cfg = {**config, "input_size": (3, STAND_IN_SIZE, STAND_IN_SIZE),
-                                                "crop_pct": 1.0, "pool_size": (1, 1)}
+    model.pretrained_cfg = model.default_cfg = {**config, "architecture": "resnet50", "crop_pct": 1.0,
+                                                "input_size": (3, STAND_IN_SIZE, STAND_IN_SIZE), "pool_size": (1, 1)}
     return model
 
 
