@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "OutputError": "errors",
     "PlanError": "errors",
     "RefineError": "errors",
+    "identify": "checkpoint.identity",
     "FitReport": "fit",
     "fit_report": "fit",
     "FoldPlan": "fold",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from .api import convert, freeze
     from .arch import ArchSpec
     from .checkpoint import load, load_checkpoint, read_metadata, save
+    from .checkpoint.identity import identify
     from .compare import ComparisonReport, compare
     from .errors import (ArchitectureError, CalibrationError, CheckpointError, NormswapError, OutputError, PlanError,
                          RefineError)
