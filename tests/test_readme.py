@@ -159,7 +159,7 @@ def test_the_api_in_short(tmp_path, monkeypatch):
         torch.testing.assert_close(frozen.eval()(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
-def test_everything_else_from_python(files):
+def test_everything_else_from_python(files, caplog):
     unlabeled = images(12, seed=3) * 2 + 0.5
     test_images, test_labels = images(8, seed=4), torch.arange(8) % 10
     namespace = {"calibration_loader": loader((images(8, seed=2),)), "unlabeled_loader": loader((unlabeled,)),
@@ -189,12 +189,18 @@ def test_everything_else_from_python(files):
     with torch.no_grad():
         torch.testing.assert_close(same.eval()(test_images), model.eval()(test_images), rtol=0, atol=0)
 
-    # the MONAI UNet has BatchNorm, and every one of them is frozen, also after loading
-    fresh = namespace["monai"].networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32),
-                                                  strides=(2,), norm="batch")
-    batch_norms = count(fresh, nn.BatchNorm3d)
+    # the MONAI UNet has BatchNorm, every one of them is frozen, and the file loads into a freshly built UNet: frozen
+    # too, computing bit for bit what the saved model did
+    batch_norms = count(namespace["build_unet"](), nn.BatchNorm3d)
     assert batch_norms > 0
-    assert count(namespace["unet"], FrozenBatchNorm) == batch_norms and count(namespace["unet"], nn.BatchNorm3d) == 0
+    unet, frozen_unet = namespace["unet"], namespace["frozen_unet"]
+    assert normswap.read_metadata("unet-frozen.safetensors").get("arch") is None
+    assert any("unet-frozen.safetensors" in r.getMessage() and "arch=" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    assert count(unet, FrozenBatchNorm) == batch_norms and count(unet, nn.BatchNorm3d) == 0
+    volume = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(unet.eval()(volume), frozen_unet.eval()(volume), rtol=0, atol=0)
 
 
 def test_the_distributed_recalibration_script_on_one_cpu_process(files, monkeypatch):
