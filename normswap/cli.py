@@ -6,8 +6,10 @@ option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_o
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
 ``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with
 the same cleanup as Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead.
-timm and torchvision are imported only when an architecture or the data needs them, so ``--help`` and usage errors
-do not wait for them.
+Every command checks its inputs (files, ``--trust-pickle``, data, options) before it looks at the output path, and
+errors name options as typed here (``--force``, see :func:`normswap.errors.spelled`). torch and the operations are
+imported inside the commands, after their options are parsed, so ``--help`` and usage errors wait for nothing but
+click.
 
 Example::
 
@@ -67,11 +69,12 @@ class _EchoHandler(logging.Handler):
         click.echo(prefix + record.getMessage(), err=True)
 
 
-class NormswapGroup(click.Group):
-    """The command group: turns user errors into one line and an exit status, unless ``--debug``."""
+class NormswapCommand(click.Command):
+    """A normswap command: turns user errors into one line and an exit status, unless ``--debug``. The command's
+    own options (``--help`` among them) are parsed before, so help needs nothing beyond click."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .checkpoint import Terminated, interruptible
+        from .checkpoint.atomic import Terminated, interruptible
         from .offline import offline
 
         try:  # this process: SIGTERM cleans up like Ctrl-C, and nothing a command imports goes online
@@ -93,7 +96,7 @@ class NormswapGroup(click.Group):
         except NormswapError as error:
             if ctx.meta.get("normswap.debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {error.for_command_line()}", err=True)
             ctx.exit(EXIT_ERROR)
         except Exception as error:
             if ctx.meta.get("normswap.debug"):
@@ -101,6 +104,12 @@ class NormswapGroup(click.Group):
             click.echo(f"error: internal error ({type(error).__name__}: {error}); run with --debug for the traceback",
                        err=True)
             ctx.exit(EXIT_ERROR)
+
+
+class NormswapGroup(click.Group):
+    """The command group: its commands are :class:`NormswapCommand`; exit statuses as the module docstring says."""
+
+    command_class = NormswapCommand
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Run the command line; with ``standalone_mode`` (the default), exit with the command's status."""
@@ -142,7 +151,8 @@ def _configure_logging(ctx: click.Context, level: int) -> None:
 @click.version_option(package_name="normswap", prog_name="normswap")
 @click.pass_context
 def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
-    """Swap, freeze and inspect the normalization layers of PyTorch checkpoints."""
+    """Convert, freeze, recalibrate and fold the normalization layers of PyTorch checkpoints; verify the result
+    against the original, inspect a checkpoint, apply a recipe, or run the demo."""
     ctx.meta["normswap.debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     _configure_logging(ctx, level)
@@ -252,7 +262,8 @@ def emit_json(data: Any) -> None:
 
 
 def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bool) -> Path:
-    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability before any work.
+    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability once the inputs
+    are, before the long work.
 
     >>> output_path(Path("/tmp/resnet50.pt"), None, "gn", force=True)
     PosixPath('/tmp/resnet50-gn.safetensors')
@@ -291,7 +302,6 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
     from .plan import plan
 
     check_input(checkpoint)
-    out = None if dry_run else output_path(checkpoint, output, suffix, force)
     model = source.open(checkpoint)
     problems = check_statistics(model, strict=strict)
     conversion = plan(model, to, **plan_options)
@@ -311,10 +321,12 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
         from .refine import refine_report
 
         data = open_data(options.pop("data"), model=model, batch_size=options.pop("batch_size"))
+        out = output_path(checkpoint, output, suffix, force)
         model = apply_conversion(model, conversion, data=data, **options)
         fit_summary = fit_report(model) if plan_options.get("affine") == "fit" else None
         refine_summary = refine_report(model) if options.get("refine") else None
     else:
+        out = output_path(checkpoint, output, suffix, force)
         model = conversion.apply(model)
     n_bytes = write_model(model, out, force)
     groups = _groups_summary(conversion)
@@ -461,12 +473,14 @@ def _parse_input_shape(ctx: click.Context, param: click.Parameter, value: Option
                    "or package.module:callable).")
 @click.option("--dry-run", is_flag=True, help="Print what would be folded and why the rest is not; write nothing.")
 @click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar while the model runs (default: on a terminal, after two seconds).")
 @checkpoint_options
 @output_options
 @json_option
 def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape: Optional[tuple],
-         data_source: Optional[str], dry_run: bool, strict: bool, source: CheckpointSource, output: Optional[Path],
-         force: bool, as_json: bool) -> None:
+         data_source: Optional[str], dry_run: bool, strict: bool, progress: Optional[bool], source: CheckpointSource,
+         output: Optional[Path], force: bool, as_json: bool) -> None:
     """Fold the BatchNorm layers of CHECKPOINT into the layers before them; writes <stem>-folded.safetensors.
 
     The model is run once on an example input to find which layer feeds each BatchNorm. The folded model computes
@@ -479,7 +493,6 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
 
     if input_shape is not None and data_source is not None:
         raise click.UsageError("give --input-shape or --data, not both")
-    out = None if dry_run else output_path(checkpoint, output, "folded", force)
     model = source.open(checkpoint)
     problems = check_statistics(model, strict=strict)
     data = None
@@ -487,12 +500,14 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
         from .data import open_data
 
         data = open_data(data_source, model=model, batch_size=2)
-    folding = plan_fold(model, freeze_rest=freeze_rest, within=within, data=data, input_shape=input_shape)
+    folding = plan_fold(model, freeze_rest=freeze_rest, within=within, data=data, input_shape=input_shape,
+                        progress=progress)
     if dry_run or not folding.pairs:
         emit_json(folding.to_dict()) if as_json else click.echo(str(folding))
         if not folding.pairs:
             raise PlanError(_nothing_folded(folding))
         return
+    out = output_path(checkpoint, output, "folded", force)
     model = folding.apply(model)
     n_bytes = write_model(model, out, force)
     if as_json:
@@ -542,9 +557,9 @@ def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batc
     from .recalibrate import calibration_report
     from .recalibrate import recalibrate as recalibrate_model
 
-    out = output_path(checkpoint, output, "recalibrated", force)
     model = source.open(checkpoint)
     data = open_data(data_source, model=model, batch_size=batch_size)
+    out = output_path(checkpoint, output, "recalibrated", force)
     model = recalibrate_model(model, data, batches=batches, method=method, device=device, amp=amp,
                               channels_last=channels_last, input_key=input_key, progress=progress)
     n_bytes = write_model(model, out, force)
@@ -583,39 +598,61 @@ def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
               help="Fail (exit 1) when the outputs' relative difference exceeds R, e.g. 1e-5 for freeze or fold.")
 @click.option("--min-agreement", type=FiniteFloat(min=0, max=1), metavar="P",
               help="Fail (exit 1) when top-1 agreement is below P (a fraction, e.g. 0.9).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
+              help="Also write the comparison as an HTML page: output agreement and a chart of per-layer divergence.")
+@click.option("--force", is_flag=True, help="Replace the --report page if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar over the batches (default: on a terminal, after two seconds).")
 @checkpoint_options
 @json_option
 def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
            input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool,
-           max_relative: Optional[float], min_agreement: Optional[float], source: CheckpointSource,
-           as_json: bool) -> None:
+           max_relative: Optional[float], min_agreement: Optional[float], report_path: Optional[Path], force: bool,
+           progress: Optional[bool], source: CheckpointSource, as_json: bool) -> None:
     """Compare CONVERTED with ORIGINAL on data: output agreement, accuracy where the data has labels, and the
     layer where the two models part ways. --arch and the other checkpoint options apply to a file that does not
     record its architecture. With --max-relative or --min-agreement the command is a check: it prints the
-    report, then fails if the models are further apart than allowed."""
+    report and one line per threshold (passed or failed), and fails if the models are further apart than
+    allowed."""
     from .compare import compare
     from .data import open_data
+    from .report_page import comparison_page, write_page
 
     model_a = _open_for_comparison(original, source)
     model_b = _open_for_comparison(converted, source)
     data = open_data(data_source, model=model_a, batch_size=batch_size)
+    if report_path is not None:
+        _check_page_path(report_path, force)
     report = compare(model_a, model_b, data, batches=batches, input_key=input_key, device=device,
-                     layers=not no_layers, tolerance=tolerance)
+                     layers=not no_layers, tolerance=tolerance, progress=progress)
+    verdicts = report.verdicts(max_relative=max_relative, min_agreement=min_agreement)
     if as_json:
-        emit_json({"original": str(original), "converted": str(converted), **report.to_dict()})
+        emit_json({"original": str(original), "converted": str(converted), **report.to_dict(),
+                   "verdicts": [{**vars(verdict), "line": str(verdict)} for verdict in verdicts]})
     else:
         click.echo(f"original: {original}\nconverted: {converted}")
         click.echo(str(report))
-    if max_relative is not None and not report.relative <= max_relative:
-        raise NormswapError(f"verify failed: the outputs' relative difference {report.relative:.3g} exceeds "
-                            f"--max-relative {max_relative:g}")
-    if min_agreement is not None:
-        if report.top1_agreement is None:
-            raise NormswapError("verify failed: --min-agreement needs class outputs (N, classes), and the model "
-                                "outputs are not")
-        if report.top1_agreement < min_agreement:
-            raise NormswapError(f"verify failed: top-1 agreement {report.top1_agreement:.2%} is below "
-                                f"--min-agreement {min_agreement:.2%}")
+        for verdict in verdicts:
+            click.echo(str(verdict))
+    if report_path is not None:
+        title = f"normswap verify: {converted.name} against {original.name}"
+        page = comparison_page({**report.to_dict(), "verdicts": [str(verdict) for verdict in verdicts]}, title=title)
+        write_page(report_path, page, overwrite=force)
+        if not as_json:
+            click.echo(f"wrote {report_path}")
+    failed = [verdict for verdict in verdicts if not verdict.passed]
+    if failed:
+        raise NormswapError(f"verify failed: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1
+                                                              else ""))
+
+
+def _check_page_path(path: Path, force: bool) -> None:
+    """Refuse a ``--report`` page path that is not ``.html`` or cannot be written, before the work starts."""
+    from .checkpoint import check_output
+
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise click.UsageError(f"--report writes an HTML page: name it *.html, not {path.name}")
+    check_output(path, overwrite=force)
 
 
 def _describe_history(steps: list[dict[str, Any]]) -> str:
@@ -634,15 +671,19 @@ def _describe_history(steps: list[dict[str, Any]]) -> str:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
+              help="Also write an HTML page: the running statistics of every layer along the depth, and warnings.")
+@click.option("--force", is_flag=True, help="Replace the --report page if it exists.")
 @checkpoint_options
 @json_option
-def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
+def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: CheckpointSource,
+            as_json: bool) -> None:
     """List the norm layers of CHECKPOINT with their statistics, and the warnings worth acting on.
 
     The architecture is built only when --arch names it or the file records a timm, torchvision or normswap one;
     otherwise the layers are found by their running statistics."""
     from .history import get_arch, get_history, get_source
-    from .inspection import format_reports, inspect_model, inspect_state_dict
+    from .inspection import format_reports, inspect_model, inspect_state_dict, save_html
 
     contents = source.read(checkpoint)
     recorded = contents.arch
@@ -661,6 +702,10 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
         elif recorded is not None:
             note = (f"arch: {recorded.call()} (not built: not a model class, normswap does not run it; layers found "
                     "by their running statistics)")
+    if report_path is not None:
+        _check_page_path(report_path, force)
+        arch_line = f"arch: {spec['name']}" if spec is not None else note or "arch: unknown"
+        save_html(reports, report_path, notes=[f"file: {checkpoint}", arch_line], overwrite=force)
     if as_json:
         emit_json({"file": str(checkpoint), "source": where, "arch": spec if spec else
                    (recorded.to_dict() if recorded else None), "built": spec is not None, "history": steps,
@@ -678,6 +723,8 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
     if steps or spec is not None:
         click.echo(f"history: {_describe_history(steps)}")
     click.echo(format_reports(reports))
+    if report_path is not None:
+        click.echo(f"wrote {report_path}")
 
 
 @main.command("apply")
@@ -695,7 +742,8 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
 def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional[str], dry_run: bool,
                  progress: Optional[bool], source: CheckpointSource, output: Optional[Path], force: bool,
                  as_json: bool) -> None:
-    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors (the suffix comes from the recipe).
+    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors, the suffix being the recipe's
+    [output] suffix or else its file name (recipes/frozen-backbone.toml: <stem>-frozen-backbone.safetensors).
 
     Without CHECKPOINT, the recipe's architecture is built with fresh weights (a converted model to train from
     scratch) and written to <arch>-<suffix>.safetensors in the current folder. A recipe's architecture is built on
@@ -709,10 +757,9 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
         if arch is None:
             raise click.UsageError("give a CHECKPOINT, or an architecture (--arch, or 'arch' in the recipe)")
         start = Path(arch.name.replace(":", "-").rsplit(".", 1)[-1] + ".safetensors")
-        out = None if dry_run else output_path(start, output, spec.suffix, force)
         model = arch.build()
     else:
-        out = None if dry_run else output_path(checkpoint, output, spec.suffix, force)
+        start = checkpoint
         model = source.read(checkpoint).to_model(arch)
     plans = spec.plans(model)
     if dry_run:
@@ -731,6 +778,7 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
         if data_source is None:
             raise click.UsageError("the recipe fits GroupNorm weights (affine = 'fit'): give --data")
         calibration = open_data(data_source, model=model)
+    out = output_path(start, output, spec.suffix, force)
     model = spec.apply(model, plans=plans, data=calibration)
     model = spec.run_steps(model, progress=progress, data=data_source)
     n_bytes = write_model(model, out, force)

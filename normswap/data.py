@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import imports
-from .errors import CalibrationError, NormswapError
+from .errors import CalibrationError, NormswapError, spelled
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
@@ -93,8 +93,9 @@ def batch_input(
         return input_fn(batch)
     if isinstance(batch, torch.Tensor):
         if input_key is not None:
-            raise CalibrationError(f"batch {index} is a tensor, which has no keys: input_key={input_key!r} "
-                                   "(--input-key) applies to dict batches only; drop it")
+            given = spelled(f"input_key={input_key!r}", f"--input-key {input_key}")
+            raise CalibrationError(f"batch {index} is a tensor, which has no keys: {given} applies to dict batches "
+                                   "only; drop it")
         return batch
     if isinstance(batch, (tuple, list)):
         if not batch:

@@ -23,8 +23,8 @@ each norm layer becomes, later steps, and the output name. Each norm layer is co
     data = "calibration-images/"             # recalibrate: data, batches, batch_size, method
     batches = 100
 
-    [output]
-    suffix = "frozen"                        # output: <checkpoint stem>-<suffix>.safetensors
+    [output]                                 # optional: the output is <checkpoint stem>-<suffix>.safetensors,
+    suffix = "frozen"                        # by default <checkpoint stem>-<recipe file stem>.safetensors
 
 A recipe is data: every field is checked for its type and value when the recipe is read, and nothing it names is
 imported. Its ``arch`` is built on the recipe's word only if it is a registered builder (a timm, torchvision,
@@ -55,7 +55,7 @@ except ImportError:  # Python 3.10: the same parser, published as tomli (a depen
 
 from . import targets
 from .arch import ArchSpec
-from .errors import NormswapError
+from .errors import NormswapError, spelled
 from .plan import AFFINE_MODES, GROUP_POLICIES, UNKNOWN_MODES, Plan, plan
 from .registry import TARGET_NAMES
 from .walk import find_modules
@@ -105,6 +105,18 @@ _OUTPUT_FIELDS: dict[str, tuple[str, Any]] = {
     "suffix": ("a short file-name part (letters, digits, '.', '_', '-'; no '/' or '..')",
                lambda v: isinstance(v, str) and bool(_SUFFIX.match(v)) and ".." not in v),
 }
+
+
+def _default_suffix(path: Optional[Path]) -> str:
+    """The recipe's name (its file stem, ``frozen-backbone``) where it can be part of a file name, else
+    ``converted``: ``normswap apply recipes/frozen-backbone.toml resnet50.pt`` writes
+    ``resnet50-frozen-backbone.safetensors``.
+
+    >>> _default_suffix(Path("recipes/frozen-backbone.toml")), _default_suffix(None)
+    ('frozen-backbone', 'converted')
+    """
+    stem = path.stem if path is not None else ""
+    return stem if _SUFFIX.match(stem) and ".." not in stem else "converted"
 
 
 def _positive(value: Any) -> bool:
@@ -182,7 +194,7 @@ class Recipe:
             description=head.get("description", ""),
             arch=head.get("arch"),
             arch_kwargs=dict(head.get("arch_kwargs", {})),
-            suffix=output.get("suffix", "converted"),
+            suffix=output.get("suffix", _default_suffix(path)),
             path=path,
         )
 
@@ -261,7 +273,7 @@ class Recipe:
                 from .recalibrate import recalibrate
 
                 if data is None and "data" not in step:
-                    raise RecipeError("the recipe's recalibrate step names no data: pass data= (--data)")
+                    raise RecipeError(f"the recipe's recalibrate step names no data: pass {spelled('data=', '--data')}")
                 source, typed = (data, True) if data is not None else (step["data"], False)
                 calibration = open_data(source, model=model, batch_size=step.get("batch_size", 32),
                                         allow_import=typed)

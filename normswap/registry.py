@@ -4,7 +4,9 @@ Every question about a layer class — what it computes, whether it carries a fu
 made for, how a checkpoint's manifest describes it and how a layer is built back from that description, whether a
 plan converts it, folding folds it, recalibration recalibrates it — is answered by its :class:`LayerClass` record
 and the :class:`Family` record of what it computes (``"bn"``, ``"sync"``, ``"frozen"``, ``"gn"``, ``"folded"``).
-A new class is one record; the conversion targets (``to="gn"``...) are records of :mod:`normswap.targets`.
+A new class is one record; each conversion target (``to="gn"``...) is a :class:`Target` record (its builder and
+group count are functions of :mod:`normswap.targets`, named by the record). The registry imports no torch, so the
+command line's help lists the targets without waiting for it.
 
 A checkpoint's manifest (:mod:`normswap.checkpoint.manifest`) says which class each normalization layer is. Files
 are data, so a file never names a class to import: it names a *key* of this registry (``"BatchNorm2d"``,
@@ -34,17 +36,16 @@ import inspect
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import NormswapError
 
-__all__ = ["FAMILIES", "LAYER_CLASSES", "LAZY", "PROVEN_FROZEN", "UNKNOWN", "UNPROVEN", "Family", "LayerClass",
-           "by_key", "channels_of", "class_record", "eps_of", "probe_batch_norm", "probed", "proven_record",
-           "record_of", "register_layer"]
+if TYPE_CHECKING:  # the registry imports no torch: the command line's help lists the targets without waiting for it
+    from torch import nn
+
+__all__ = ["FAMILIES", "LAYER_CLASSES", "LAZY", "PROVEN_FROZEN", "TARGETS", "TARGET_NAMES", "UNKNOWN", "UNPROVEN",
+           "Family", "LayerClass", "Target", "by_key", "channels_of", "class_record", "eps_of", "probe_batch_norm",
+           "probed", "proven_record", "record_of", "register_layer", "target", "target_class"]
 
 RANK_ATTR = "normswap_rank"
 """Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
@@ -56,6 +57,8 @@ def _has_bias(module: nn.Module) -> bool:
 
 def channels_of(module: nn.Module) -> int:
     """The channel count of a norm layer (``num_features``, ``num_channels``, or its tensors' length)."""
+    from torch import nn
+
     if isinstance(module, nn.GroupNorm):
         return int(module.num_channels)
     if isinstance(getattr(module, "num_features", None), int):
@@ -143,6 +146,8 @@ def _no_arguments(record: "LayerClass", module: nn.Module) -> dict[str, Any]:
 
 
 def _construct_folded(record: "LayerClass", cls: type, entry: dict[str, Any]) -> nn.Module:
+    from torch import nn
+
     return cls(nn.Identity(), nn.Identity()) if record.fused else cls()
 
 
@@ -271,6 +276,8 @@ _TRANSFORMERS_FROZEN = "FrozenBatchNorm2d"
 
 def _transformers_records() -> list[LayerClass]:
     """A record for every ``*FrozenBatchNorm2d`` class of every transformers model module already imported."""
+    from torch import nn
+
     found = []
     for name, module in list(sys.modules.items()):
         if not name.startswith("transformers.models.") or module is None:
@@ -331,6 +338,8 @@ def register_layer(cls: type, family: str = "frozen", *, key: Optional[str] = No
     carries ``drop`` and ``act`` modules. Registering the same class again with the same record is a no-op.
     The class is never imported by normswap: a file of such a layer loads once your code has registered it.
 
+    >>> import torch
+    >>> import torch.nn.functional as F
     >>> class MyFrozenBN(torch.nn.Module):
     ...     def __init__(self, n, eps=1e-5):
     ...         super().__init__()
@@ -342,6 +351,8 @@ def register_layer(cls: type, family: str = "frozen", *, key: Optional[str] = No
     >>> register_layer(MyFrozenBN, rank=2, key="mylib.MyFrozenBN").key
     'mylib.MyFrozenBN'
     """
+    from torch import nn
+
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise NormswapError(f"register_layer takes an nn.Module class, got {cls!r}")
     if family not in ("frozen", "bn", "sync"):
@@ -374,6 +385,8 @@ def register_layer(cls: type, family: str = "frozen", *, key: Optional[str] = No
 def _has_batch_norm_state(module: nn.Module) -> bool:
     """True if ``module`` holds one-dimensional ``running_mean`` and ``running_var`` tensors of one length, and
     ``weight`` and ``bias`` of that length (or ``None``)."""
+    import torch
+
     mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
     if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == 1
             and mean.shape == var.shape and mean.numel() > 0):
@@ -398,9 +411,13 @@ def probe_batch_norm(module: Any, record: Optional[LayerClass] = None) -> Option
     shows) and is run on ``(2, C, 3, 3)``, ``(2, C)``, ``(2, C, 3)`` and ``(2, C, 2, 2, 2)`` inputs until one runs;
     the module itself is not called or changed.
 
+    >>> import torch
     >>> probe_batch_norm(torch.nn.BatchNorm2d(3, eps=1e-3).eval()), probe_batch_norm(torch.nn.GroupNorm(1, 3))
     (0.001, None)
     """
+    import torch
+    import torch.nn.functional as F
+
     try:
         probe = module(4) if isinstance(module, type) else copy.deepcopy(module)
         if not _has_batch_norm_state(probe):
@@ -478,12 +495,80 @@ def eps_of(module: nn.Module) -> float:
     return float(eps)
 
 
-def __getattr__(name: str) -> Any:
-    """``TARGETS``, ``TARGET_NAMES``, ``target`` and ``target_class``: the target records of
-    :mod:`normswap.targets`, also reachable from here."""
-    if name in ("TARGETS", "TARGET_NAMES", "target", "target_class"):
+@dataclass(frozen=True)
+class Target:
+    """One value of ``to=``: the family layers become, the registry keys of the classes they become (``plain``
+    for a layer without a fused activation, ``fused`` for one with; BatchNorm's plain class depends on the rank),
+    the plan options only this target takes, and, by name, the functions of :mod:`normswap.targets` that build a
+    new layer from a source (``builder``) and give a GroupNorm target's group count (``groups``)."""
+
+    name: str
+    family: str
+    plain: str
+    fused: str
+    help: str
+    builder: str
+    groups: Optional[str] = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def grouped(self) -> bool:
+        """Layers become GroupNorm: the plan gives them a group count, ``affine=`` modes apply."""
+        return self.groups is not None
+
+    def build(self, source: Any, row: Any) -> "nn.Module":
+        """The new layer for a source layer (a :class:`normswap.targets.SourceLayer`) as the plan row says."""
         from . import targets
 
-        return {"TARGETS": targets.TARGET_RECORDS, "TARGET_NAMES": targets.TARGET_NAMES,
-                "target": targets.target, "target_class": targets.target_class}[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return getattr(targets, self.builder)(source, row)
+
+    def group_count(self, channels: int, options: dict[str, Any], layer: str) -> int:
+        """The group count of a layer of ``channels`` channels under the plan's ``options``."""
+        from . import targets
+
+        return getattr(targets, self.groups)(channels, options, layer)
+
+    def layer_class(self, rank: Optional[int], fused: bool) -> type:
+        """The class a layer of input rank ``rank`` (with a fused activation or not) becomes."""
+        if fused:
+            return by_key(self.fused).load()
+        if self.family == "bn":
+            return by_key(_BATCH_NORM_BY_RANK.get(rank, "normswap.BatchNorm")).load()
+        return by_key(self.plain).load()
+
+
+_BATCH_NORM_BY_RANK = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d", None: "normswap.BatchNorm"}
+
+TARGETS: tuple[Target, ...] = (
+    Target("gn", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm (32 groups, or groups=)", "_build_group_norm",
+           "_chosen_groups", ("groups", "channels_per_group")),
+    Target("ln", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group (LayerNorm-style)",
+           "_build_group_norm", "_one_group"),
+    Target("in", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group per channel (InstanceNorm-style)",
+           "_build_group_norm", "_group_per_channel"),
+    Target("frozen", "frozen", "normswap.FrozenBatchNorm", "normswap.FrozenBatchNormAct", "FrozenBatchNorm",
+           "_build_frozen", options=("trainable_affine",)),
+    Target("sync", "sync", "SyncBatchNorm", "timm.SyncBatchNormAct", "SyncBatchNorm", "_build_sync"),
+    Target("bn", "bn", "BatchNorm2d", "timm.BatchNormAct2d", "plain BatchNorm of the original rank", "_build_bn"),
+)
+"""Every conversion target, in the order the documentation lists them."""
+
+TARGET_NAMES = tuple(t.name for t in TARGETS)
+"""Every value ``to=`` accepts (and ``--to``, and a recipe rule's ``to``)."""
+
+
+def target(name: str) -> Target:
+    """The target called ``name``; :class:`NormswapError` listing the targets for any other name.
+
+    >>> target("ln").family, target("ln").grouped, target_class("frozen", rank=2, fused=True).__name__
+    ('gn', True, 'FrozenBatchNormAct')
+    """
+    for record in TARGETS:
+        if record.name == name:
+            return record
+    raise NormswapError(f"unknown target {name!r}: choose one of {', '.join(TARGET_NAMES)}")
+
+
+def target_class(name: str, rank: Optional[int], fused: bool) -> type:
+    """The class a layer of input rank ``rank`` (with a fused activation or not) becomes under the target ``name``."""
+    return target(name).layer_class(rank, fused)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .errors import NormswapError, PlanError
+from .errors import PlanError
 from .layers import FrozenBatchNorm
 from .plan_rows import PlanRow
 
@@ -245,77 +245,21 @@ def _chosen_groups(channels: int, options: dict[str, Any], layer: str) -> int:
                          group_policy=options.get("group_policy", "divisor"), layer=layer)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One value of ``to=``: the family layers become, the registry keys of the classes they become (``plain``
-    for a layer without a fused activation, ``fused`` for one with; BatchNorm's plain class depends on the rank),
-    how a new layer is built from a source (``build``) and, for GroupNorm targets, its group count (``groups``:
-    channels, the plan's options and the layer's name give the count)."""
+Target = registry.Target
+"""One value of ``to=`` (see :class:`normswap.registry.Target`): its records name the builders and group counts
+above."""
 
-    name: str
-    family: str
-    plain: str
-    fused: str
-    help: str
-    build: Callable[[SourceLayer, "PlanRow"], nn.Module]
-    groups: Optional[Callable[[int, dict[str, Any], str], int]] = None
-    options: tuple[str, ...] = ()
-    """The plan options only this target takes (``groups=`` for GroupNorm, ``trainable_affine=`` for frozen)."""
-
-    @property
-    def grouped(self) -> bool:
-        """Layers become GroupNorm: the plan gives them a group count, ``affine=`` modes apply."""
-        return self.groups is not None
-
-    def layer_class(self, rank: Optional[int], fused: bool) -> type:
-        """The class a layer of input rank ``rank`` (with a fused activation or not) becomes."""
-        if fused:
-            return registry.by_key(self.fused).load()
-        if self.family == "bn":
-            return registry.by_key(_BATCH_NORM_BY_RANK.get(rank, "normswap.BatchNorm")).load()
-        return registry.by_key(self.plain).load()
-
-
-_BATCH_NORM_BY_RANK = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d", None: "normswap.BatchNorm"}
-
-TARGET_RECORDS: tuple[Target, ...] = (
-    Target("gn", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm (32 groups, or groups=)", _build_group_norm,
-           _chosen_groups, ("groups", "channels_per_group")),
-    Target("ln", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group (LayerNorm-style)",
-           _build_group_norm, _one_group),
-    Target("in", "gn", "GroupNorm", "timm.GroupNormAct", "GroupNorm with one group per channel (InstanceNorm-style)",
-           _build_group_norm, _group_per_channel),
-    Target("frozen", "frozen", "normswap.FrozenBatchNorm", "normswap.FrozenBatchNormAct", "FrozenBatchNorm",
-           _build_frozen, options=("trainable_affine",)),
-    Target("sync", "sync", "SyncBatchNorm", "timm.SyncBatchNormAct", "SyncBatchNorm", _build_sync),
-    Target("bn", "bn", "BatchNorm2d", "timm.BatchNormAct2d", "plain BatchNorm of the original rank", _build_bn),
-)
+TARGET_RECORDS = registry.TARGETS
 """Every conversion target, in the order the documentation lists them."""
 
-TARGET_NAMES = tuple(t.name for t in TARGET_RECORDS)
+TARGET_NAMES = registry.TARGET_NAMES
 """Every value ``to=`` accepts (and ``--to``, and a recipe rule's ``to``)."""
 
 TARGETS = TARGET_NAMES
 """Every value ``to=`` accepts."""
 
-
-def target(name: str) -> Target:
-    """The target called ``name``; :class:`NormswapError` listing the targets for any other name.
-
-    >>> target("ln").family, target("ln").grouped, target_class("frozen", rank=2, fused=True).__name__
-    ('gn', True, 'FrozenBatchNormAct')
-    """
-    for record in TARGET_RECORDS:
-        if record.name == name:
-            return record
-    raise NormswapError(f"unknown target {name!r}: choose one of {', '.join(TARGET_NAMES)}")
-
-
-def target_class(name: str, rank: Optional[int], fused: bool) -> type:
-    """The class a layer of input rank ``rank`` (with a fused activation or not) becomes under the target ``name``;
-    the builders and the plan both take it from here."""
-    return target(name).layer_class(rank, fused)
-
+target = registry.target
+target_class = registry.target_class
 
 DEFAULT_GROUPS = 32
 

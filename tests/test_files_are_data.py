@@ -517,7 +517,7 @@ def test_an_input_key_for_tensor_batches_is_an_error(place):
     result = run("recalibrate", plain, "--arch", "normswap.demo:DigitsResNet", "--data", "digits.pt",
                  "--input-key", "image")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "batch 0 is a tensor, which has no keys: input_key='image'" in result.stderr
+    assert "batch 0 is a tensor, which has no keys: --input-key image applies to dict batches only" in result.stderr
     assert not (place["dir"] / "plain-recalibrated.safetensors").exists()
 
 

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, spelled
 from ..offline import offline
 
 __all__ = ["MAX_JSON_DEPTH", "SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "file_sha256",
@@ -281,8 +281,8 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
                                   f"{_first_line(exc)}") from None
         raise UnsafePickle(
             f"{path} holds pickled Python objects ({found.group(1)}; a whole model saved with torch.save(model)?) "
-            "and unpickling them can run arbitrary code: pass trust_pickle=True (--trust-pickle) only if you "
-            "trust the file", found.group(1)
+            f"and unpickling them can run arbitrary code: pass {spelled('trust_pickle=True', '--trust-pickle')} "
+            "only if you trust the file", found.group(1)
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a checkpoint?): "

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
-from ..errors import ArchitectureError, CheckpointError, shown
+from ..errors import ArchitectureError, CheckpointError, shown, spelled
 from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
 from .folders import is_model_folder, keys_for_model, read_folder
@@ -210,8 +210,8 @@ class CheckpointContents:
         if arch is None:
             if recorded is None:
                 raise CheckpointError(
-                    f"{self.path} holds weights only, not the architecture: pass arch= (--arch), a timm model name "
-                    "such as resnet50 or an import path such as torchvision.models:resnet50"
+                    f"{self.path} holds weights only, not the architecture: pass {spelled('arch=', '--arch')}, a timm "
+                    "model name such as resnet50 or an import path such as torchvision.models:resnet50"
                 )
             return recorded.with_kwargs(arch_kwargs)
         given = arch if isinstance(arch, ArchSpec) else ArchSpec.parse(arch)
@@ -371,16 +371,16 @@ def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Option
     path, kind = _check_file(path)
     if kind == "folder":
         if key is not None:
-            raise CheckpointError(f"{path} is a model folder, which has no entries: key= (--key) picks an entry of a "
-                                  "PyTorch file")
+            raise CheckpointError(f"{path} is a model folder, which has no entries: {spelled('key=', '--key')} picks "
+                                  "an entry of a PyTorch file")
         folder = read_folder(path)
         contents = CheckpointContents(path, kind, folder.tensors, {"arch": folder.arch.to_dict()}, prefix=prefix)
         contents.source = folder.source(path)
         return contents
     if kind == "safetensors":
         if key is not None:
-            raise CheckpointError(f"{path} is a safetensors file, which has no entries: key= (--key) picks an entry "
-                                  "of a PyTorch file")
+            raise CheckpointError(f"{path} is a safetensors file, which has no entries: {spelled('key=', '--key')} "
+                                  "picks an entry of a PyTorch file")
         tensors, raw = formats.read_safetensors(path)
         content: Any = tensors
         metadata = decode_metadata(raw, path)
@@ -449,11 +449,12 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
     if not missing and not unexpected and head is not None \
             and all(name.rpartition(".")[0] == head for name in reshaped):
         classes = tensors[reshaped[0]].shape[0]
-        cause = (f"wrong num_classes? the file's classifier has {classes} outputs: pass "
-                 f"arch_kwargs={{'num_classes': {classes}}} (--arch-kwargs '{{\"num_classes\": {classes}}}')")
+        python = f"arch_kwargs={{'num_classes': {classes}}}"
+        command_line = f"--arch-kwargs '{{\"num_classes\": {classes}}}'"
+        cause = f"wrong num_classes? the file's classifier has {classes} outputs: pass {spelled(python, command_line)}"
     elif matched < len(expected) / 2:
         cause = (f"wrong architecture? only {matched} of the model's {len(expected)} keys are in {where}; "
-                 "pass key= / prefix= (--key / --prefix) if the weights are elsewhere in the file")
+                 f"pass {spelled('key= / prefix=', '--key / --prefix')} if the weights are elsewhere in the file")
     else:
         cause = f"wrong architecture or architecture keyword arguments? the keys were matched under {where}"
     return f"{path} does not fit {shown(spec.name)}: {'; '.join(parts)} ({cause})"
