@@ -251,6 +251,12 @@ def output_options(command: Callable) -> Callable:
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
+def progress_option(what: str) -> Callable[[Callable], Callable]:
+    """``--progress/--no-progress`` (the parameter is ``progress``: ``None`` unless given), showing ``what``."""
+    return click.option("--progress/--no-progress", default=None,
+                        help=f"Show {what} (default: on a terminal, once the work has lasted two seconds).")
+
+
 def json_option(command: Callable) -> Callable:
     """``--json``: print machine-readable JSON on stdout instead of text (the parameter is ``as_json``)."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(command)
@@ -392,8 +398,7 @@ def _conversion_options(command: Callable) -> Callable:
                    "parameter names (repeatable).")
 @click.option("--device", metavar="DEV", help="With --data: fit and refine on this device (cpu, cuda, cuda:1).")
 @click.option("--amp", is_flag=True, help="With --refine: train under bfloat16/float16 autocast.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show progress bars (default: on a terminal, for runs longer than two seconds).")
+@progress_option("progress bars")
 @_conversion_options
 @checkpoint_options
 @output_options
@@ -473,8 +478,7 @@ def _parse_input_shape(ctx: click.Context, param: click.Parameter, value: Option
                    "or package.module:callable).")
 @click.option("--dry-run", is_flag=True, help="Print what would be folded and why the rest is not; write nothing.")
 @click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar while the model runs (default: on a terminal, after two seconds).")
+@progress_option("a progress bar while the model runs")
 @checkpoint_options
 @output_options
 @json_option
@@ -542,8 +546,7 @@ def _nothing_folded(folding: Any) -> str:
               help="Run with weights and images in channels-last layout. Default: for exact on CPU, if the model has "
                    "2-D convolutions (faster there).")
 @click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar (default: on a terminal, for runs longer than two seconds).")
+@progress_option("a progress bar")
 @checkpoint_options
 @output_options
 @json_option
@@ -601,8 +604,7 @@ def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
               help="Also write the comparison as an HTML page: output agreement and a chart of per-layer divergence.")
 @click.option("--force", is_flag=True, help="Replace the --report page if it exists.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar over the batches (default: on a terminal, after two seconds).")
+@progress_option("a progress bar over the batches")
 @checkpoint_options
 @json_option
 def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
@@ -735,7 +737,7 @@ def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: 
                    "the data the recipe names (a recipe may name a folder or a tensor file; an import path only "
                    "here, where you type it).")
 @click.option("--dry-run", is_flag=True, help="Print the plan of every rule; write nothing.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars for the recipe's calibration steps.")
+@progress_option("progress bars for the recipe's calibration steps")
 @checkpoint_options
 @output_options
 @json_option
