@@ -203,8 +203,8 @@ class _MemoryWatch:
             raise CalibrationError(
                 f"sequential recalibration would hold about {_size(self.estimate)} ({len(self.held)} batches and "
                 f"{_size(activations)} of activations each, paused at the first layer), more than the {_size(free)} "
-                f"free on {self.run.device}: calibrate on fewer batches (batches={min(fits, len(self.held) - 1)} or so) "
-                "or use method='exact', which holds one batch at a time")
+                f"free on {self.run.device}: calibrate on fewer batches (batches={min(fits, len(self.held) - 1)} or "
+                "so) or use method='exact', which holds one batch at a time")
 
     def stop(self) -> None:
         self.watching = False
