@@ -496,15 +496,19 @@ FAST_MODELS: dict[str, Callable[[], nn.Module]] = {
 
 
 class _Estimates(logging.Handler):
-    """Collects the memory estimates sequential recalibration logs before it starts."""
+    """Collects the memory estimates sequential recalibration logs: before it starts (at the first layer) and, at
+    its end, the largest over the layers the first batch paused at."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.values: list[int] = []
+        self.held: list[int] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "normswap_memory_estimate"):
             self.values.append(record.normswap_memory_estimate)
+        if hasattr(record, "normswap_memory_held"):
+            self.held.append(record.normswap_memory_held)
 
 
 def _resident(field: str) -> int:
@@ -537,7 +541,7 @@ def bench_fast(rounds: int, batches: int = 4, shape: tuple[int, ...] = (4, 3, 22
     logger = logging.getLogger("normswap")
     logger.addHandler(estimates)
     level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     rows, wall_ratios, cpu_ratios = [], [], []
     try:
         for name, build in FAST_MODELS.items():
@@ -564,8 +568,10 @@ def bench_fast(rounds: int, batches: int = 4, shape: tuple[int, ...] = (4, 3, 22
                     wall[key].append(time.perf_counter() - began)
                     cpu[key].append(time.process_time() - began_cpu)
             estimates.values.clear()
+            estimates.held.clear()
             peak = _peak_added(sequential)
             estimate = estimates.values[-1] if estimates.values else 0
+            most = estimates.held[-1] if estimates.held else 0
             held = sum(x.numel() * x.element_size() for x in data)
             wall_ratio = statistics.median(wall["sequential"]) / statistics.median(wall["plain"])
             cpu_ratio = statistics.median(cpu["sequential"]) / statistics.median(cpu["plain"])
@@ -573,13 +579,15 @@ def bench_fast(rounds: int, batches: int = 4, shape: tuple[int, ...] = (4, 3, 22
             cpu_ratios.append(cpu_ratio)
             rows.append([name, len(calibration_report(model).calibrated),
                          f"{statistics.median(wall['plain']) * 1e3:.0f}", f"{wall_ratio:.2f}", f"{cpu_ratio:.2f}",
-                         f"{estimate / 1e6:.0f}", f"{(estimate - held) / 1e6:.0f}", f"{peak / 1e6:.0f}"])
+                         f"{estimate / 1e6:.0f}", f"{(estimate - held) / 1e6:.0f}", f"{(most - held) / 1e6:.0f}",
+                         f"{peak / 1e6:.0f}"])
             print(f"  fast {name}: wall {wall_ratio:.2f}x, cpu {cpu_ratio:.2f}x", file=sys.stderr, flush=True)
     finally:
         logger.removeHandler(estimates)
         logger.setLevel(level)
     header = ["model", "layers", "plain eval ms", "sequential / plain (wall)", "(CPU time)",
-              "estimate MB (batches + activations)", "estimate MB (activations)", "peak RSS added MB"]
+              "estimate MB (batches + activations)", "of it activations MB", "activations at the fullest layer MB",
+              "peak RSS added MB"]
     summary = (f"\n\nwall: median {statistics.median(wall_ratios):.2f}x, max {max(wall_ratios):.2f}x; CPU time: median "
                f"{statistics.median(cpu_ratios):.2f}x, max {max(cpu_ratios):.2f}x")
     return (f"{batches} batches of {'x'.join(map(str, shape))} per model, CPU, medians of {rounds} interleaved "

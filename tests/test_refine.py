@@ -481,3 +481,61 @@ def test_refinement_of_a_gpu_model_under_autocast(amp):
     report = refine(converted, original, images(64).split(16), steps=10, amp=amp, holdout=0.2, progress=False)
     assert report.loss_after < report.loss_before
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in converted.parameters())
+
+
+def test_below_a_thousand_samples_nothing_is_held_out_the_schedule_runs_and_images_are_shifted():
+    original, converted = converted_cnn()
+    report = refine(converted, original, images(64).split(16), steps=12, progress=False)
+    assert (report.holdout_samples, report.train_samples, report.evaluations) == (0, 64, [])
+    assert (report.kept, report.stopped, report.steps, report.augment) == ("last", "steps", 12, "shift")
+    assert "(images shifted)" in str(report)
+
+
+@pytest.mark.parametrize("augment, expected", [(None, [32, 32, 16]), ("shift", [32] * 10)])
+def test_without_augmentation_the_original_runs_once_over_the_training_data_not_at_every_step(augment, expected):
+    original, converted = converted_cnn()
+    calls = []
+    original.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    report = refine(converted, original, images(80).split(16), steps=10, batch_size=32, holdout=0, augment=augment,
+                    progress=False)
+    # without: one pass in batches of 32 before the first step; shifted images: the original on every batch
+    assert report.steps == 10 and calls == expected
+
+
+def test_cached_outputs_of_the_original_train_the_same_model_as_running_it_every_step():
+    results = []
+    for cached in (True, False):
+        original, converted = converted_cnn()
+        if not cached:  # an output that cannot be joined sample by sample is never kept
+            original.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+            converted.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+        refine(converted, original, images(48).split(16), steps=6, holdout=0, augment=None, progress=False)
+        results.append(snapshot(converted))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_shifting_needs_image_inputs():
+    original = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
+    with pytest.raises(RefineError, match="augment='shift' needs the model input to be a batch of images"):
+        refine(converted, original, [torch.randn(16, 4)], augment="shift", progress=False)
+    report = refine(converted, original, [torch.randn(16, 4)], steps=3, progress=False)
+    assert report.augment is None  # "auto" shifts only images
+
+
+def test_refine_logs_how_long_the_run_will_take_after_its_first_steps(caplog):
+    original, converted = converted_cnn()
+    with caplog.at_level("INFO", logger="normswap"):
+        refine(converted, original, images(48).split(16), steps=20, progress=False)
+    line = next(record.getMessage() for record in caplog.records if "will take about" in record.getMessage())
+    assert line.startswith("refine: 20 steps will take about ") and "fewer steps=" in line
+
+
+def test_the_state_kept_has_the_lowest_holdout_loss():
+    original, converted = converted_cnn()
+    report = refine(converted, original, images(64).split(16), steps=24, eval_every=2, patience=None, lr=3e-2,
+                    holdout=0.25, progress=False)
+    losses = [evaluation["loss"] for evaluation in report.evaluations]
+    assert report.loss_after == min(losses) and report.best_step == report.evaluations[losses.index(min(losses))][
+        "step"]

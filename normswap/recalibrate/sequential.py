@@ -12,9 +12,10 @@ the calibration starts again.
 Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's
 forward pauses at its first layer, the activations it holds there (every module output still alive, measured by
 their storage) times the number of batches, plus the batches themselves, are the estimate of what the run will
-hold; it is logged, and a run whose estimate exceeds the memory the calibration device has free (CPU: MemAvailable
-of ``/proc/meminfo``, or psutil; CUDA: ``mem_get_info``) is refused before any other batch runs, naming
-``batches=`` and ``method="exact"``.
+hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
+MemAvailable of ``/proc/meminfo``, or psutil; CUDA: ``mem_get_info``) is refused before any of them runs, naming
+``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward
+holds more there (an expansion, a skip connection), the run is refused before the other batches get there.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
 
     def measure(stop: int, arrival: Arrival, call: int) -> None:
         if watch.watching and arrival.lane == 0:
-            watch.check(arrival.args[0])
+            watch.check(arrival.args[0])  # at every stop of the first batch
         add_input_statistics(layers[stop], arrival.args[0])
 
     with progress_bar(len(layers), "recalibrate", "layer", progress=progress, rank=ranks.rank) as bar:
@@ -153,10 +154,12 @@ def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, An
 
 
 class _MemoryWatch:
-    """The memory estimate of a sequential run: while the first batch's forward runs up to its first stop, forward
-    hooks on every module remember (weakly) the tensors they return; at that stop, the storages still alive are
-    what one paused forward holds. Times the batches, plus the batches, is the estimate: logged, and refused
-    (:class:`CalibrationError`) when it exceeds what the device has free."""
+    """The memory a sequential run holds. While the first batch's forward runs, forward hooks on every module
+    remember (weakly) the tensors they return; at each of its stops, the storages still alive are what one paused
+    forward holds there. At the first stop, that times the batches, plus the batches, is the estimate logged before
+    any other batch runs; a run whose other batches would need more than the device has free (there, or at a later
+    stop where the paused forwards hold more) is refused with :class:`CalibrationError`. ``held`` is the largest
+    estimate over the stops seen."""
 
     def __init__(self, model: nn.Module, held: list[tuple[int, Any]], run: Placement) -> None:
         self.model, self.held, self.run = model, held, run
@@ -165,7 +168,10 @@ class _MemoryWatch:
         self.watching = False
         self.lane: Callable[[], Optional[int]] = lambda: None
         self.lane_input: set[int] = set()
-        self.estimate: Optional[int] = None
+        self.batches = 0
+        self.activations: Optional[int] = None
+        self.most = 0
+        self.free: Optional[int] = None
 
     def start(self, lane: Callable[[], Optional[int]]) -> None:
         """Watch the first batch's forward; ``lane`` says which lane the calling thread runs."""
@@ -174,39 +180,54 @@ class _MemoryWatch:
         self.watching, self.lane = True, lane
         self.handles = [module.register_forward_hook(self._record) for module in self.model.modules()]
         self.lane_input = {t.untyped_storage().data_ptr() for t in output_tensors(self.held[0][1])}
+        self.batches = sum(_nbytes(model_input) for _, model_input in self.held)
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.watching and self.lane() == 0:
             self.outputs += [weakref.ref(t) for t in output_tensors(output)]
 
     def check(self, arriving: torch.Tensor) -> None:
-        """At the first batch's first stop: estimate, log, and refuse a run that cannot fit."""
-        self.stop()
+        """At a stop of the first batch: measure what it holds; at the first, log the estimate; refuse a run whose
+        other batches cannot get there."""
+        alive = [tensor for tensor in (ref() for ref in self.outputs) if tensor is not None]
+        self.outputs = [weakref.ref(tensor) for tensor in alive]
         storages = {}
-        for tensor in [ref() for ref in self.outputs] + [arriving]:
-            if tensor is not None:
-                storage = tensor.untyped_storage()
-                storages.setdefault(storage.data_ptr(), storage.nbytes())
+        for tensor in alive + [arriving]:
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage.nbytes())
         for pointer in self.lane_input:
             storages.pop(pointer, None)
         activations = sum(storages.values())
-        batches = sum(_nbytes(model_input) for _, model_input in self.held)
-        self.estimate = batches + activations * len(self.held)
-        free = available_memory(self.run.device)
-        log.info("sequential recalibration will hold about %s on %s: %d batch(es) (%s) and their paused forwards "
-                 "(%s each at the first layer)%s", _size(self.estimate), self.run.device, len(self.held),
-                 _size(batches), _size(activations), f"; {_size(free)} free" if free is not None else "",
-                 extra={"normswap_memory_estimate": self.estimate})
-        more = activations * (len(self.held) - 1)  # the batches and the first forward's activations are held already
+        earlier, self.activations = self.activations, activations
+        self.most = max(self.most, activations)
+        lanes = len(self.held)
+        if earlier is None:
+            self.free = available_memory(self.run.device)  # read once: it changes slowly, and reading takes time
+        free = self.free
+        if earlier is None:
+            log.info("sequential recalibration will hold about %s on %s: %d batch(es) (%s) and their paused "
+                     "forwards (%s each at the first layer)%s", _size(self.batches + activations * lanes),
+                     self.run.device, lanes, _size(self.batches), _size(activations),
+                     f"; {_size(free)} free" if free is not None else "",
+                     extra={"normswap_memory_estimate": self.batches + activations * lanes})
+        more = (activations - (earlier or 0)) * (lanes - 1)  # what the other batches add to get here
         if free is not None and more > free:
             fits = max(1, int(free // max(activations, 1)))
             raise CalibrationError(
-                f"sequential recalibration would hold about {_size(self.estimate)} ({len(self.held)} batches and "
-                f"{_size(activations)} of activations each, paused at the first layer), more than the {_size(free)} "
-                f"free on {self.run.device}: calibrate on fewer batches (batches={min(fits, len(self.held) - 1)} or "
-                "so) or use method='exact', which holds one batch at a time")
+                f"sequential recalibration would hold about {_size(self.batches + activations * lanes)} ({lanes} "
+                f"batches and {_size(activations)} of activations each, paused at a layer), more than the "
+                f"{_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
+                f"{min(fits, lanes - 1)} or so) or use method='exact', which holds one batch at a time")
+
+    @property
+    def held_most(self) -> int:
+        """The largest estimate over the stops the first batch reached: the batches and every paused forward."""
+        return self.batches + self.most * len(self.held)
 
     def stop(self) -> None:
+        if self.activations is not None and self.handles:
+            log.debug("sequential recalibration held about %s at most", _size(self.held_most),
+                      extra={"normswap_memory_held": self.held_most})
         self.watching = False
         for handle in self.handles:
             handle.remove()
