@@ -166,7 +166,8 @@ def check_targets(title: str, model: nn.Module, data: DigitsData, groups: int, t
     test, labels = data.test_images, data.test_labels
     began = time.perf_counter()
     converted = convert(model, "fit", groups, data.train_images[:CALIBRATION_IMAGES])
-    report = normswap.refine(converted, model, data.train_images.split(REFINE_BATCH), progress=False)
+    report = normswap.refine_report(normswap.refine(converted, model, data.train_images.split(REFINE_BATCH),
+                                                    progress=False))
     seconds = time.perf_counter() - began
     tuned = copy.deepcopy(converted)
     began = time.perf_counter()

@@ -8,6 +8,8 @@ The Python API is the product; the ``normswap`` command is a thin shell over it.
 >>> model = p.apply(model)                      # or: normswap.convert(model, "gn", groups=32)
 """
 
+from ._version import __version__
+from .api import convert, freeze
 from .arch import ArchSpec
 from .checkpoint import load, load_checkpoint, read_metadata, save
 from .compare import ComparisonReport, compare
@@ -23,12 +25,10 @@ from .errors import (
 from .fit import FitReport, fit_report
 from .fold import FoldPlan, fold, fold_weights, plan_fold
 from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
-from .plan import Plan, PlanRow, SkippedLayer, choose_groups, convert, freeze, plan
+from .plan import Plan, PlanRow, SkippedLayer, choose_groups, plan
 from .recalibrate import CalibrationReport, calibration_report, recalibrate
 from .recipe import Recipe
 from .refine import RefineReport, refine, refine_report
-
-__version__ = "0.2.0"
 
 __all__ = [
     "ArchSpec",

@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import json
@@ -50,6 +51,7 @@ from torch import nn
 from . import imports
 from .errors import ArchitectureError, NormswapError
 from .history import set_arch
+from .offline import no_downloads
 
 __all__ = ["ArchSpec", "NORMSWAP_BUILDERS", "WEIGHT_KWARGS"]
 
@@ -207,13 +209,11 @@ class ArchSpec:
                 import fails, or building fails (the message says why).
         """
         self.check_buildable()
-        factory = self._factory()
+        with no_downloads():  # the import of an import path's package too
+            factory = self._factory()
         try:
-            if device is None:
+            with no_downloads(), torch.device(device) if device is not None else contextlib.nullcontext():
                 model = factory(**self.kwargs)
-            else:
-                with torch.device(device):
-                    model = factory(**self.kwargs)
         except NormswapError:
             raise
         except Exception as exc:

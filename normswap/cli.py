@@ -25,7 +25,6 @@ import errno
 import functools
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import CheckpointError, NormswapError
+from .errors import NormswapError
 from .registry import TARGET_NAMES, TARGETS
 
 __all__ = [
@@ -56,10 +55,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
-_NO_DOWNLOADS = {"YOLO_AUTOINSTALL": "False", "YOLO_OFFLINE": "True", "HF_HUB_OFFLINE": "1"}
-"""Environment for the libraries a checkpoint may import (a pickled ultralytics model imports ultralytics, which
-otherwise pip-installs what it misses): normswap never downloads. Variables the user set are kept."""
-
 log = logging.getLogger("normswap")
 
 
@@ -76,9 +71,10 @@ class NormswapGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         from .checkpoint import Terminated, interruptible
+        from .offline import no_downloads
 
-        try:
-            with interruptible():
+        try:  # this process: SIGTERM cleans up like Ctrl-C, and nothing a command imports goes online
+            with interruptible(), no_downloads(hub=True):
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -146,8 +142,6 @@ def _configure_logging(ctx: click.Context, level: int) -> None:
 @click.pass_context
 def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
     """Swap, freeze and inspect the normalization layers of PyTorch checkpoints."""
-    for name, value in _NO_DOWNLOADS.items():
-        os.environ.setdefault(name, value)
     ctx.meta["normswap.debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     _configure_logging(ctx, level)
@@ -268,32 +262,9 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
 
 
-def _check_statistics(model: Any, strict: bool) -> list[str]:
-    """Warn about NaN/infinite or negative running statistics, naming each layer; refuse them under ``--strict``."""
-    from .inspection import BAD_STATS, inspect_model
-
-    problems = [f"layer '{report.name}': {report.warnings[code]}"
-                for report in inspect_model(model) for code in BAD_STATS if code in report.warnings]
-    if problems and strict:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"refusing to convert under --strict: {problems[0]}{more}")
-    for problem in problems:
-        log.warning(problem)
-    return problems
-
-
 def _groups_summary(plan: Any) -> dict[str, int]:
     counts = Counter(row.groups for row in plan.rows if row.groups is not None)
     return {str(groups): n for groups, n in sorted(counts.items(), key=lambda item: -item[1])}
-
-
-def _check_plan(conversion: Any) -> None:
-    """Warn about include/exclude patterns that match no layer; refuse a plan that changes nothing (a deployment
-    script must notice that no file was written)."""
-    for pattern in conversion.unmatched_patterns():
-        log.warning(f"the pattern '{pattern}' matches no norm layer")
-    if not conversion.rows:
-        raise NormswapError(f"nothing to convert, no file written: {conversion.why_empty()}")
 
 
 def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, suffix: str,
@@ -301,30 +272,29 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
                     as_json: bool, fit_options: Optional[dict[str, Any]] = None) -> None:
     """What ``convert`` and ``freeze`` share: load, check statistics, plan, print or apply (and fit) and write,
     summarise. ``fit_options`` (``data``, ``batch_size``, and the data options of
-    :func:`normswap.plan.apply_conversion`) fit GroupNorm affine weights and refine the converted model."""
-    from .plan import plan
-
+    :func:`normswap.api.apply_conversion`) fit GroupNorm affine weights and refine the converted model."""
+    from .api import apply_conversion, check_plan, check_statistics
     from .checkpoint import check_input
+    from .plan import plan
 
     check_input(checkpoint)
     out = None if dry_run else output_path(checkpoint, output, suffix, force)
     model = source.open(checkpoint)
-    problems = _check_statistics(model, strict)
+    problems = check_statistics(model, strict=strict)
     conversion = plan(model, to, **plan_options)
     if dry_run:
         if as_json:
             emit_json(conversion.to_dict())
         else:
             click.echo(str(conversion))
-        _check_plan(conversion)
+        check_plan(conversion, empty="error")
         return
-    _check_plan(conversion)
+    check_plan(conversion, empty="error")
     fit_summary = refine_summary = None
     options = dict(fit_options or {})
     if options.get("data") is not None:
         from .data import open_data
         from .fit import fit_report
-        from .plan import apply_conversion
         from .refine import refine_report
 
         data = open_data(options.pop("data"), model=model, batch_size=options.pop("batch_size"))
@@ -490,6 +460,7 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
     the original's eval-mode output. Layers that cannot be folded safely stay, and the table says why; when none
     can be folded, nothing is written and the exit status is 1.
     """
+    from .api import check_statistics
     from .errors import PlanError
     from .fold import plan_fold
 
@@ -497,7 +468,7 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
         raise click.UsageError("give --input-shape or --data, not both")
     out = None if dry_run else output_path(checkpoint, output, "folded", force)
     model = source.open(checkpoint)
-    problems = _check_statistics(model, strict)
+    problems = check_statistics(model, strict=strict)
     data = None
     if data_source is not None:
         from .data import open_data

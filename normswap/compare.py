@@ -39,9 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import call_model, floating_dtype, iter_inputs, main_output, model_failures, move_input
+from .deprecation import renamed_keywords
 from .errors import CalibrationError, NormswapError
 from .history import get_history
 from .placement import for_float64
+from .tables import text_table
+from .unwrap import unwrapped
+from .walk import model_device
 
 __all__ = ["ComparisonReport", "LayerDivergence", "compare"]
 
@@ -117,13 +121,12 @@ def format_report(report: ComparisonReport, max_rows: int = 30) -> str:
         depth += 1
     shown = [layer for layer in report.layers if _depth(layer.name) <= depth or layer.name == first]
     out.append(f"layers (forward order; {len(shown)} of {len(report.layers)} shown):")
-    rows = [("layer", "a", "b", "relative", "max abs")]
+    rows = []
     for layer in shown:
         mark = "  <- first divergence" if layer.name == first else ""
         class_b = layer.class_b if layer.class_b != layer.class_a else "same"
         rows.append((layer.name, layer.class_a, class_b, f"{layer.relative:.3g}", f"{layer.max_abs:.3g}{mark}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    out.extend("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    out.append(text_table(("layer", "a", "b", "relative", "max abs"), rows))
     if first is None:
         out.append(f"no layer differs by more than {report.tolerance:g} (relative)")
     else:
@@ -229,12 +232,6 @@ def _batch_labels(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _remember_batches(data: Iterable[Any], last: list) -> Iterator[Any]:
     for batch in data:
         last[:] = [batch]
@@ -301,9 +298,10 @@ class _OutputStats:
         )
 
 
+@renamed_keywords(model_a="original", model_b="model")
 def compare(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    original: nn.Module,
+    model: nn.Module,
     data: Iterable[Any],
     *,
     labels: Union[torch.Tensor, Sequence[int], None] = None,
@@ -314,10 +312,12 @@ def compare(
     layers: bool = True,
     tolerance: float = 1e-4,
 ) -> ComparisonReport:
-    """Compare two models' eval-mode outputs on the same data, output by output and layer by layer.
+    """Compare ``model``'s eval-mode outputs with ``original``'s on the same data, output by output and layer by
+    layer.
 
-    ``model_a`` is the reference (relative differences are taken against it). Both models are run in eval mode
-    and left in the mode and on the device they were in.
+    ``original`` is the reference (relative differences are taken against it; the report's ``a`` figures are its
+    own, ``b`` those of ``model``). Both models are run in eval mode and left in the mode and on the device they
+    were in. The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
 
     Args:
         data: batches as :func:`normswap.data.iter_inputs` reads them; each model input is passed as
@@ -340,11 +340,12 @@ def compare(
     >>> report.max_abs, report.top1_agreement, report.first_divergence
     (0.0, 1.0, None)
     """
-    homes = [(model, _device_of(model)) for model in (model_a, model_b)]
+    model_a, model_b = unwrapped(original), unwrapped(model)
+    homes = [(model, model_device(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)
         model_b.to(device)
-    device_a, device_b = _device_of(model_a), _device_of(model_b)
+    device_a, device_b = model_device(model_a), model_device(model_b)
     dtype_a, dtype_b = floating_dtype(model_a), floating_dtype(model_b)
     all_labels = torch.as_tensor(labels).reshape(-1) if labels is not None else None
     modes = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -164,7 +165,7 @@ def model_failures(index: int, model_input: Any, what: str = "the model") -> Ite
     except NormswapError:
         raise
     except Exception as exc:
-        raise ModelFailure(f"batch {index} ({describe_input(model_input)}) failed in {what}: "
+        raise ModelFailure(f"batch {index} ({describe_input(model_input, dtypes=True)}) failed in {what}: "
                            f"{type(exc).__name__}: {_first_line(exc)}", index) from exc
 
 
@@ -185,15 +186,25 @@ def batch_size_of(model_input: Any) -> int:
     return next((found for found in map(batch_size_of, values) if found), 0)
 
 
-def describe_input(model_input: Any) -> str:
-    """A short description of a model input, for messages: ``a float32 tensor of shape [2, 3, 8, 8]``."""
+def describe_input(model_input: Any, *, dtypes: bool = False) -> str:
+    """A short description of a model input, for messages and reports: ``2x3x224x224``, ``[3x800x800]`` (a list),
+    ``(2x3, {mask: 2})`` (a tuple holding a dict); with ``dtypes``, each tensor's dtype too (``float32 2x3x8x8``).
+
+    >>> describe_input((torch.zeros(2, 3), {"mask": torch.zeros(2)}))
+    '(2x3, {mask: 2})'
+    >>> describe_input([torch.zeros(1, 4, dtype=torch.float16), "scale"], dtypes=True)
+    '[float16 1x4, str]'
+    """
     if isinstance(model_input, torch.Tensor):
-        return f"a {str(model_input.dtype).replace('torch.', '')} tensor of shape {list(model_input.shape)}"
+        shape = "x".join(map(str, model_input.shape)) or "scalar"
+        return f"{str(model_input.dtype).replace('torch.', '')} {shape}" if dtypes else shape
     if isinstance(model_input, (tuple, list)):
-        return f"a {type(model_input).__name__} of {len(model_input)}"
+        inner = ", ".join(describe_input(item, dtypes=dtypes) for item in model_input)
+        return f"[{inner}]" if isinstance(model_input, list) else f"({inner})"
     if isinstance(model_input, Mapping):
-        return f"a dict with keys {sorted(map(str, model_input))}"
-    return f"a {type(model_input).__name__}"
+        items = ", ".join(f"{key}: {describe_input(item, dtypes=dtypes)}" for key, item in model_input.items())
+        return "{" + items + "}"
+    return type(model_input).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -257,19 +268,37 @@ OUTPUT_KEYS = ("logits", "out", "output")
 """Keys tried, in order, for the main output of a model that returns a dict."""
 
 
+MAX_DEPTH = 8
+"""How deep :func:`output_tensors` looks into nested containers."""
+
+
 def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]:
-    """Every tensor in a model output (a tensor, or tuples, lists and dicts of them, transformers' outputs
-    included), in order; only the floating-point ones with ``floating``.
+    """Every tensor in a model output or input (a tensor, or tuples, lists, dicts and dataclasses of them,
+    transformers' outputs included, down to :data:`MAX_DEPTH` levels), in order; only the floating-point ones with
+    ``floating``.
 
     >>> [t.shape[0] for t in output_tensors({"boxes": torch.zeros(3, 4), "labels": torch.zeros(3).long()})]
     [3, 3]
     """
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() or not floating else []
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in output_tensors(item, floating=floating)]
+    return _tensors_in(output, floating, 0)
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+def _tensors_in(value: Any, floating: bool, depth: int) -> list[torch.Tensor]:
+    """:func:`output_tensors`, positional and with the depth reached (it runs on every call a graph records)."""
+    if isinstance(value, torch.Tensor):
+        return [value] if not floating or value.is_floating_point() else []
+    if type(value) in _PLAIN or depth >= MAX_DEPTH:
+        return []
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors_in(item, floating, depth + 1)]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _tensors_in(item, floating, depth + 1)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors_in(getattr(value, f.name, None), floating,
+                                                                           depth + 1)]
     return []
 
 

@@ -26,14 +26,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .api import convert, freeze
 from .checkpoint import load
 from .compare import ComparisonReport, compare
 from .errors import NormswapError
 from .fit import fit_report
 from .fold import fold
-from .plan import convert, freeze
 from .recalibrate import recalibrate
-from .refine import refine
+from .refine import refine, refine_report
+from .tables import text_table
 
 __all__ = [
     "CHECKPOINT",
@@ -188,11 +189,9 @@ class DemoResult:
             (row.step, "-" if row.agreement is None else f"{row.agreement:.1%}", f"{row.accuracy:.1%}", row.detail)
             for row in self.rows
         ]
-        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
         out = ["normswap demo: a small BatchNorm ResNet trained on scikit-learn's digits "
                "(agreement: top-1 agreement with the original model on the test images)"]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         out.append(f"({self.seconds:.1f} s)")
         return "\n".join(out)
 
@@ -239,8 +238,8 @@ def run_demo(
     worst = min(layer.r2 for layer in fit_report(fitted).layers if layer.r2 is not None)
     add("GroupNorm, fitted affine", fitted,
         f"G={groups}, fit on {calibration_images} images, worst layer R2 {worst:.2f}")
-    refined = copy.deepcopy(fitted)
-    report = refine(refined, original, data.train_images.split(64), steps=refine_steps, progress=False)
+    refined = refine(copy.deepcopy(fitted), original, data.train_images.split(64), steps=refine_steps, progress=False)
+    report = refine_report(refined)
     add("GroupNorm, fitted + refined", refined,
         f"{report.steps} steps on {len(data.train_images)} unlabeled images, {report.seconds:.1f} s")
     frozen = freeze(copy.deepcopy(original))

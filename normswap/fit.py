@@ -47,26 +47,25 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import call_model, iter_inputs
-from .errors import CalibrationError, NormswapError, PlanError
-from .graph import capture
-from .history import last_step, record_step
-from .lockstep import Arrival, Lockstep, Revisited
+from .data import call_model, iter_inputs, output_tensors
+from .deprecation import renamed_keywords
+from .errors import CalibrationError, PlanError
+from .history import record_step, required_step
+from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from .placement import Device, Placement, for_float64
+from .plan_rows import PlanRow
 from .progress import progress_bar
+from .tables import text_table
 from .targets import SourceLayer
-from .walk import get_module
-
-if TYPE_CHECKING:
-    from .plan import PlanRow
+from .unwrap import unwrapped
+from .walk import get_module, model_device
 
 __all__ = ["FIT_TARGETS", "FitReport", "LayerFit", "fit_converted", "fit_report"]
 
@@ -121,9 +120,7 @@ class FitReport:
         header = ("layer", "C", "G", "R2", "kept", "R2 copy", "note")
         lines = [(layer.name, str(layer.channels), str(layer.groups), _number(layer.r2), layer.kept or "-",
                   _number(layer.copy_r2), layer.note) for layer in self.layers]
-        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,15 +152,14 @@ def fit_report(model: nn.Module) -> FitReport:
     >>> fit_report(model).layers[0].channels
     4
     """
-    step = last_step(model, "fit")
-    if step is None:
-        raise NormswapError("this model has no fitted affine weights: convert it with affine='fit' first")
-    return FitReport.from_dict(step)
+    return FitReport.from_dict(required_step(
+        model, "fit", "this model has no fitted affine weights: convert it with affine='fit' first"))
 
 
+@renamed_keywords(converted="model", reference="original")
 def fit_converted(
-    converted: nn.Module,
-    reference: nn.Module,
+    model: nn.Module,
+    original: nn.Module,
     rows: list[PlanRow],
     *,
     data: Iterable[Any],
@@ -175,7 +171,8 @@ def fit_converted(
     progress: Optional[bool] = None,
 ) -> FitReport:
     """Fit the GroupNorm affine weights of the layers ``rows`` converted (with ``affine="fit"``) so that
-    ``converted`` reproduces ``reference``, the model before the conversion.
+    ``model`` reproduces ``original``, the model before the conversion (the old keyword names ``converted=`` and
+    ``reference=`` still work, with a ``DeprecationWarning``).
 
     :meth:`normswap.plan.Plan.apply` calls this for a plan made with ``affine="fit"``, and takes its keyword
     arguments (``normswap.convert(model, "gn", affine="fit", data=...)`` passes them on):
@@ -190,7 +187,8 @@ def fit_converted(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar over the layers.
 
-    The fit is recorded in ``converted``'s history; :func:`fit_report` returns the per-layer fit quality.
+    The fit is recorded in ``model``'s history; :func:`fit_report` returns the per-layer fit quality. Wrappers
+    around either model (``torch.compile``, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through.
 
     Raises:
         PlanError: an unknown ``fit_target``.
@@ -206,13 +204,14 @@ def fit_converted(
     """
     if fit_target not in FIT_TARGETS:
         raise PlanError(f"unknown fit target '{fit_target}': choose global, local or auto")
+    converted, reference = unwrapped(model), unwrapped(original)
     inputs = [x for _, x in iter_inputs(data, batches=batches, input_fn=input_fn, input_key=input_key)]
     if not inputs:
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")
     fitted = [row for row in rows if row.affine == "fit"]
     initial = _affine_values(converted, fitted)
     modes = {module: module.training for model in (converted, reference) for module in model.modules()}
-    homes = [(model, _model_device(model)) for model in (converted, reference)]
+    homes = [(model, model_device(model)) for model in (converted, reference)]
     run = Placement.resolve(converted, device, False, error=CalibrationError)
     try:
         converted.to(run.device).eval()
@@ -271,26 +270,26 @@ def _fit_layers(converted: nn.Module, reference: nn.Module, rows: list[PlanRow],
     once all have paused there, the layer is fitted on what they bring and they go on, through the fitted layer.
     With the global target the reference model's forward of each batch runs in step too, pausing at the same layers,
     so that its BatchNorm input is at hand when the converted model's arrives. A layer called several times per
-    forward is found when a forward reaches it again: the calls are then counted (:func:`normswap.graph.capture`)
-    and the fit starts again."""
-    calls: dict[int, int] = {}
-    initial = _affine_values(converted, [row for row in rows if row.affine == "fit"])
-    try:
-        return _fit_in_step(converted, reference, rows, inputs, target, progress, calls, run_reference)
-    except Revisited:
-        _set_affine_values(converted, initial)
-    with torch.no_grad():
-        graph = capture(converted, inputs[0])
+    forward is found when a forward reaches it again: the calls are then counted and the fit starts again
+    (:func:`normswap.lockstep.run_counting_calls`)."""
     fit_rows = [row for row in rows if row.affine == "fit"]
-    calls = {stop: graph.call_count(get_module(converted, row.name)) for stop, row in enumerate(fit_rows)}
-    try:
-        return _fit_in_step(converted, reference, rows, inputs, target, progress, calls, run_reference)
-    except Revisited as revisit:
-        raise CalibrationError(
+    initial = _affine_values(converted, fit_rows)
+
+    def count() -> dict[int, int]:
+        with torch.no_grad():
+            return count_calls(converted, inputs[0], [get_module(converted, row.name) for row in fit_rows])
+
+    def refuse(revisit: Revisited) -> CalibrationError:
+        return CalibrationError(
             f"layer '{fit_rows[revisit.stop].name}' is called a different number of times in different batches "
             "(or by the original and the converted model): fit it with fit_target='local' or convert with "
             "affine='copy'"
-        ) from None
+        )
+
+    result, _ = run_counting_calls(
+        lambda calls: _fit_in_step(converted, reference, rows, inputs, target, progress, calls, run_reference),
+        count, restore=lambda: _set_affine_values(converted, initial), refuse=refuse)
+    return result
 
 
 def _fit_in_step(converted: nn.Module, reference: nn.Module, rows: list[PlanRow], inputs: list[Any], target: str,
@@ -458,22 +457,11 @@ def _output_error(outputs: list[Any], expected: list[Any]) -> Optional[float]:
     """
     squared_error = squared_reference = 0.0
     for output, reference in zip(outputs, expected):
-        for y, y_ref in zip(_tensors(output), _tensors(reference)):
+        for y, y_ref in zip(output_tensors(output, floating=True), output_tensors(reference, floating=True)):
             y, y_ref = y.to(torch.float64), y_ref.to(torch.float64)
             squared_error += (y - y_ref).pow(2).sum().item()
             squared_reference += y_ref.pow(2).sum().item()
     return squared_error / squared_reference if squared_reference > 0 else None
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors in a model output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, Mapping):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []
 
 
 def _affine_values(model: nn.Module, rows: list[PlanRow]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -489,10 +477,3 @@ def _set_affine_values(model: nn.Module, values: dict[str, tuple[torch.Tensor, t
         layer = get_module(model, name)
         layer.weight.copy_(weight.to(layer.weight.device))
         layer.bias.copy_(bias.to(layer.bias.device))
-
-
-def _model_device(model: nn.Module) -> Optional[torch.device]:
-    """The device of the model's first parameter or buffer, or ``None`` if it has none."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return None

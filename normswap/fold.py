@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +70,8 @@ from .history import record_step, set_input_shape
 from .placement import for_float64
 from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
+from .tables import text_table
+from .unwrap import unwrapped, unwrapped_to_change
 from .walk import find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
@@ -182,8 +184,9 @@ class FoldPlan:
         """Fold the planned pairs of ``model`` in place (and freeze the rest if planned); returns the model.
 
         Everything is checked and computed before the first change: a plan that does not fit the model raises
-        :class:`PlanError` and leaves the model as it was.
+        :class:`PlanError` and leaves the model as it was. A wrapper (:mod:`normswap.unwrap`) is looked through.
         """
+        model = unwrapped_to_change(model, "fold")
         folded = [_fold_values(model, pair) for pair in self.pairs]
         freeze_plan = _freeze_plan(model, self.left)
         for pair, (conv, weight, bias, replacement) in zip(self.pairs, folded):
@@ -228,9 +231,7 @@ def format_fold_plan(p: FoldPlan) -> str:
         header = ("layer", "into", "C", "bias", "keeps")
         rows = [(pair.bn, f"{pair.conv} ({pair.conv_class.rsplit('.', 1)[-1]})", str(pair.channels),
                  "new" if pair.new_bias else "updated", pair.keeps or "") for pair in p.pairs]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        out.append(text_table(header, rows))
     groups: dict[tuple[str, str], list[str]] = {}
     for layer in p.left:
         groups.setdefault(("frozen" if layer.frozen else "left", layer.reason), []).append(layer.names[0])
@@ -267,6 +268,8 @@ def plan_fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
 
@@ -280,6 +283,8 @@ def plan_fold(
             running statistics and unknown subclasses stay as they are).
         within: qualified name of a submodule: fold only the layers inside it.
         example_input, data, input_shape: the example input, see above.
+        input_fn, input_key: how to find the model input in the first batch of ``data``, as in
+            :func:`normswap.data.iter_inputs` (``input_key="pixel_values"`` for dict batches).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
@@ -288,6 +293,7 @@ def plan_fold(
     layer  into        C  bias     keeps
     1      0 (Linear)  4  updated
     """
+    model = unwrapped(model)
     options = {"freeze_rest": freeze_rest, "within": within, "example_input": example_input is not None,
                "data": data is not None, "input_shape": list(input_shape) if input_shape is not None else None}
     prefix = ""
@@ -306,7 +312,7 @@ def plan_fold(
     if candidates:
         try:
             example = Example(example_input, "example_input") if example_input is not None else find_example(
-                model, data, input_shape)
+                model, data, input_shape, input_fn=input_fn, input_key=input_key)
             result.example = str(example)
             graph = capture(model, example.value, example=result.example)
         except GraphError as exc:
@@ -548,6 +554,8 @@ def fold(
     example_input: Any = None,
     data: Optional[Iterable[Any]] = None,
     input_shape: Optional[Sequence[int]] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    input_key: Optional[str] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -566,4 +574,4 @@ def fold(
     ), True)
     """
     return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                     input_shape=input_shape).apply(model)
+                     input_shape=input_shape, input_fn=input_fn, input_key=input_key).apply(model)

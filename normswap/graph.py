@@ -59,7 +59,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import threading
 from collections.abc import Mapping
@@ -71,7 +70,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .data import call_model, iter_inputs
+from .data import call_model, describe_input, iter_inputs, output_tensors
 from .errors import NormswapError
 from .history import get_input_shape
 
@@ -111,8 +110,6 @@ _VALUE_FREE = frozenset({
     "torch.randn_like", "torch.randint_like", "torch.Tensor.new_zeros", "torch.Tensor.new_ones",
     "torch.Tensor.new_empty", "torch.Tensor.new_full", "torch.Tensor.new_tensor",
 })
-
-_MAX_DEPTH = 8
 
 
 @dataclass(eq=False)
@@ -250,23 +247,6 @@ class Example:
 
     def __str__(self) -> str:
         return f"{describe_input(self.value)} ({self.source})"
-
-
-def describe_input(model_input: Any) -> str:
-    """A short description of a model input: ``2x3x224x224``, ``[3x800x800]``, ``{pixel_values: 1x3x224x224}``.
-
-    >>> describe_input((torch.zeros(2, 3), {"mask": torch.zeros(2)}))
-    '(2x3, {mask: 2})'
-    """
-    if isinstance(model_input, torch.Tensor):
-        return "x".join(map(str, model_input.shape)) or "scalar"
-    if isinstance(model_input, list):
-        return "[" + ", ".join(describe_input(item) for item in model_input) + "]"
-    if isinstance(model_input, tuple):
-        return "(" + ", ".join(describe_input(item) for item in model_input) + ")"
-    if isinstance(model_input, Mapping):
-        return "{" + ", ".join(f"{key}: {describe_input(item)}" for key, item in model_input.items()) + "}"
-    return type(model_input).__name__
 
 
 def example_input(
@@ -479,7 +459,7 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "") -> Graph:
             message = str(exc).strip().splitlines()
             raise GraphError(f"the model fails on the example input {describe_input(model_input)}: "
                              f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")) from exc
-        outputs = [recorder.value(tensor) for tensor in _tensors(output)]
+        outputs = [recorder.value(tensor) for tensor in output_tensors(output)]
     return Graph(recorder.calls, recorder.values_seen, outputs, recorder.names, recorder.registered_values,
                  example or describe_input(model_input))
 
@@ -507,7 +487,7 @@ class _Recorder(TorchFunctionMode):
 
     @contextlib.contextmanager
     def recording(self, model_input: Any) -> Iterator[None]:
-        for tensor in _tensors(model_input):
+        for tensor in output_tensors(model_input):
             self.value(tensor).from_input = True
         before = nn.modules.module.register_module_forward_pre_hook(self._enter)
         # (not with_kwargs=True: torch 2.x leaves such a global hook's flag behind when it is removed)
@@ -547,7 +527,7 @@ class _Recorder(TorchFunctionMode):
         try:
             names = self.names.get(id(module)) or [type(module).__name__]
             call = Call(len(self.calls), names[0], self.stack[-1] if self.stack else None, module,
-                        [self.value(t) for t in _tensors(args)], positional=len(args))
+                        [self.value(t) for t in output_tensors(args)], positional=len(args))
             self.calls.append(call)
             self.stack.append(call)
         finally:
@@ -559,7 +539,7 @@ class _Recorder(TorchFunctionMode):
         self.busy = True
         try:
             call = self.stack.pop()
-            call.outputs = [self.value(t) for t in _tensors(output)]
+            call.outputs = [self.value(t) for t in output_tensors(output)]
             call.end = len(self.calls) - 1
         finally:
             self.busy = False
@@ -575,7 +555,7 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.busy = True
         try:
-            tensors = _tensors((args, kwargs))
+            tensors = output_tensors((args, kwargs))
             inputs = [self.value(tensor) for tensor in tensors]
         finally:
             self.busy = False
@@ -588,7 +568,7 @@ class _Recorder(TorchFunctionMode):
         return output
 
     def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
-        outputs = _tensors(output)
+        outputs = output_tensors(output)
         changed = [tensor for tensor, value in zip(tensors, inputs) if _version(tensor) != value.version]
         if not changed and outputs and all(any(out is t for t in tensors) for out in outputs):
             return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
@@ -618,21 +598,6 @@ def _version(tensor: torch.Tensor) -> Optional[int]:
         return tensor._version
     except RuntimeError:  # inference tensors have no version counter
         return None
-
-
-def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    """The tensors in ``obj``, through tuples, lists, dicts and dataclasses, in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth >= _MAX_DEPTH:
-        return []
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors(item, depth + 1)]
-    if isinstance(obj, Mapping):
-        return [t for item in obj.values() for t in _tensors(item, depth + 1)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name, None), depth + 1)]
-    return []
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NormswapError
+from .unwrap import unwrapped
 
 __all__ = [
     "SCHEMA",
@@ -77,19 +78,33 @@ def record_step(model: nn.Module, step: dict[str, Any]) -> None:
 
 
 def last_step(model: nn.Module, op: str) -> Optional[dict[str, Any]]:
-    """The most recent step ``op`` recorded on ``model`` (looking through a DistributedDataParallel wrapper), or
-    ``None``.
+    """The most recent step ``op`` recorded on ``model`` (looking through the wrappers
+    :func:`normswap.unwrap.unwrapped` knows: ``torch.compile``, DDP, DataParallel, EMA), or ``None``.
 
     >>> model = nn.Sequential()
     >>> record_step(model, {"op": "fit", "chosen": "global"})
     >>> last_step(model, "fit")["chosen"], last_step(model, "refine")
     ('global', None)
     """
-    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    for step in reversed(get_history(root)):
+    for step in reversed(get_history(unwrapped(model))):
         if step.get("op") == op:
             return step
     return None
+
+
+def required_step(model: nn.Module, op: str, missing: str) -> dict[str, Any]:
+    """:func:`last_step`, for a report read from the history: :class:`NormswapError` saying ``missing`` (what to run
+    first) when ``model`` has no step ``op``.
+
+    >>> required_step(nn.Sequential(), "fit", "this model has no fitted affine weights")
+    Traceback (most recent call last):
+        ...
+    normswap.errors.NormswapError: this model has no fitted affine weights
+    """
+    step = last_step(model, op)
+    if step is None:
+        raise NormswapError(missing)
+    return step
 
 
 def get_arch(model: nn.Module) -> Optional[dict[str, Any]]:

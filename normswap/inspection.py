@@ -29,6 +29,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .tables import text_table
+from .unwrap import unwrapped
+
 __all__ = ["BAD_STATS", "LayerReport", "format_reports", "group_counts_near", "inspect_model", "inspect_state_dict"]
 
 BAD_STATS = ("nonfinite", "negative_var")
@@ -140,7 +143,7 @@ def inspect_model(model: nn.Module) -> list[LayerReport]:
     from .walk import find_modules
 
     reports = []
-    for found in find_modules(model, is_norm_layer):
+    for found in find_modules(unwrapped(model), is_norm_layer):
         module, kind = found.module, classify(found.module)
         if kind == "lazy":
             reports.append(LayerReport(found.names, type(module).__name__, 0,
@@ -191,9 +194,7 @@ def format_reports(reports: list[LayerReport]) -> str:
         groups = f"{report.groups} (now)" if report.groups is not None else ",".join(map(str, report.gn_groups))
         lines.append((label, report.kind, str(report.channels), _number(report.eps), _span(report.mean),
                       _span(report.var), groups or "-"))
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    out = [text_table(header, lines)]
     warnings = [f"warning: {report.name}: {text}" for report in reports for text in report.warnings.values()]
     out.append(f"{len(reports)} norm layer(s), " + (f"{len(warnings)} warning(s)" if warnings else "no warnings"))
     out.extend(warnings)

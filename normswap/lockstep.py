@@ -11,7 +11,9 @@ forward runs once, on any model that runs, whatever its control flow.
 
 Only one lane runs at a time, handed over explicitly, so the calls into the model are as sequential and
 deterministic as a loop over the batches (the threads exist only to keep each forward's Python stack while it
-waits). Each lane runs under the context its caller gives (no_grad, autocast, device: thread-local state in torch).
+waits). Each lane runs under the thread-local torch state of the thread that calls :meth:`Lockstep.run` (grad and
+inference mode, autocast, torch function and dispatch modes, the current CUDA device and stream), then under the
+context its caller gives (no_grad, autocast, device), so a forward in a lane computes what it would in a loop.
 A hand-over between threads costs tens of microseconds of CPU (a semaphore and the interpreter lock), so the run
 makes as few as it can: the lane that pauses last at a stop settles it itself, in its own thread, and hands over to
 the next lane directly; with ``alternate=True`` the lanes waiting at a stop go on in the reverse order of their
@@ -41,11 +43,18 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
+import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-__all__ = ["Arrival", "Lockstep", "Revisited"]
+from .graph import capture
+
+__all__ = ["Arrival", "Lockstep", "Revisited", "count_calls", "run_counting_calls"]
+
+T = TypeVar("T")
 
 
 class Revisited(Exception):
@@ -78,6 +87,41 @@ class Arrival:
     lane: int
     module: nn.Module
     args: tuple
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+
+
+class _CallerState:
+    """The thread-local torch state of the thread that runs the lockstep, captured there, to be entered in each lane
+    thread: grad and inference mode, autocast (per device type, with the cast cache setting), the torch function
+    and dispatch modes (outermost first), the current CUDA device and stream (where CUDA is in use)."""
+
+    def __init__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        self.autocast = [(device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                         if torch.is_autocast_enabled(device)]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.function_modes = _get_current_function_mode_stack()
+        self.dispatch_modes = _get_current_dispatch_mode_stack()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.stream = torch.cuda.current_stream() if cuda else None
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if self.stream is not None:
+                stack.enter_context(torch.cuda.device(self.stream.device))
+                stack.enter_context(torch.cuda.stream(self.stream))
+            if self.inference:
+                stack.enter_context(torch.inference_mode())
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=self.autocast_cache))
+            for mode in (*self.function_modes, *self.dispatch_modes):
+                stack.enter_context(mode)
+            yield
 
 
 class _Lane:
@@ -132,6 +176,7 @@ class Lockstep:
         self.main = threading.Semaphore(0)
         self.aborting = False
         self.local = threading.local()
+        self.caller_state: Optional[_CallerState] = None
         self.settle: Callable[[int, list[Arrival], bool], None] = lambda stop, arrivals, final: None
         self.first_seen: dict[int, int] = {}
         self.step = 0
@@ -141,8 +186,9 @@ class Lockstep:
     def run(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
         """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called with
         the lanes paused there, in lane order (``final`` on the stop's last round), before they go on; it runs in
-        the thread of the lane that paused last, under that lane's context. Returns each lane's output. The first
-        error of a lane or of ``settle`` stops every lane and is raised here."""
+        the thread of the lane that paused last, under that lane's state and context. Returns each lane's output.
+        The first error of a lane or of ``settle`` stops every lane and is raised here."""
+        self.caller_state = _CallerState()
         handles = [module.register_forward_pre_hook(self._hook(stop)) for module, stop in self.stops.items()]
         self.settle = settle
         try:
@@ -241,7 +287,7 @@ class Lockstep:
     def _body(self, lane: _Lane) -> None:
         self.local.lane = lane
         try:
-            with self.context():
+            with self.caller_state.entered(), self.context():
                 lane.output = lane.forward()
         except _Abort:
             pass
@@ -277,3 +323,38 @@ class Lockstep:
 def _first_seen(paused: dict[int, int]) -> Optional[int]:
     """The paused stop seen first, the lowest-numbered among those seen at the same step."""
     return min(paused, key=lambda stop: (paused[stop], stop)) if paused else None
+
+
+def count_calls(model: nn.Module, model_input: Any, modules: Sequence[nn.Module]) -> dict[int, int]:
+    """How many times each of ``modules`` (by position: its stop number) is called in one forward of ``model`` on
+    ``model_input``, for those called at all (:func:`normswap.graph.capture`, which leaves nothing on the model).
+
+    >>> layer = nn.Linear(2, 2)
+    >>> count_calls(nn.Sequential(layer, nn.ReLU(), layer), torch.zeros(1, 2), [layer])
+    {0: 2}
+    """
+    graph = capture(model, model_input)
+    return {stop: graph.call_count(module) for stop, module in enumerate(modules) if graph.call_count(module)}
+
+
+def run_counting_calls(attempt: Callable[[dict[int, int]], T], count: Callable[[], dict[int, int]], *,
+                       restore: Callable[[], None],
+                       refuse: Callable[[Revisited], BaseException]) -> tuple[T, bool]:
+    """Run ``attempt(calls)`` as if every stop were called once per forward; if a lane reaches a stop again
+    (:class:`Revisited`), ``restore`` what the attempt changed, ``count`` the calls (:func:`count_calls`) and run
+    ``attempt`` once more with them. A second :class:`Revisited` (a layer called a different number of times in
+    another batch) is raised as ``refuse(revisit)``. Returns the result and whether the calls had to be counted.
+
+    >>> run_counting_calls(lambda calls: calls.get(0, 1), lambda: {0: 2}, restore=lambda: None,
+    ...                    refuse=lambda revisit: ValueError(revisit))
+    (1, False)
+    """
+    try:
+        return attempt({}), False
+    except Revisited:
+        restore()
+    calls = count()
+    try:
+        return attempt(calls), True
+    except Revisited as revisit:
+        raise refuse(revisit) from None

@@ -34,6 +34,7 @@ from torch import nn
 
 from .data import floating_dtype, move_input
 from .errors import NormswapError
+from .walk import model_device
 
 __all__ = ["Device", "Placement", "for_float64"]
 
@@ -56,7 +57,7 @@ class Placement:
     def resolve(cls, model: nn.Module, device: Device, amp: Union[bool, torch.dtype, None], *,
                 channels_last: bool = False, error: type[NormswapError] = NormswapError) -> "Placement":
         """Check ``device`` and ``amp`` for ``model``; ``error`` is the :class:`NormswapError` subclass raised."""
-        home = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        home = model_device(model) or torch.device("cpu")
         try:
             target = torch.device(device) if device is not None else home
         except (RuntimeError, TypeError):

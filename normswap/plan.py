@@ -26,11 +26,15 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 from torch import nn
 
 from . import registry, targets
+from .deprecation import forwarding
 from .errors import PlanError
 from .history import carry_memory, get_history, record_step, set_history
+from .plan_rows import PlanRow, SkippedLayer
+from .tables import text_table
+from .unwrap import unwrapped, unwrapped_to_change
 from .walk import find_modules, get_module, replace_module
 
-__all__ = ["Plan", "PlanRow", "SkippedLayer", "apply_conversion", "choose_groups", "convert", "freeze", "plan"]
+__all__ = ["Plan", "PlanRow", "SkippedLayer", "choose_groups", "plan"]
 
 log = logging.getLogger("normswap")
 
@@ -43,38 +47,6 @@ DEFAULT_GROUPS = 32
 Patterns = Union[str, Sequence[str], None]
 
 _FAMILY_NAMES = {"bn": "BatchNorm", "sync": "SyncBatchNorm", "frozen": "frozen", "gn": "GroupNorm"}
-
-
-@dataclass
-class PlanRow:
-    """One layer that changes. ``names`` lists every qualified name of the (possibly shared) module."""
-
-    names: list[str]
-    source: str
-    target: str
-    target_class: str
-    channels: int
-    groups: Optional[int]
-    rank: Optional[int]
-    eps: float
-    affine: str
-    stats: str
-    act: Optional[str] = None
-    trainable_affine: bool = False
-    note: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-
-@dataclass
-class SkippedLayer:
-    """One norm layer the plan leaves as it is, and why."""
-
-    names: list[str]
-    source: str
-    reason: str
 
 
 @dataclass
@@ -176,8 +148,10 @@ class Plan:
         All replacements are built before the first one is put in, so a plan that does not fit the model raises
         :class:`PlanError` and leaves the model as it was; a fit that fails or is interrupted puts the original
         layers back. If the model itself is a norm layer, the new layer is returned. The plan (and the fit) are
-        recorded in the model's history (see :mod:`normswap.history`).
+        recorded in the model's history (see :mod:`normswap.history`). A model in a wrapper (``torch.compile``,
+        DataParallel, EMA: :mod:`normswap.unwrap`) is looked through: the model inside is converted and returned.
         """
+        model = unwrapped_to_change(model, "convert")
         fitting = any(row.affine == "fit" for row in self.rows)
         given = sorted([*fit_options, *(["data"] if data is not None else [])])
         if not fitting and given:
@@ -358,6 +332,7 @@ def plan(
     24
     """
     _validate(to, groups, channels_per_group, group_policy, affine, unknown, trainable_affine)
+    model = unwrapped(model)
     include_list, exclude_list = _as_list(include), _as_list(exclude)
     if to == "gn" and groups is None:
         groups = DEFAULT_GROUPS
@@ -483,11 +458,9 @@ def format_plan(p: Plan, max_rows: Optional[int] = None) -> str:
             row.stats,
             note,
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = [f"plan: {len(p)} layer(s) to {p.target}, {len(p.skipped)} skipped"]
     if lines:
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        out.append(text_table(header, lines))
         if max_rows is not None and len(p.rows) > max_rows:
             out.append(f"... {len(p.rows) - max_rows} more")
     reasons: dict[str, list[str]] = {}
@@ -499,103 +472,8 @@ def format_plan(p: Plan, max_rows: Optional[int] = None) -> str:
     return "\n".join(out)
 
 
-def convert(model: nn.Module, to: str, **options: Any) -> nn.Module:
-    """Plan and apply a conversion of ``model``'s norm layers; returns the converted model.
-
-    The model is converted **in place** (like ``nn.SyncBatchNorm.convert_sync_batchnorm``): pass a
-    ``copy.deepcopy`` to keep the original. Options are those of :func:`plan` and of :func:`apply_conversion`:
-    with ``affine="fit"`` also pass ``data=``; ``refine=N`` then trains the converted model for up to ``N`` steps to
-    reproduce the original's outputs on the same data; ``process_group=`` for the ``sync`` target. An option given
-    as ``None`` counts as not given.
-
-    >>> import timm, normswap
-    >>> model = normswap.convert(timm.create_model("resnet18"), "gn", groups=32)
-    >>> type(model.bn1).__name__
-    'GroupNorm'
-    """
-    data_options = {key: options.pop(key) for key in list(options) if key in _APPLY_OPTIONS}
-    data_options = {key: value for key, value in data_options.items() if value is not None}  # None: not given
-    p = plan(model, to, **options)
-    return apply_conversion(model, p, **data_options)
-
-
-def apply_conversion(model: nn.Module, p: Plan, **options: Any) -> nn.Module:
-    """Apply the plan ``p`` to ``model`` (in place) with the options of :meth:`Plan.apply` (``data``,
-    ``process_group`` and the fit's), and, with ``refine=N``, refine the result; returns the model.
-
-    With ``refine=N``, the converted model is refined for up to ``N`` steps on the same data, with the original
-    model as the one to reproduce (:func:`normswap.refine.refine`: ``batches``, ``device``, ``input_fn``,
-    ``input_key`` and ``progress`` apply to it too, its other options go in ``refine_options``). The work is then
-    done on a copy and put into ``model`` only when all of it succeeded: if the fit or the refinement fails or is
-    stopped with an error, ``model`` is as it was.
-
-    >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
-    >>> images = [torch.randn(8, 3, 6, 6) for _ in range(2)]
-    >>> model = apply_conversion(model, plan(model, "gn", groups=2, affine="fit"), data=images, refine=5,
-    ...                          refine_options={"holdout": 0, "loss": "mse"}, progress=False)
-    >>> from normswap.history import get_history
-    >>> [step["op"] for step in get_history(model)]
-    ['plan', 'fit', 'refine']
-    """
-    unknown = sorted(set(options) - set(_APPLY_OPTIONS))
-    if unknown:
-        raise PlanError(f"unknown conversion option(s) {', '.join(unknown)}: see normswap.convert")
-    steps = options.pop("refine", None)
-    refine_options = dict(options.pop("refine_options", None) or {})
-    if steps is None:
-        if refine_options:
-            raise PlanError("refine_options only apply with refine=N")
-        return p.apply(model, **options)
-    if options.get("data") is None:
-        raise PlanError("refine= needs calibration data: pass data=")
-    return _convert_and_refine(model, p, steps, refine_options, options)
-
-
-def _convert_and_refine(model: nn.Module, p: Plan, steps: int, refine_options: dict[str, Any],
-                        options: dict[str, Any]) -> nn.Module:
-    """Convert (and fit) a copy of ``model``, refine it against ``model`` itself, then convert ``model`` and give
-    it the copy's weights and history: ``model`` changes only once everything has succeeded."""
-    from .refine import refine
-
-    shared = [key for key in _SHARED_WITH_REFINE if key in refine_options]
-    if shared:
-        raise PlanError(f"pass {', '.join(shared)} to convert itself, not in refine_options: it applies to the fit "
-                        "and the refinement alike")
-    try:
-        read_once = iter(options["data"]) is options["data"]
-    except TypeError:
-        read_once = False
-    if read_once:  # an iterator: both the fit and the refinement read the data
-        options = {**options, "data": list(options["data"])}
-    fitting = any(row.affine == "fit" for row in p.rows)
-    fit_only = sorted(set(options) - {*_SHARED_WITH_REFINE, "process_group"})
-    if fit_only and not fitting:
-        raise PlanError(f"{', '.join(fit_only)} only apply to a plan made with affine='fit'")
-    shared_options = {key: options[key] for key in _SHARED_WITH_REFINE if key in options}
-    apply_options = options if fitting else {key: options[key] for key in ("process_group",) if key in options}
-    converted = p.apply(copy.deepcopy(model), **apply_options)
-    refine(converted, model, steps=steps, **shared_options, **refine_options)
-    result = p._replace(model, options.get("process_group"))
-    result.load_state_dict(converted.state_dict())
-    set_history(result, get_history(converted))
-    return result
-
-
-_FIT_OPTIONS = ("data", "batches", "fit_target", "device", "input_fn", "input_key", "progress")
-_APPLY_OPTIONS = (*_FIT_OPTIONS, "process_group", "refine", "refine_options")
-_SHARED_WITH_REFINE = ("data", "batches", "device", "input_fn", "input_key", "progress")
-
-
-def freeze(model: nn.Module, *, trainable_affine: bool = False, **options: Any) -> nn.Module:
-    """Convert every BatchNorm of ``model`` to :class:`~normswap.layers.FrozenBatchNorm` (in place).
-
-    ``trainable_affine=True`` keeps weight and bias trainable while the statistics stay fixed. Other options are
-    those of :func:`plan` (``include``, ``exclude``, ...).
-
-    >>> import timm, normswap
-    >>> model = normswap.freeze(timm.create_model("resnet18"), exclude="layer4.*")
-    >>> type(model.layer4[0].bn1).__name__, type(model.bn1).__name__
-    ('BatchNorm2d', 'FrozenBatchNorm')
-    """
-    return convert(model, "frozen", trainable_affine=trainable_affine, **options)
+__getattr__ = forwarding(__name__, {"convert": ("normswap.api", "normswap.convert"),
+                                    "freeze": ("normswap.api", "normswap.freeze"),
+                                    "apply_conversion": ("normswap.api", "normswap.api.apply_conversion")})
+"""The façade's old home: ``normswap.plan.convert``, ``.freeze`` and ``.apply_conversion`` still work, with a
+``DeprecationWarning`` (they are in :mod:`normswap.api`)."""

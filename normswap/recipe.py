@@ -38,12 +38,16 @@ from __future__ import annotations
 
 import inspect
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import nn
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, published as tomli (a dependency there)
+    import tomli as tomllib
 
 from .arch import ArchSpec
 from .errors import NormswapError

@@ -56,10 +56,12 @@ Example::
     ...                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
     >>> images = [torch.randn(16, 3, 12, 12) for _ in range(4)]
     >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=4, affine="fit", data=images)
-    >>> report = normswap.refine(converted, original, images, steps=20, progress=False)
+    >>> converted = normswap.refine(converted, original, images, steps=20, progress=False)
+    >>> report = normswap.refine_report(converted)
     >>> report.steps, report.holdout_samples, report.kept  # 64 samples: no holdout, the fixed schedule
     (20, 0, 'last')
-    >>> report = normswap.refine(converted, original, images, steps=20, holdout=0.2, progress=False)
+    >>> converted = normswap.refine(converted, original, images, steps=20, holdout=0.2, progress=False)
+    >>> report = normswap.refine_report(converted)
     >>> report.steps <= 20, report.holdout_samples, report.kept in ("best", "unchanged")
     (True, 13, True)
 """
@@ -77,17 +79,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .data import batch_size_of, call_model, iter_inputs, main_output, output_tensors
+from .distributed import PeerFailure, Ranks
 from .placement import Device, Placement
 from .progress import progress_bar
-from .errors import CalibrationError, NormswapError, RefineError
-from .history import last_step, record_step
+from .deprecation import renamed_keywords, warn_deprecated
+from .errors import CalibrationError, RefineError
+from .history import record_step, required_step
 from .targets import is_norm_layer
-from .walk import find_modules
+from .unwrap import unwrapped
+from .walk import find_modules, model_device
 
 __all__ = ["LOSSES", "RefineReport", "refine", "refine_report"]
 
@@ -187,16 +191,15 @@ def refine_report(model: nn.Module) -> RefineReport:
     >>> refine_report(torch.nn.Linear(2, 2))
     Traceback (most recent call last):
         ...
-    normswap.errors.NormswapError: this model has not been refined: run normswap.refine(converted, original, data)
+    normswap.errors.NormswapError: this model has not been refined: run normswap.refine(model, original, data)
     """
-    step = last_step(model, "refine")
-    if step is None:
-        raise NormswapError("this model has not been refined: run normswap.refine(converted, original, data)")
-    return RefineReport.from_dict(step)
+    return RefineReport.from_dict(required_step(
+        model, "refine", "this model has not been refined: run normswap.refine(model, original, data)"))
 
 
+@renamed_keywords(converted="model")
 def refine(
-    converted: nn.Module,
+    model: nn.Module,
     original: nn.Module,
     data: Iterable[Any],
     *,
@@ -218,12 +221,17 @@ def refine(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
     progress: Optional[bool] = None,
-) -> RefineReport:
-    """Train ``converted`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place.
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
+    return_report: bool = False,
+) -> Union[nn.Module, RefineReport]:
+    """Train ``model`` to reproduce ``original``'s outputs on the unlabeled ``data``, in place; returns ``model``.
 
     Args:
-        converted: the model to refine (the student), e.g. ``normswap.convert(copy.deepcopy(model), "gn",
-            affine="fit", data=...)``; a ``DistributedDataParallel`` wrapper is looked through.
+        model: the model to refine (the student; the old keyword name ``converted=`` still works, with a
+            ``DeprecationWarning``), e.g. ``normswap.convert(copy.deepcopy(model), "gn", affine="fit", data=...)``;
+            wrappers (``torch.compile``, DDP, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through, here
+            and in ``original``.
         original: the model to reproduce (the teacher); never changed.
         data: calibration batches, see :mod:`normswap.data`: tensors, ``(input, ...)`` tuples (labels are ignored),
             dicts, or anything with ``input_fn``. Read once and held in memory. Under ``torch.distributed``, each
@@ -232,7 +240,7 @@ def refine(
             and 30 s for a timm resnet18 at 32×32, batches of 64 on 2 CPU cores; the time grows in proportion to
             ``steps`` and ``batch_size``, and refine logs its own estimate after the first steps.
         lr: Adam's learning rate.
-        trainable: ``"all"`` parameters of ``converted``, only those of its ``"norm"`` layers (GroupNorm, LayerNorm,
+        trainable: ``"all"`` parameters of ``model``, only those of its ``"norm"`` layers (GroupNorm, LayerNorm,
             InstanceNorm and BatchNorm weights and biases), or glob patterns over parameter names
             (``["layer4.*", "fc.*"]``).
         loss: ``"kl"``, ``"mse"`` or ``"features"`` (see the module documentation).
@@ -259,33 +267,42 @@ def refine(
         input_fn, input_key: how to find the model input in a batch, as in :func:`normswap.data.iter_inputs`.
         progress: ``True`` shows a progress bar, ``False`` never; ``None`` shows one on a terminal for runs longer
             than two seconds.
+        distributed: ``True``: refine across the processes of ``torch.distributed`` (data-parallel, each on its
+            own shard); ``False``: this process alone, without any collective, even when ``torch.distributed`` is
+            initialized (refining on rank 0 only); ``None`` (default): across the processes when there are more
+            than one. Across processes, **every** rank of the group must call ``refine``; a failure or an
+            interruption on one makes the others raise, naming it (see :mod:`normswap.distributed`).
+        process_group: the ``torch.distributed`` group to refine across (default: the whole world).
+
+        return_report: deprecated: return the :class:`RefineReport` instead of the model, as normswap 0.2 did;
+            read it with ``refine_report(model)`` instead.
 
     Returns:
-        The :class:`RefineReport`; it is also recorded in ``converted``'s history (:func:`refine_report`).
+        ``model``, refined; :func:`refine_report` reads the :class:`RefineReport` recorded in its history.
 
     Raises:
         RefineError: an option is invalid, the two models are the same or share parameters, their outputs do not
             match in shape, ``loss="kl"`` on an output without classes, no parameter is trainable, or the loss
-            becomes non-finite. ``converted`` is then exactly as it was.
+            becomes non-finite. ``model`` is then exactly as it was.
         CalibrationError: the data is empty or malformed.
 
     >>> import copy, torch, normswap
     >>> original = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
     >>> converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
-    >>> report = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, holdout=0.25,
-    ...                 progress=False)
+    >>> converted = refine(converted, original, [torch.randn(32, 4) for _ in range(4)], steps=30, holdout=0.25,
+    ...                    progress=False)
+    >>> report = refine_report(converted)
     >>> report.loss_after <= report.loss_before
     True
     """
     options = _Options.check(steps, lr, loss, holdout, batch_size, eval_every, patience, temperature, feature_weight,
                              augment)
-    student = converted.module if isinstance(converted, nn.parallel.DistributedDataParallel) else converted
-    teacher = original.module if isinstance(original, nn.parallel.DistributedDataParallel) else original
+    student, teacher = unwrapped(model), unwrapped(original)
     _check_separate(student, teacher)
     selected, label = _trainable_parameters(student, trainable)
     start = time.perf_counter()
-    ranks = _Ranks()
     run = Placement.resolve(student, device, amp, error=RefineError)
+    ranks = _Ranks(distributed, process_group, run.device)
     with ranks.failing_together("reading the calibration data"):
         inputs = _read_inputs(data, batches, input_fn, input_key)
     if options.holdout == "auto":
@@ -308,7 +325,8 @@ def refine(
     )
     try:
         state.enter()
-        _train(state, train, held, options, ranks, report, seed + ranks.rank, progress)
+        with ranks.failing_together("training"):  # also a failure between the blocks inside (an optimizer step)
+            _train(state, train, held, options, ranks, report, seed + ranks.rank, progress)
     except BaseException:
         state.restore_initial()
         raise
@@ -317,7 +335,11 @@ def refine(
     report.seconds = round(time.perf_counter() - start, 3)
     record_step(student, {"op": "refine", **report.to_dict()})
     log.info("%s", report)
-    return report
+    if return_report:
+        warn_deprecated("refine(return_report=True) is deprecated: refine returns the model, and "
+                        "normswap.refine_report(model) its report", stacklevel=2)
+        return report
+    return model
 
 
 @dataclass
@@ -491,20 +513,10 @@ def _join(inputs: list[Any]) -> Any:
 
 def _leading(pool: Any) -> int:
     """The number of samples in a pooled input: the common first dimension of its tensors."""
-    sizes = {t.shape[0] for t in _all_tensors(pool)}
+    sizes = {t.shape[0] for t in output_tensors(pool)}
     if len(sizes) != 1:
         raise _NotPoolable
     return sizes.pop()
-
-
-def _all_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _all_tensors(item)]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _all_tensors(item)]
-    return []
 
 
 def _take(pool: Any, indices: torch.Tensor) -> Any:
@@ -549,7 +561,7 @@ class _State:
         self.student_flags = [(m, m.training) for m in student.modules()]
         self.teacher_flags = [(m, m.training) for m in teacher.modules()]
         self.requires_grad = [(p, p.requires_grad) for p in student.parameters()]
-        self.home = next((t.device for t in (*student.parameters(), *student.buffers())), None)
+        self.home = model_device(student)
         self.initial = [p.detach().clone() for p in selected]
         self.best = [t.clone() for t in self.initial]
         self.teacher_on_device = teacher
@@ -770,7 +782,7 @@ def _teacher_outputs(state: _State, train: _Inputs, batch_size: int) -> Any:
 
 
 def _bytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _all_tensors(value))
+    return sum(t.numel() * t.element_size() for t in output_tensors(value))
 
 
 class _StepClock:
@@ -975,56 +987,23 @@ def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") 
 # Several processes.
 
 
-class _Ranks:
-    """The processes refining together (``torch.distributed``), or just this one."""
+class _PeerFailure(RefineError, PeerFailure):
+    """Another process failed while refining; it raises its own error."""
 
-    def __init__(self) -> None:
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.size = dist.get_world_size() if self.active else 1
-        self.rank = dist.get_rank() if self.active else 0
 
-    def _device(self) -> torch.device:
-        if "nccl" in str(dist.get_backend()):
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+class _Ranks(Ranks):
+    """The processes refining together (``torch.distributed``, a ``process_group`` of it), or just this one."""
 
-    def sum(self, values: list[float]) -> list[float]:
-        """``values`` summed over the processes (float64)."""
-        if not self.active:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor)
-        return tensor.cpu().tolist()
+    peer_failure = _PeerFailure
 
-    def gather(self, value: int) -> list[int]:
-        """One number from every process, in rank order."""
-        if not self.active:
-            return [value]
-        table = torch.zeros(self.size, dtype=torch.float64, device=self._device())
-        table[self.rank] = value
-        dist.all_reduce(table)
-        return [int(v) for v in table.cpu().tolist()]
-
-    @contextlib.contextmanager
-    def failing_together(self, what: str) -> Any:
-        """Run the block; under several processes, tell the others whether it failed, so that a failure on one
-        process is an error on every process instead of a hang in the next collective."""
-        try:
-            yield
-        except Exception:
-            if self.active:
-                self.gather(1)
-            raise
-        if self.active:
-            failing = [rank for rank, failed in enumerate(self.gather(0)) if failed]
-            if failing:
-                raise RefineError(f"refinement failed on rank {failing[0]} while {what} (see its error)")
+    def __init__(self, distributed: Optional[bool], process_group: Any, device: torch.device) -> None:
+        super().__init__(distributed, process_group, device, operation="refinement", error=RefineError)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model as it trains: under several processes, in ``DistributedDataParallel`` (which starts every
-        process from rank 0's weights)."""
+        """The model as it trains: under several processes, in ``DistributedDataParallel`` over the group (which
+        starts every process from rank 0's weights)."""
         if not self.active:
             return model
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                                   find_unused_parameters=True)
+                                                   find_unused_parameters=True, process_group=self.group)

@@ -28,16 +28,14 @@ duplicated in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from . import registry
 from .layers import FrozenBatchNorm
-
-if TYPE_CHECKING:
-    from .plan import PlanRow
+from .plan_rows import PlanRow
 
 __all__ = ["TARGETS", "SourceLayer", "build", "class_path", "classify", "fallback_class", "is_norm_layer"]
 

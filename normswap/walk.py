@@ -17,11 +17,12 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
-__all__ = ["FoundModule", "find_modules", "get_module", "replace_module"]
+__all__ = ["FoundModule", "find_modules", "get_module", "model_device", "replace_module"]
 
 
 @dataclass
@@ -74,3 +75,16 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> nn.Mod
         parent_name, _, child = name.rpartition(".")
         get_module(model, parent_name)._modules[child] = new
     return root
+
+
+def model_device(*modules: nn.Module) -> Optional[torch.device]:
+    """Where a model is: the device of the first parameter or buffer of the first of ``modules`` that has one (a
+    layer, then the model around it), or ``None`` if none has any.
+
+    >>> model_device(nn.Identity(), nn.Linear(2, 2)), model_device(nn.Identity())
+    (device(type='cpu'), None)
+    """
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return None

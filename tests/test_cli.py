@@ -151,8 +151,10 @@ def test_convert_warns_about_bad_statistics_and_strict_refuses(sick_ckpt, tmp_pa
     assert "warning: layer 'layer2.0.bn2': running_var has 3 negative" in result.stderr
     strict = run("convert", sick_ckpt, "--to", "frozen", *ARCH_ARGS, "-o", tmp_path / "strict.safetensors", "--strict")
     assert strict.exit_code == 1
-    assert strict.stderr.strip() == ("error: refusing to convert under --strict: layer 'layer1.0.bn1': running "
-                                     "statistics have 1 NaN or infinite value(s) (and 1 more)")
+    assert strict.stderr.strip() == (
+        "error: refusing to convert with strict statistics checks: layer 'layer1.0.bn1': running statistics have 1 "
+        "NaN or infinite value(s) (and 1 more); recalibrate the model first, or convert without strict=True "
+        "(--strict) to keep them")
     assert not (tmp_path / "strict.safetensors").exists()
 
 

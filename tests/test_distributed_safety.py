@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from normswap.errors import CalibrationError
 from normswap.recalibrate import recalibrate
-from normswap.recalibrate.distributed import collective_device
+from normswap.distributed import collective_device
 
 from .helpers import FORKED_RANKS, run_ranks
 from .test_recalibrate_distributed import make_model, running_statistics, shard

@@ -635,12 +635,14 @@ def test_freeze_with_trainable_affine_fine_tunes_gamma_and_beta_but_not_statisti
     assert all(torch.equal(v, stats[k]) for k, v in frozen.state_dict().items() if "running" in k)
 
 
-def test_freeze_accepts_plan_options_and_errors_are_normswap_errors():
+def test_freeze_takes_the_plan_options_that_apply_to_frozen_layers_and_errors_are_normswap_errors():
     model = resnet_like()
     normswap.freeze(model, exclude="layer4.*")
     assert type(model.layer4[0].bn1) is nn.BatchNorm2d and type(model.bn1) is FrozenBatchNorm
-    with pytest.raises(NormswapError):
-        normswap.freeze(resnet_like(), include="layer1.*", group_policy="nearest")
+    with pytest.raises(NormswapError, match="unknown value 'nearest' for unknown="):
+        normswap.freeze(resnet_like(), include="layer1.*", unknown="nearest")
+    with pytest.raises(TypeError, match="group_policy"):  # a GroupNorm option: not in freeze's signature
+        normswap.freeze(resnet_like(), group_policy="divisor")
 
 
 def test_convert_changes_the_model_in_place():

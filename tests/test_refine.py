@@ -70,7 +70,8 @@ class CallCounter:
 def test_refinement_brings_the_fitted_demo_model_close_to_the_original_without_labels(
         demo_model, fitted_demo, digits):
     refined = copy.deepcopy(fitted_demo)
-    report = refine(refined, demo_model, digits.train_images.split(64), steps=100, progress=False)
+    refine(refined, demo_model, digits.train_images.split(64), steps=100, progress=False)
+    report = refine_report(refined)
     test = digits.test_images
     assert agreement(refined, demo_model, test) >= 0.97
     assert agreement(refined, demo_model, test) > agreement(fitted_demo, demo_model, test) + 0.04
@@ -117,8 +118,9 @@ def test_the_state_kept_is_the_best_measured_on_the_holdout():
     # Every sample is the same image, so the holdout error is that image's error, which the test can measure.
     original, converted = converted_cnn()
     data = images(1).expand(40, -1, -1, -1).contiguous()
-    report = refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
-                    loss="mse", holdout=0.2, progress=False)
+    refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
+           loss="mse", holdout=0.2, progress=False)
+    report = refine_report(converted)
     errors = [evaluation["error"] for evaluation in report.evaluations]
     assert [evaluation["step"] for evaluation in report.evaluations] == list(range(0, 41, 2))
     assert report.kept == "best" and report.error_after == min(errors) < errors[0]
@@ -132,7 +134,8 @@ def test_a_model_that_no_step_improves_is_left_unchanged():
     with torch.no_grad():
         nearly[8].bias.add_(1e-3)  # ...but for a tiny offset, which steps far too large only make worse
     before = snapshot(nearly)
-    report = refine(nearly, original, images(32).split(16), steps=6, lr=0.5, eval_every=2, holdout=0.2, progress=False)
+    refine(nearly, original, images(32).split(16), steps=6, lr=0.5, eval_every=2, holdout=0.2, progress=False)
+    report = refine_report(nearly)
     losses = [evaluation["loss"] for evaluation in report.evaluations]
     assert len(losses) == 4 and min(losses[1:]) > losses[0]
     assert report.kept == "unchanged" and report.best_step == 0 and report.loss_after == losses[0]
@@ -145,8 +148,9 @@ def test_ctrl_c_stops_the_refinement_and_keeps_the_best_state_so_far():
     data = images(1).expand(40, -1, -1, -1).contiguous()
     # student calls: the holdout before training (1), then per two steps: step, step, holdout (2, 3, 4, 5, 6, 7, ...)
     CallCounter(converted, at=12, error=KeyboardInterrupt())
-    report = refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
-                    loss="mse", holdout=0.2, progress=False)
+    refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
+           loss="mse", holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.stopped == "interrupted" and report.steps == 7
     assert report.kept == "best" and report.best_step in (2, 4, 6)
     assert relative_error(converted, original, data[:1]) == pytest.approx(report.error_after, rel=1e-4)
@@ -158,7 +162,8 @@ def test_ctrl_c_before_any_improvement_leaves_the_model_unchanged():
     original, converted = converted_cnn()
     before = snapshot(converted)
     CallCounter(converted, at=4, error=KeyboardInterrupt())  # while measuring after two steps
-    report = refine(converted, original, images(32).split(16), steps=10, eval_every=2, holdout=0.2, progress=False)
+    refine(converted, original, images(32).split(16), steps=10, eval_every=2, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert (report.stopped, report.kept, report.steps) == ("interrupted", "unchanged", 2)
     assert_same_state(converted, before)
 
@@ -198,7 +203,8 @@ def test_batches_come_in_the_forms_recalibrate_takes_and_labels_are_ignored():
     results = {}
     for name, (batches, options) in forms.items():
         original, converted = converted_cnn()
-        report = refine(converted, original, batches, steps=6, holdout=0.2, progress=False, **options)
+        refine(converted, original, batches, steps=6, holdout=0.2, progress=False, **options)
+        report = refine_report(converted)
         assert report.train_samples + report.holdout_samples == 48, name
         results[name] = snapshot(converted)
     for name, state in results.items():
@@ -220,8 +226,9 @@ def test_inputs_that_are_dicts_of_keyword_arguments_are_pooled_and_passed_as_key
     original = TwoInputs().eval()
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
     batches = [{"image": x, "scale": torch.full((len(x), 1), 2.0)} for x in images(48).split(16)]
-    report = refine(converted, original, [(batch,) for batch in batches], steps=10, holdout=0.2, progress=False,
-                    input_fn=lambda batch: batch[0])
+    refine(converted, original, [(batch,) for batch in batches], steps=10, holdout=0.2, progress=False,
+           input_fn=lambda batch: batch[0])
+    report = refine_report(converted)
     assert report.batch_size == 64 and report.train_samples + report.holdout_samples == 48
     assert report.loss_after < report.loss_before
 
@@ -229,7 +236,8 @@ def test_inputs_that_are_dicts_of_keyword_arguments_are_pooled_and_passed_as_key
 def test_batches_that_cannot_be_pooled_are_used_as_they_came():
     original, converted = converted_cnn()
     batches = [images(8, seed=i, size=10 + 2 * i) for i in range(6)]  # a different image size in every batch
-    report = refine(converted, original, batches, steps=12, holdout=2, progress=False)
+    refine(converted, original, batches, steps=12, holdout=2, progress=False)
+    report = refine_report(converted)
     assert report.batch_size is None and report.holdout_samples == 16 and report.train_samples == 32
     assert report.loss_after < report.loss_before
 
@@ -240,8 +248,8 @@ def test_timm_fused_group_norm_act_layers_are_refined_with_their_activation():
     data = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1)).split(16)
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=8)
     assert type(converted.bn1).__name__ == "GroupNormAct"
-    report = refine(converted, original, data, steps=16, trainable="norm", lr=1e-2, loss="mse", holdout=0.2,
-                    progress=False)
+    refine(converted, original, data, steps=16, trainable="norm", lr=1e-2, loss="mse", holdout=0.2, progress=False)
+    report = refine_report(converted)
     norm_parameters = sum(p.numel() for m in converted.modules() if type(m).__name__ == "GroupNormAct"
                           for p in m.parameters())
     assert report.trainable == "norm" and report.parameters == norm_parameters
@@ -259,7 +267,8 @@ def test_a_monai_3d_network_converted_to_group_norm_is_refined_voxel_by_voxel():
     volumes = torch.randn(24, 1, 8, 8, 8, generator=torch.Generator().manual_seed(3)).split(6)
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
     assert not any(isinstance(m, nn.BatchNorm3d) for m in converted.modules())
-    report = refine(converted, original, volumes, steps=12, batch_size=6, holdout=0.2, progress=False)
+    refine(converted, original, volumes, steps=12, batch_size=6, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.agreement_before is not None  # per-voxel agreement over the 3 output channels
     assert report.loss_after < report.loss_before and report.agreement_after >= report.agreement_before
 
@@ -272,19 +281,22 @@ def test_a_transformers_model_with_dict_batches_and_a_model_output_is_refined_on
     original = randomize_norm_layers(ResNetForImageClassification(config), seed=3).eval()
     batches = [{"pixel_values": x} for x in images(64, size=32).split(16)]
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
-    report = refine(converted, original, batches, steps=16, lr=3e-3, holdout=0.2, progress=False)
+    refine(converted, original, batches, steps=16, lr=3e-3, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.loss_after < report.loss_before and report.agreement_before is not None
 
 
 def test_the_features_loss_matches_the_norm_layers_outputs_too():
     original, converted = converted_cnn()
-    report = refine(converted, original, images(64).split(16), steps=10, loss="features", holdout=0.2, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, loss="features", holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.loss == "features" and report.loss_after < report.loss_before
 
 
 def test_autocast_on_the_cpu_trains_float32_weights():
     original, converted = converted_cnn()
-    report = refine(converted, original, images(64).split(16), steps=10, amp=True, holdout=0.2, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, amp=True, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.dtype == torch.float32 for p in converted.parameters())
 
@@ -354,8 +366,8 @@ def test_regression_outputs_are_refined_with_the_mse_loss():
     torch.manual_seed(0)
     original = randomize_norm_layers(Regression(), seed=1).eval()
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
-    report = refine(converted, original, images(64).split(16), steps=20, loss="mse", lr=1e-2, holdout=0.2,
-                    progress=False)
+    refine(converted, original, images(64).split(16), steps=20, loss="mse", lr=1e-2, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.agreement_before is None and report.loss_after < report.loss_before
 
 
@@ -467,7 +479,8 @@ def test_the_convert_command_reports_a_bad_refine_pattern_in_one_line(demo_model
 def test_refinement_on_the_gpu_gives_back_a_cpu_model_and_leaves_the_original_on_the_cpu():
     original, converted = converted_cnn()
     before = snapshot(original)
-    report = refine(converted, original, images(64).split(16), steps=10, device="cuda", holdout=0.2, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, device="cuda", holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.device.type == "cpu" for p in (*converted.parameters(), *original.parameters()))
     assert_same_state(original, before)
@@ -478,14 +491,16 @@ def test_refinement_on_the_gpu_gives_back_a_cpu_model_and_leaves_the_original_on
 def test_refinement_of_a_gpu_model_under_autocast(amp):
     original, converted = converted_cnn()
     original, converted = original.cuda(), converted.cuda()
-    report = refine(converted, original, images(64).split(16), steps=10, amp=amp, holdout=0.2, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, amp=amp, holdout=0.2, progress=False)
+    report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in converted.parameters())
 
 
 def test_below_a_thousand_samples_nothing_is_held_out_the_schedule_runs_and_images_are_shifted():
     original, converted = converted_cnn()
-    report = refine(converted, original, images(64).split(16), steps=12, progress=False)
+    refine(converted, original, images(64).split(16), steps=12, progress=False)
+    report = refine_report(converted)
     assert (report.holdout_samples, report.train_samples, report.evaluations) == (0, 64, [])
     assert (report.kept, report.stopped, report.steps, report.augment) == ("last", "steps", 12, "shift")
     assert "(images shifted)" in str(report)
@@ -496,8 +511,9 @@ def test_without_augmentation_the_original_runs_once_over_the_training_data_not_
     original, converted = converted_cnn()
     calls = []
     original.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
-    report = refine(converted, original, images(80).split(16), steps=10, batch_size=32, holdout=0, augment=augment,
-                    progress=False)
+    refine(converted, original, images(80).split(16), steps=10, batch_size=32, holdout=0, augment=augment,
+           progress=False)
+    report = refine_report(converted)
     # without: one pass in batches of 32 before the first step; shifted images: the original on every batch
     assert report.steps == 10 and calls == expected
 
@@ -520,7 +536,8 @@ def test_shifting_needs_image_inputs():
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
     with pytest.raises(RefineError, match="augment='shift' needs the model input to be a batch of images"):
         refine(converted, original, [torch.randn(16, 4)], augment="shift", progress=False)
-    report = refine(converted, original, [torch.randn(16, 4)], steps=3, progress=False)
+    refine(converted, original, [torch.randn(16, 4)], steps=3, progress=False)
+    report = refine_report(converted)
     assert report.augment is None  # "auto" shifts only images
 
 
@@ -534,8 +551,9 @@ def test_refine_logs_how_long_the_run_will_take_after_its_first_steps(caplog):
 
 def test_the_state_kept_has_the_lowest_holdout_loss():
     original, converted = converted_cnn()
-    report = refine(converted, original, images(64).split(16), steps=24, eval_every=2, patience=None, lr=3e-2,
-                    holdout=0.25, progress=False)
+    refine(converted, original, images(64).split(16), steps=24, eval_every=2, patience=None, lr=3e-2,
+           holdout=0.25, progress=False)
+    report = refine_report(converted)
     losses = [evaluation["loss"] for evaluation in report.evaluations]
     assert report.loss_after == min(losses) and report.best_step == report.evaluations[losses.index(min(losses))][
         "step"]

@@ -1,11 +1,16 @@
 """Writing a file all at once or not at all: every file normswap writes goes through :func:`atomic_write`.
 
 The content is written to a temporary file beside the target (``.<name>.<random>.normswap-tmp``), flushed to disk
-(fsync) and renamed to the target, so a reader sees either the old state or the whole new file. Whatever stops the
-write, the temporary file is removed: an exception, a full disk, Ctrl-C, or SIGTERM (which :func:`interruptible`
-turns into :class:`Terminated`, a ``KeyboardInterrupt``, for the duration of the write). Only SIGKILL or a power
-cut can leave one ``*.normswap-tmp`` file behind, never a partial file under the target's name. An existing target
-is replaced only when asked (``overwrite``).
+(fsync) and renamed to the target, so a reader sees either the old state or the whole new file. Whatever exception
+stops the write, the temporary file is removed: an error, a full disk, Ctrl-C's ``KeyboardInterrupt``. An existing
+target is replaced only when asked (``overwrite``).
+
+A write installs no signal handler and works from any thread: a library call leaves the process's signal handling
+as it is. SIGTERM becomes an exception only where the program asks for it: :func:`interruptible` turns it into
+:class:`Terminated` (a ``KeyboardInterrupt``, so the same cleanup runs) within its block, which the ``normswap``
+command wraps around everything it does. Otherwise only a signal that ends the process without an exception
+(SIGKILL, an unhandled SIGTERM) or a power cut can leave one ``*.normswap-tmp`` file behind, never a partial file
+under the target's name.
 
 Example::
 
@@ -46,7 +51,10 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Within this block (main thread only, and only where SIGTERM has its default action), SIGTERM raises
-    :class:`Terminated`; a second SIGTERM during the cleanup is ignored, then the old handling is restored."""
+    :class:`Terminated`; a second SIGTERM during the cleanup is ignored, then the old handling is restored.
+
+    For programs, around their whole run (the ``normswap`` command uses it): normswap's functions never install it
+    themselves."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
@@ -149,9 +157,9 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     """Write a file all at once or not at all; returns its path.
 
     ``write(temporary_path)`` writes the content to a temporary file in the target folder; the file is then flushed
-    to disk (fsync) and renamed to ``path``. On any exception, Ctrl-C and SIGTERM included, the temporary file is
-    removed and ``path`` is untouched. ``size``, the expected size in bytes, is checked against the free space
-    first.
+    to disk (fsync) and renamed to ``path``. On any exception, Ctrl-C included (and SIGTERM within
+    :func:`interruptible`), the temporary file is removed and ``path`` is untouched. ``size``, the expected size in
+    bytes, is checked against the free space first. No signal handler is installed: any thread may call this.
 
     Raises:
         OutputError: ``path`` exists (and not ``overwrite``), its folder is missing or not writable, or the disk is
@@ -159,25 +167,24 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     """
     path = check_output(path, overwrite=overwrite)
     _check_space(path, size)
-    with interruptible():
-        temporary = _create_temporary(path)
-        try:
-            write(temporary)
-            with open(temporary, "rb+") as f:
-                f.flush()
-                os.fsync(f.fileno())
-            _publish(temporary, path, overwrite)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            if exc.errno in _NO_SPACE:
-                needed = f"it needs {_megabytes(size)}, " if size is not None else ""
-                raise OutputError(f"the disk is full: cannot write {path} ({needed}"
-                                  f"{_megabytes(shutil.disk_usage(path.parent).free)} free)") from None
-            if exc.strerror is None:
-                raise
-            raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-        except BaseException:
-            temporary.unlink(missing_ok=True)
+    temporary = _create_temporary(path)
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(temporary, path, overwrite)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        if exc.errno in _NO_SPACE:
+            needed = f"it needs {_megabytes(size)}, " if size is not None else ""
+            raise OutputError(f"the disk is full: cannot write {path} ({needed}"
+                              f"{_megabytes(shutil.disk_usage(path.parent).free)} free)") from None
+        if exc.strerror is None:
             raise
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     _fsync_folder(path.parent)
     return path

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Optional, Union
 import torch
 
 from ..errors import CheckpointError
+from ..offline import no_downloads
 
 __all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "file_sha256", "read_safetensors",
            "read_safetensors_metadata", "read_torch", "safetensors_size", "write_safetensors"]
@@ -254,7 +255,8 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
 
 def _torch_load(file: Any, trust_pickle: bool, mmap: bool) -> Any:
     if trust_pickle:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+        with no_downloads():  # unpickling a model imports its library (ultralytics would install what it misses)
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import registry
 from ..errors import CheckpointError, NormswapError
-from ..walk import get_module, replace_module
+from ..walk import get_module, model_device, replace_module
 
 __all__ = ["MANIFEST_VERSION", "apply_manifest", "check_manifest", "derive_manifest", "describe_layer"]
 
@@ -181,12 +181,6 @@ def _construct(entry: dict[str, Any], like: Optional[nn.Module], name: str) -> n
     return new
 
 
-def _device_of(module: nn.Module, model: nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers(), *model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
     """Make a freshly built ``model`` match ``manifest`` (in place); returns the model (a new one if the model
     itself is a recorded layer). Layers are rebuilt on the device the model is on (``meta`` included), their
@@ -220,7 +214,7 @@ def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
         if registry.record_of(module) is None and not isinstance(module, nn.Identity):
             raise _misfit(names[0], f"the file records a {entries[0].get('class')}, the architecture builds a "
                                     f"{type(module).__name__} there")
-        with torch.device(_device_of(module, model)):
+        with torch.device(model_device(module, model) or "cpu"):
             changes.append((names, _construct(entries[0], module, names[0])))
     for names, new in changes:
         model = replace_module(model, names, new)

@@ -2,7 +2,7 @@
 
 :func:`save` looks through the wrappers a training loop puts around a model (``torch.compile``,
 DistributedDataParallel and DataParallel, timm's ``ModelEma*``, ``torch.optim.swa_utils.AveragedModel``: see
-:func:`unwrap_model`) and writes, beside the weights:
+:func:`normswap.unwrap.unwrap_model`) and writes, beside the weights:
 
 - ``arch``: the architecture spec the model was built from (or the one passed to ``save``);
 - ``manifest``: the structure, derived from the module tree at this moment (:mod:`normswap.checkpoint.manifest`);
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -35,6 +34,8 @@ from torch import nn
 from ..arch import ArchSpec
 from ..errors import OutputError
 from ..history import get_arch, get_history, get_input_shape, get_source
+from ..unwrap import unwrap_model
+from .._version import __version__
 from . import formats
 from .atomic import atomic_write, check_output
 from .manifest import derive_manifest
@@ -44,39 +45,6 @@ __all__ = ["save", "unwrap_model"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 SAFETENSORS_SUFFIX = ".safetensors"
-
-_EMA_WRAPPERS = ("ModelEma", "ModelEmaV2", "ModelEmaV3")
-
-
-def _inner(module: nn.Module) -> Optional[nn.Module]:
-    """The model a wrapper holds, or ``None`` if ``module`` is not a wrapper normswap knows."""
-    cls = type(module)
-    if cls.__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module):
-        return module._modules["_orig_mod"]
-    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return module.module
-    swa = sys.modules.get("torch.optim.swa_utils")
-    if swa is not None and isinstance(module, swa.AveragedModel):
-        return module.module
-    ema = sys.modules.get("timm.utils.model_ema")
-    if ema is not None and cls.__name__ in _EMA_WRAPPERS and isinstance(module, getattr(ema, cls.__name__, ())):
-        return module.module
-    return None
-
-
-def unwrap_model(model: nn.Module) -> list[nn.Module]:
-    """The chain from ``model`` through the wrappers it is in to the model they wrap (last).
-
-    >>> inner = nn.Linear(2, 2)
-    >>> chain = unwrap_model(nn.DataParallel(inner))
-    >>> len(chain), chain[-1] is inner
-    (2, True)
-    """
-    chain = [model]
-    while (inner := _inner(chain[-1])) is not None:
-        chain.append(inner)
-    return chain
-
 
 def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict as contiguous tensors that share no memory, and ``{alias: saved name}`` for tied tensors."""
@@ -155,8 +123,6 @@ def save(
         OutputError: ``path`` exists (and not ``overwrite``), its folder is missing or not writable, it does not end
             in ``.safetensors``, or the disk is full.
     """
-    from .. import __version__
-
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise OutputError(f"cannot write {path}: normswap writes safetensors files, name it *{SAFETENSORS_SUFFIX}")

@@ -70,6 +70,7 @@ from ..data import ModelFailure, iter_inputs
 from ..placement import Device, Placement
 from ..errors import CalibrationError
 from ..history import record_step
+from ..unwrap import unwrapped
 from .distributed import Ranks
 from .exact import calibrate_exact
 from .report import CalibrationReport, calibration_report
@@ -103,8 +104,8 @@ def recalibrate(
     """Recompute the running statistics of ``model``'s BatchNorm layers from ``data``, in place.
 
     Args:
-        model: any model with BatchNorm layers (torch, SyncBatchNorm, timm's fused BatchNormAct2d); a
-            ``DistributedDataParallel`` wrapper is looked through.
+        model: any model with BatchNorm layers (torch, SyncBatchNorm, timm's fused BatchNormAct2d); wrappers
+            (``torch.compile``, DDP, DataParallel, EMA: :mod:`normswap.unwrap`) are looked through.
         data: calibration batches, see :mod:`normswap.data`: tensors, ``(input, ...)`` tuples, dicts, or anything
             with ``input_fn``. Under ``torch.distributed``, each process passes its own shard.
         batches: use at most this many batches of ``data`` (per process).
@@ -143,7 +144,7 @@ def recalibrate(
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown recalibration method '{method}': choose exact or sequential")
-    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    root = unwrapped(model)
     layers, skipped = find_layers(root)
     if not layers:
         reasons = f" ({next(iter(skipped.values()))})" if skipped else ""

@@ -1,31 +1,31 @@
 """Calibrating across processes: every rank calibrates on its own shard; statistics are gathered and merged in rank
 order, and the sequential method's ranks agree, step by step, on which layer to settle next.
 
-Every collective here carries a status, so that a rank that fails — an error, a failing data loader, Ctrl-C or
-SIGTERM alike — (or finds that it must start again) tells the others at their next collective instead of leaving them
-waiting: they raise too, naming the rank. Collectives run only when asked for (``distributed=True``) or, by default,
-when ``torch.distributed`` is initialized with more than one process; every rank of the group must then call
-:func:`~normswap.recalibrate.recalibrate`. Under NCCL they run on the calibration device, or the GPU ``LOCAL_RANK``
-names, never silently on GPU 0 of every rank.
+The decision to run across processes, the collective device and failing together are :mod:`normswap.distributed`'s;
+what is calibration-specific is here. Every collective carries a status, so that a rank that fails — an error, a
+failing data loader, Ctrl-C or SIGTERM alike — (or finds that it must start again) tells the others at their next
+collective instead of leaving them waiting: they raise too, naming the rank.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
+from .. import distributed as runtime
+from ..distributed import FAILED, OK, collective_device
 from ..errors import CalibrationError
 from ..lockstep import Revisited
 from .statistics import Layer
 
-OK, FAILED, REVISITED = 0, 1, 2
+__all__ = ["FAILED", "OK", "REVISITED", "PeerFailure", "PeerRevisited", "Ranks", "collective_device"]
+
+REVISITED = 2
+"""The status of a rank whose sequential run must start again (a layer called more often than expected)."""
 
 
-class PeerFailure(CalibrationError):
+class PeerFailure(CalibrationError, runtime.PeerFailure):
     """Another rank failed; it raises its own error."""
 
 
@@ -33,54 +33,20 @@ class PeerRevisited(Revisited):
     """Another rank found a layer called more often than expected: every rank starts again."""
 
 
-def collective_device(backend: str, run_device: torch.device,
-                      environ: Mapping[str, str] = os.environ) -> torch.device:
-    """Where a collective's tensors live: the CPU for gloo; for NCCL the calibration device if it is a GPU, else the
-    GPU ``LOCAL_RANK`` names (set by ``torchrun``), else the current CUDA device.
-
-    >>> collective_device("nccl", torch.device("cpu"), {"LOCAL_RANK": "3"})
-    device(type='cuda', index=3)
-    >>> collective_device("gloo", torch.device("cuda", 1))
-    device(type='cpu')
-    """
-    if "nccl" not in backend:
-        return torch.device("cpu")
-    if run_device.type == "cuda":
-        return run_device
-    if "LOCAL_RANK" in environ:
-        return torch.device("cuda", int(environ["LOCAL_RANK"]))
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-class Ranks:
+class Ranks(runtime.Ranks):
     """The processes sharing the calibration (``torch.distributed``, a ``process_group`` of it), or just this one.
 
     ``distributed``: ``True`` to calibrate across the group (``torch.distributed`` must be initialized), ``False``
     to calibrate this process's data alone, ``None`` for across the group when it has more than one process.
     """
 
+    peer_failure = PeerFailure
+
     def __init__(self, distributed: Optional[bool] = None, process_group: Any = None,
                  device: torch.device = torch.device("cpu")) -> None:
-        initialized = dist.is_available() and dist.is_initialized()
-        if distributed and not initialized:
-            raise CalibrationError("distributed=True needs torch.distributed initialized (dist.init_process_group)")
-        if not initialized or distributed is False:
-            self.active = False
-        else:
-            self.active = bool(distributed) or dist.get_world_size(process_group) > 1
-        self.group = process_group
-        self.size = dist.get_world_size(process_group) if self.active else 1
-        self.rank = dist.get_rank(process_group) if self.active else 0
-        self.device = collective_device(str(dist.get_backend(process_group)), device) if self.active else device
+        super().__init__(distributed, process_group, device, operation="recalibration", error=CalibrationError)
         self._first_step: dict[int, int] = {}
         self._step = 0
-
-    def _gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``values`` (float64, one row per rank), on the CPU."""
-        flat = values.to(self.device)
-        gathered = [torch.empty_like(flat) for _ in range(self.size)]
-        dist.all_gather(gathered, flat, group=self.group)
-        return torch.stack(gathered).to(torch.device("cpu"))
 
     def merge(self, layers: list[Layer], totals: list[int], *, failed: bool = False, quiet: bool = False) -> list[int]:
         """All-gather every layer's float64 ``(count, mean, M2)`` and merge them in rank order, so that every rank
@@ -93,12 +59,12 @@ class Ranks:
         for layer in layers:
             moments = layer.moments
             parts += [torch.tensor([float(moments.count)], dtype=torch.float64), moments.mean.cpu(), moments.m2.cpu()]
-        table = self._gather(torch.cat(parts))
+        table = self.all_gather(torch.cat(parts))
         failing = [rank for rank in range(self.size) if table[rank, 0].item()]
         if failing:
             if quiet:
                 return totals
-            raise PeerFailure(f"recalibration failed on rank {failing[0]} (see its error)")
+            raise self.failure(failing[0])
         summed = [int(round(value)) for value in table[:, 1:1 + len(totals)].sum(0).tolist()]
         offset = 1 + len(totals)
         for layer in layers:
@@ -123,12 +89,12 @@ class Ranks:
         mask[0] = status
         for stop in paused:
             mask[1 + stop] = 1.0
-        table = self._gather(mask)
+        table = self.all_gather(mask)
         statuses = table[:, 0].tolist()
         if status != OK:
             return None
         if FAILED in statuses:
-            raise PeerFailure(f"recalibration failed on rank {statuses.index(FAILED)} (see its error)")
+            raise self.failure(statuses.index(FAILED))
         if REVISITED in statuses:
             raise PeerRevisited(-1, -1)
         waiting = [stop for stop in range(stops) if table[:, 1 + stop].any()]
@@ -147,5 +113,5 @@ class Ranks:
         if not self.active:
             return calls
         counts = torch.tensor([float(calls.get(stop, 0)) for stop in range(stops)], dtype=torch.float64)
-        table = self._gather(counts)
+        table = self.all_gather(counts)
         return {stop: int(count) for stop, count in enumerate(table.max(0).values.tolist()) if count > 0}

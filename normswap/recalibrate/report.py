@@ -7,8 +7,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..errors import NormswapError
-from ..history import last_step
+from ..history import required_step
 
 __all__ = ["CalibrationReport", "calibration_report"]
 
@@ -69,7 +68,5 @@ def calibration_report(model: nn.Module) -> CalibrationReport:
     >>> calibration_report(model).samples
     5
     """
-    step = last_step(model, "recalibrate")
-    if step is None:
-        raise NormswapError("this model has not been recalibrated")
-    return CalibrationReport.from_dict(step)
+    return CalibrationReport.from_dict(required_step(
+        model, "recalibrate", "this model has not been recalibrated: run normswap.recalibrate(model, data)"))

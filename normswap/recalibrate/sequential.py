@@ -6,8 +6,8 @@ pauses before every calibrated layer; when all have paused (or finished), the la
 statistics of the inputs that arrived there, merged over all batches (and ranks), and only then do those forwards
 go on, now normalizing with the new statistics. A layer called several times per forward is measured at every
 call, each run with its old statistics, and gets its new ones after the last call; that is found when a forward
-reaches a layer a second time: a forward of the first batch counts the calls (:func:`normswap.graph.capture`) and
-the calibration starts again.
+reaches a layer a second time: a forward of the first batch counts the calls and the calibration starts again
+(:func:`normswap.lockstep.run_counting_calls`).
 
 Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's
 forward pauses at its first layer, the activations it holds there (every module output still alive, measured by
@@ -29,8 +29,7 @@ from torch import nn
 
 from ..data import batch_size_of, call_model, model_failures, output_tensors
 from ..errors import CalibrationError
-from ..graph import capture
-from ..lockstep import Arrival, Lockstep, Revisited
+from ..lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from ..placement import Placement
 from ..progress import progress_bar
 from .distributed import FAILED, REVISITED, PeerFailure, PeerRevisited, Ranks
@@ -64,27 +63,31 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     for layer in layers:
         use_scratch_statistics(layer, keep_values=True)
     old = [(layer, layer.module.running_mean.clone(), layer.module.running_var.clone()) for layer in layers]
-    try:
-        order, passes = _in_step(model, layers, held, run, ranks, progress, {})
-        return totals, order, passes, 1.0
-    except Revisited:
-        pass
-    for layer, mean, var in old:
-        layer.module.running_mean.copy_(mean)
-        layer.module.running_var.copy_(var)
-    calls = ranks.most_calls(_count_calls(model, layers, held, run), len(layers))
-    probes = ranks.merge([], [1 if held else 0])[0]
-    ranks.start_over()
-    try:
-        order, passes = _in_step(model, layers, held, run, ranks, progress, calls)
-    except Revisited as revisit:
+    probes = [0]
+
+    def restore() -> None:
+        for layer, mean, var in old:
+            layer.module.running_mean.copy_(mean)
+            layer.module.running_var.copy_(var)
+
+    def count() -> dict[int, int]:
+        calls = ranks.most_calls(_count_calls(model, layers, held, run), len(layers))
+        probes[0] = ranks.merge([], [1 if held else 0])[0]
+        ranks.start_over()
+        return calls
+
+    def refuse(revisit: Revisited) -> CalibrationError:
         name = layers[revisit.stop].name if revisit.stop >= 0 else "a layer"
-        raise CalibrationError(
+        return CalibrationError(
             f"layer '{name}' is called a different number of times in different batches, so it has no "
             "eval-consistent statistics: use method='exact'"
-        ) from None
-    # the first run (at most one forward), a forward of each process's first batch to count the calls, the second run
-    return totals, order, passes, 2.0 + probes / totals[0]
+        )
+
+    (order, passes), counted = run_counting_calls(
+        lambda calls: _in_step(model, layers, held, run, ranks, progress, calls), count, restore=restore,
+        refuse=refuse)
+    # counted: the first run (at most one forward), a forward of each process's first batch, the second run
+    return totals, order, passes, (2.0 + probes[0] / totals[0]) if counted else 1.0
 
 
 def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]], run: Placement, ranks: Ranks,
@@ -148,9 +151,7 @@ def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, An
         return {}
     index, model_input = held[0]
     with run.context(), model_failures(index, model_input):
-        graph = capture(model, model_input)
-    return {stop: graph.call_count(layer.module) for stop, layer in enumerate(layers)
-            if graph.call_count(layer.module)}
+        return count_calls(model, model_input, [layer.module for layer in layers])
 
 
 class _MemoryWatch:
