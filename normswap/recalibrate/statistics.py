@@ -113,7 +113,8 @@ def add_input_statistics(layer: Layer, x: torch.Tensor) -> None:
         return
     channels = x.shape[1]
     if count == 1:
-        layer.pending.append((1, x.reshape(1, channels), torch.zeros(1, channels, dtype=x.dtype, device=x.device)))
+        value = x.reshape(1, channels).clone()  # a copy: the model may change its input in place later
+        layer.pending.append((1, value, torch.zeros_like(value)))
         return
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
