@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
-from .errors import PlanError
+from .errors import PlanError, spelled
 from .history import get_history, set_history
 from .inspection import BAD_STATS, inspect_model
 from .placement import Device
@@ -68,7 +68,7 @@ def check_statistics(model: nn.Module, *, strict: bool = False) -> list[str]:
     if problems and strict:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PlanError(f"refusing to convert with strict statistics checks: {problems[0]}{more}; recalibrate the "
-                        "model first, or convert without strict=True (--strict) to keep them")
+                        f"model first, or convert without {spelled('strict=True', '--strict')} to keep them")
     for problem in problems:
         log.warning(problem)
     return problems

@@ -1,21 +1,31 @@
 """Architecture specs: how to build a model's module tree before its weights are loaded, and who may say so.
 
-A spec is a name and keyword arguments. normswap builds three kinds of names on its own, the *registered builders*:
+A spec is a name and keyword arguments. normswap builds these names on its own, the *registered builders*:
 
 - a timm model name (``resnet50``), built with ``timm.create_model(name, pretrained=False, **kwargs)``;
-- a torchvision model name written ``torchvision.models:NAME`` (or ``torchvision.models.detection:NAME``...) where
-  ``NAME`` is in ``torchvision.models.list_models()``, built with ``torchvision.models.get_model(NAME,
-  weights=None, weights_backbone=None, **kwargs)``;
+- a torchvision model builder written ``torchvision.models:NAME`` (any name ``torchvision.models.list_models()``
+  lists) or ``torchvision.models.SUB:NAME`` (``detection``, ``quantization``...: a builder of that very module, so
+  ``torchvision.models.quantization:resnet18`` is the quantizable one), called with ``weights=None,
+  weights_backbone=None`` (quantizable models unquantized);
 - a Hugging Face transformers model class written ``transformers:CLASS``
-  (``transformers:ResNetForImageClassification``), whose keyword arguments are its configuration
-  (``config.to_diff_dict()``), built with ``CLASS(config)``: no hub, no remote code (transformers is optional);
+  (``transformers:ResNetForImageClassification``), whose keyword arguments are its configuration, built with
+  ``CLASS(config)``: no hub (offline for the call, ``use_pretrained_backbone=False``), no remote code;
+- an ultralytics model class written ``ultralytics.nn.tasks:CLASS`` (``DetectionModel``...), whose ``cfg`` is the
+  model's yaml as a dict: every layer it names must be a module class, its activation a plain ``nn.Class()``;
 - normswap's own demo model, ``normswap.demo:DigitsResNet``.
 
 Any other name is an import path ``package.module:callable`` (``monai.networks.nets:UNet``). Importing it runs its
 code, so it is built only when the user typed it: a spec the user gives (``ArchSpec.parse``, ``--arch``) may be
 built; a spec read from a file (``ArchSpec.from_dict``, ``from_file=True``) is data, and building it raises an
-:class:`~normswap.errors.ArchitectureError` with the exact option that would build it. The callable must be
+:class:`~normswap.errors.ArchitectureError` showing the recorded call in full. A typed name receives keyword
+arguments that came from a file (``file_keys``) only if it is a ``torch.nn.Module`` class (checked before anything is
+called) or a registered builder; a function or anything else gets only what the user typed. The callable must be
 defined in the package it is imported from (see :mod:`normswap.imports`).
+
+:func:`identify` tells, from a model built in Python, which spec rebuilds it (timm's ``pretrained_cfg``, the
+torchvision builder, the transformers class and config, the ultralytics yaml, normswap's demo), and confirms it by
+building the spec on the meta device and comparing every parameter and buffer name and shape, and every module's
+description: a model it cannot confirm is not named at all.
 
 No builder downloads weights: the checkpoint supplies them. Keyword arguments that would fetch weights
 (:data:`WEIGHT_KWARGS`) are refused unless ``null``/``false``, and a builder whose signature has such a parameter
@@ -32,28 +42,29 @@ Example::
     >>> ArchSpec.from_dict({"name": "os:system", "kwargs": {"command": "true"}}).build()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    normswap.errors.ArchitectureError: this file was built with os:system(command='true'), ...: pass --arch os:system...
+    normswap.errors.ArchitectureError: this file names os:system(command='true') as its architecture, which is not ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import inspect
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from . import imports
-from .errors import ArchitectureError, NormswapError
+from .errors import ArchitectureError, NormswapError, shown
 from .history import set_arch
-from .offline import no_downloads
+from .offline import offline
 
-__all__ = ["ArchSpec", "NORMSWAP_BUILDERS", "WEIGHT_KWARGS"]
+__all__ = ["ArchSpec", "NORMSWAP_BUILDERS", "TIMM_NAME", "TRANSFORMERS_SKIPPED", "WEIGHT_KWARGS", "torchvision_builder"]
 
 WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "weights",
                  "weights_backbone", "encoder_weights", "pretrained_backbone")
@@ -66,22 +77,37 @@ _NO_WEIGHTS = {"pretrained": False, "pretrained_backbone": False, "weights": Non
 NORMSWAP_BUILDERS = ("normswap.demo:DigitsResNet",)
 """normswap's own architectures, built on a file's word like timm and torchvision names."""
 
-_TIMM_NAME = re.compile(r"^[\w][\w.\-]*$")
-_TRANSFORMERS_CLASS = re.compile(r"^transformers:[A-Z][A-Za-z0-9]*$")
+TIMM_NAME = re.compile(r"[\w][\w.\-]*")
+_TRANSFORMERS_CLASS = re.compile(r"transformers:[A-Z][A-Za-z0-9]*")
+_ULTRALYTICS_CLASS = re.compile(r"ultralytics\.nn\.tasks:[A-Z][A-Za-z0-9]*")
+_MODEL_CLASS = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Z]\w*")
+"""What a model class's import path looks like (``package.module:Class``): only such a name is suggested to type."""
+_ULTRALYTICS_KWARGS = ("cfg", "ch", "nc", "verbose")
+_ULTRALYTICS_ACTIVATION = re.compile(r"(torch\.)?nn\.([A-Z]\w*)\(\)")
+TRANSFORMERS_SKIPPED = ("transformers_version", "_name_or_path", "_commit_hash")
 _SHOWN_VALUE = 40
+
+
+def _argument(key: str, value: Any) -> str:
+    """One keyword argument as text, escaped: ``key=repr(value)``, or ``**{'odd key': value}``."""
+    return f"{key}={value!r}" if key.isidentifier() and key.isascii() else f"**{{{key!r}: {value!r}}}"
 
 
 @dataclass
 class ArchSpec:
-    """A model architecture: ``name`` and its ``kwargs``; ``from_file`` marks a spec read from a file (data)."""
+    """A model architecture: ``name`` and its ``kwargs``; ``from_file`` marks a spec read from a file (data), and
+    ``file_keys`` the keyword arguments whose values came from a file (also once the user confirmed the name)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     from_file: bool = field(default=False, compare=False, repr=False)
+    file_keys: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
-    def parse(cls, text: str, kwargs: Optional[dict[str, Any]] = None, *, from_file: bool = False) -> "ArchSpec":
-        """Check and build a spec from its name and keyword arguments (by default, as the user typed them).
+    def parse(cls, text: str, kwargs: Optional[dict[str, Any]] = None, *, from_file: bool = False,
+              file_keys: Optional[Iterable[str]] = None) -> "ArchSpec":
+        """Check and build a spec from its name and keyword arguments (by default, as the user typed them; with
+        ``from_file``, all of them from a file; ``file_keys`` names those that came from a file otherwise).
 
         >>> ArchSpec.parse("torchvision.models:resnet50").is_import_path
         True
@@ -91,12 +117,12 @@ class ArchSpec:
             raise ArchitectureError("the architecture name is empty: give a timm model name or package.module:callable")
         if ":" in text and not imports.is_import_path(text):
             raise ArchitectureError(
-                f"'{text}' is not a valid import path: write it as package.module:callable "
+                f"'{shown(text)}' is not a valid import path: write it as package.module:callable "
                 "(for example torchvision.models:resnet50)"
             )
-        if ":" not in text and not _TIMM_NAME.match(text):
+        if ":" not in text and not TIMM_NAME.fullmatch(text):
             raise ArchitectureError(
-                f"'{text}' is not a valid architecture name: give a timm model name (resnet50) or "
+                f"'{shown(text)}' is not a valid architecture name: give a timm model name (resnet50) or "
                 "package.module:callable"
             )
         kwargs = {} if kwargs is None else kwargs
@@ -112,12 +138,13 @@ class ArchSpec:
             )
         try:
             json.dumps(kwargs, allow_nan=False)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise ArchitectureError(
                 f"architecture keyword arguments must be JSON values (numbers, strings, lists, dicts): {kwargs!r}"
             ) from None
         kwargs = {key: value for key, value in kwargs.items() if key not in WEIGHT_KWARGS}
-        return cls(text, kwargs, from_file)
+        keys = set(kwargs) if from_file else set(file_keys or ()) & set(kwargs)
+        return cls(text, kwargs, from_file, frozenset(keys))
 
     @classmethod
     def from_dict(cls, data: Union[dict[str, Any], str]) -> "ArchSpec":
@@ -130,8 +157,21 @@ class ArchSpec:
             return cls.parse(data, from_file=True)
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) \
                 or not isinstance(data.get("kwargs", {}), (dict, type(None))) or set(data) - {"name", "kwargs"}:
-            raise ArchitectureError(f"not an architecture spec (expected {{'name': ..., 'kwargs': {{...}}}}): {data!r}")
+            raise ArchitectureError("not an architecture spec (expected {'name': ..., 'kwargs': {...}}): "
+                                    f"{shown(repr(data)[:200])}")
         return cls.parse(data["name"], data.get("kwargs") or {}, from_file=True)
+
+    def confirmed(self, overrides: Optional[dict[str, Any]] = None) -> "ArchSpec":
+        """This file's spec as the user confirmed it by typing its name: buildable, its keyword arguments still
+        marked as the file's, ``overrides`` (typed) replacing them key by key.
+
+        >>> spec = ArchSpec.from_dict({"name": "m.nets:Net", "kwargs": {"a": 1, "b": 2}}).confirmed({"b": 3})
+        >>> spec.kwargs, sorted(spec.file_keys), spec.from_file
+        ({'a': 1, 'b': 3}, ['a'], False)
+        """
+        overrides = overrides or {}
+        return ArchSpec.parse(self.name, {**self.kwargs, **overrides},
+                              file_keys=set(self.file_keys) - set(overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name": ..., "kwargs": {...}}``, JSON-serialisable."""
@@ -143,23 +183,38 @@ class ArchSpec:
         >>> ArchSpec.parse("resnet18", {"num_classes": 10, "in_chans": 1}).with_kwargs({"num_classes": 3}).kwargs
         {'num_classes': 3, 'in_chans': 1}
         """
-        return ArchSpec.parse(self.name, {**self.kwargs, **(overrides or {})}, from_file=self.from_file)
+        overrides = overrides or {}
+        spec = ArchSpec.parse(self.name, {**self.kwargs, **overrides},
+                              file_keys=set(self.file_keys) - set(overrides))
+        spec.from_file = self.from_file
+        return spec
 
-    def __str__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self.kwargs.items())
+    def call(self) -> str:
+        """The spec as the call it makes, in full and escaped (``repr`` of every value, odd keys quoted): one line,
+        control characters visible.
+
+        >>> ArchSpec.parse("m.nets:Net", {"cmd": "true\\n; rm -rf ~"}).call()
+        "m.nets:Net(cmd='true\\\\n; rm -rf ~')"
+        """
+        args = ", ".join(_argument(key, value) for key, value in self.kwargs.items())
         return f"{self.name}({args})" if args else self.name
 
+    def __str__(self) -> str:
+        return self.call()
+
     def short(self) -> str:
-        """The spec as text, every keyword argument shown, long values cut.
+        """The spec as text, every keyword argument shown, long values cut (for messages about a spec the user
+        chose; a refusal shows :meth:`call`).
 
         >>> ArchSpec.parse("monai.networks.nets:UNet", {"spatial_dims": 3, "channels": list(range(20))}).short()
         'monai.networks.nets:UNet(spatial_dims=3, channels=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1...)'
         """
-        shown = []
+        shown_args = []
         for key, value in self.kwargs.items():
-            text = repr(value)
-            shown.append(f"{key}={text if len(text) <= _SHOWN_VALUE else text[:_SHOWN_VALUE - 3] + '...'}")
-        return f"{self.name}({', '.join(shown)})" if shown else self.name
+            text = _argument(key, value)
+            shown_args.append(text if len(text) <= _SHOWN_VALUE + len(key) + 1
+                              else text[:_SHOWN_VALUE + len(key) - 2] + "...")
+        return f"{self.name}({', '.join(shown_args)})" if shown_args else self.name
 
     @property
     def is_import_path(self) -> bool:
@@ -167,61 +222,85 @@ class ArchSpec:
         return ":" in self.name
 
     @property
+    def looks_like_model_class(self) -> bool:
+        """True for a name written ``package.module:Class``: the only kind of name a refusal suggests typing."""
+        return bool(_MODEL_CLASS.fullmatch(self.name))
+
+    @property
     def builder(self) -> str:
-        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"transformers"``, ``"normswap"`` (the registered
-        builders) or ``"import"`` (an import path, built only when the user typed it).
+        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"transformers"``, ``"ultralytics"``,
+        ``"normswap"`` (the registered builders) or ``"import"`` (an import path, built only when the user typed
+        it).
 
         >>> [ArchSpec(name).builder for name in ("resnet50", "torchvision.models.detection:fasterrcnn_resnet50_fpn",
         ...                                      "transformers:ResNetModel", "normswap.demo:DigitsResNet",
-        ...                                      "monai.networks.nets:UNet")]
-        ['timm', 'torchvision', 'transformers', 'normswap', 'import']
+        ...                                      "ultralytics.nn.tasks:DetectionModel", "monai.networks.nets:UNet")]
+        ['timm', 'torchvision', 'transformers', 'normswap', 'ultralytics', 'import']
         """
         if not self.is_import_path:
             return "timm"
         if self.name in NORMSWAP_BUILDERS:
             return "normswap"
-        if _TRANSFORMERS_CLASS.match(self.name):
+        if _TRANSFORMERS_CLASS.fullmatch(self.name):
             return "transformers"
-        if _torchvision_name(self.name) is not None:
+        if _ULTRALYTICS_CLASS.fullmatch(self.name):
+            return "ultralytics"
+        if torchvision_builder(self.name) is not None:
             return "torchvision"
         return "import"
 
     @property
     def is_registered(self) -> bool:
-        """True if normswap builds this spec on a file's word (timm, torchvision, normswap's demo)."""
+        """True if normswap builds this spec on a file's word (timm, torchvision, transformers, ultralytics,
+        normswap's demo)."""
         return self.builder != "import"
 
     def check_buildable(self) -> None:
-        """:class:`ArchitectureError` with the option to type, for an import path read from a file."""
-        if self.from_file and not self.is_registered:
+        """:class:`ArchitectureError` for an import path read from a file: the recorded call in full, and the option
+        to type when the name looks like a model class."""
+        if not self.from_file or self.is_registered:
+            return
+        if self.looks_like_model_class:
+            module = self.name.partition(":")[0]
             raise ArchitectureError(
-                f"this file was built with {self.short()}, which normswap does not import on a file's word "
-                f"(importing runs code): pass --arch {self.name} (arch='{self.name}') to build it"
+                f"this file was built with {self.call()}, which normswap does not build on a file's word: typing "
+                f"its name imports {module} and runs that code with these arguments; if you trust them, pass "
+                f"--arch {self.name} (arch='{self.name}') to build it"
             )
+        raise ArchitectureError(
+            f"this file names {self.call()} as its architecture, which is not a model class "
+            "(package.module:Class): normswap does not run it; build the model in your code and load the file into "
+            "it with normswap.load(path, model=...)"
+        )
 
     def build(self, device: Union[str, torch.device, None] = None) -> nn.Module:
         """Build the model; ``device="meta"`` builds the module tree without allocating or initialising weights.
+        Nothing contacts the network (see :func:`normswap.offline.offline`).
 
         The spec is recorded on the model (:func:`normswap.history.get_arch`).
 
         Raises:
-            ArchitectureError: the spec came from a file and is not a registered builder, the name is unknown, the
-                import fails, or building fails (the message says why).
+            ArchitectureError: the spec came from a file and is not a registered builder, a typed name that is not
+                a model class would get a file's keyword arguments, the name is unknown, the import fails, or
+                building fails (the message says why).
         """
         self.check_buildable()
-        with no_downloads():  # the import of an import path's package too
+        with offline():  # the import of an import path's package too
             factory = self._factory()
         try:
-            with no_downloads(), torch.device(device) if device is not None else contextlib.nullcontext():
+            with offline(), torch.device(device) if device is not None else contextlib.nullcontext():
                 model = factory(**self.kwargs)
         except NormswapError:
             raise
         except Exception as exc:
-            raise ArchitectureError(f"building {self.short()} failed: {type(exc).__name__}: {_first_line(exc)}") \
-                from exc
+            raise ArchitectureError(f"building {self.short()} failed: {type(exc).__name__}: "
+                                    f"{shown(_first_line(exc))}") from exc
         if not isinstance(model, nn.Module):
             raise ArchitectureError(f"{self.name} returned a {type(model).__name__}, not a torch.nn.Module")
-        set_arch(model, self.to_dict())
+        recorded = self.to_dict()
+        if self.builder == "ultralytics" and isinstance(getattr(model, "yaml", None), dict):
+            recorded["kwargs"]["cfg"] = json.loads(json.dumps(model.yaml))  # the yaml itself, not its file name
+        set_arch(model, recorded)
         return model
 
     def _factory(self) -> Callable[..., Any]:
@@ -229,10 +308,20 @@ class ArchSpec:
         if builder == "timm":
             return _timm_factory(self.name)
         if builder == "torchvision":
-            return _torchvision_factory(_torchvision_name(self.name))
+            return _torchvision_factory(*torchvision_builder(self.name))
         if builder == "transformers":
             return _transformers_factory(self.name.partition(":")[2])
+        if builder == "ultralytics":
+            return _ultralytics_factory(self.name.partition(":")[2], self.kwargs,
+                                        from_file=self.from_file or "cfg" in self.file_keys)
         factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
+        if self.file_keys and not (inspect.isclass(factory) and issubclass(factory, nn.Module)):
+            keys = ", ".join(shown(key) for key in sorted(self.file_keys))
+            raise ArchitectureError(
+                f"{self.name} is {imports.describe_callable(factory)}, not a model class: normswap passes a file's "
+                f"keyword arguments ({keys}) only to a torch.nn.Module class or a registered builder; type the "
+                "arguments yourself with --arch-kwargs (arch_kwargs=) if you mean to call it"
+            )
         return _without_weights(factory)
 
 
@@ -243,7 +332,7 @@ def _timm_factory(name: str) -> Callable[..., nn.Module]:
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ArchitectureError(
-            f"unknown architecture '{name}': not a timm model name{hint}; "
+            f"unknown architecture '{shown(name)}': not a timm model name{hint}; "
             "an import path looks like torchvision.models:resnet50"
         )
 
@@ -253,33 +342,57 @@ def _timm_factory(name: str) -> Callable[..., nn.Module]:
     return create
 
 
-def _torchvision_name(name: str) -> Optional[str]:
-    """``NAME`` for ``torchvision.models[.sub]:NAME`` when torchvision registers a model of that name."""
-    module, _, attribute = name.partition(":")
-    if not (module == "torchvision.models" or module.startswith("torchvision.models.")) or "." in attribute:
+def torchvision_builder(name: str) -> Optional[tuple[str, Callable[..., nn.Module]]]:
+    """``(registered name, builder)`` for ``torchvision.models[.sub]:NAME`` when ``NAME`` is a model builder of that
+    very module (``torchvision.models.quantization:resnet18`` is the quantizable one), else ``None``."""
+    module_name, _, attribute = name.partition(":")
+    if not (module_name == "torchvision.models" or module_name.startswith("torchvision.models.")) \
+            or "." in attribute or attribute.startswith("_"):
         return None
     try:
-        from torchvision.models import list_models
+        from torchvision.models import get_model_builder, list_models
+
+        module = importlib.import_module(module_name)
     except ImportError:
         return None
-    return attribute if attribute in list_models() else None
+    function = getattr(module, attribute, None)
+    if function is not None:
+        for registered in list_models(module=module):
+            if get_model_builder(registered) is function:
+                return registered, function
+    if module_name == "torchvision.models" and attribute in list_models():  # any model by its registered name
+        return attribute, get_model_builder(attribute)
+    return None
 
 
-def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
-    from torchvision.models import get_model, get_model_builder
-
-    parameters = inspect.signature(get_model_builder(name)).parameters
+def _torchvision_factory(registered: str, function: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    parameters = inspect.signature(function).parameters
     no_weights = {key: None for key in ("weights", "weights_backbone") if key in parameters}
 
     def create(**kwargs: Any) -> nn.Module:
-        return get_model(name, **{**kwargs, **no_weights})
+        if kwargs.get("quantize"):
+            raise ArchitectureError(f"normswap builds torchvision's {registered} unquantized (quantize=False): a "
+                                    "quantized model has no norm layers to convert")
+        return function(**{**kwargs, **no_weights})
 
     return create
 
 
+def _without_pretrained_backbone(config: Any) -> Any:
+    """A transformers configuration (a dict) with every ``use_pretrained_backbone`` set to ``False``, nested
+    backbone configurations included."""
+    if isinstance(config, dict):
+        return {key: False if key == "use_pretrained_backbone" else _without_pretrained_backbone(value)
+                for key, value in config.items()}
+    if isinstance(config, list):
+        return [_without_pretrained_backbone(value) for value in config]
+    return config
+
+
 def _transformers_factory(name: str) -> Callable[..., nn.Module]:
     try:
-        import transformers
+        with offline():
+            import transformers
     except ImportError:
         raise ArchitectureError(f"building transformers:{name} needs the transformers package: pip install "
                                 "transformers") from None
@@ -288,9 +401,75 @@ def _transformers_factory(name: str) -> Callable[..., nn.Module]:
         raise ArchitectureError(f"transformers has no model class '{name}'")
 
     def create(**config: Any) -> nn.Module:
-        return cls(cls.config_class.from_dict(config))
+        settings = cls.config_class.from_dict(_without_pretrained_backbone(config))
+        if hasattr(settings, "use_pretrained_backbone"):
+            settings.use_pretrained_backbone = False
+        return cls(settings)
 
     return create
+
+
+def _ultralytics_factory(name: str, kwargs: dict[str, Any], from_file: bool) -> Callable[..., nn.Module]:
+    """An ultralytics model class; a yaml (``cfg``) from a file must be a mapping that names only module classes."""
+    try:
+        with offline():
+            from ultralytics.nn import tasks
+    except ImportError:
+        raise ArchitectureError(f"building ultralytics.nn.tasks:{name} needs the ultralytics package: pip install "
+                                "ultralytics") from None
+    cls = getattr(tasks, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, tasks.BaseModel) and cls.__module__ == tasks.__name__):
+        raise ArchitectureError(f"ultralytics.nn.tasks has no model class '{shown(name)}'")
+    unknown = sorted(set(kwargs) - set(_ULTRALYTICS_KWARGS))
+    if unknown:
+        raise ArchitectureError(f"ultralytics.nn.tasks:{name} is built from its yaml: '{shown(unknown[0])}' is not "
+                                f"one of its arguments ({', '.join(_ULTRALYTICS_KWARGS)})")
+    if from_file and not isinstance(kwargs.get("cfg"), dict):
+        raise ArchitectureError(f"ultralytics.nn.tasks:{name} is built on a file's word only from its yaml as a "
+                                "mapping (cfg={...}), not from a file name")
+    if from_file:
+        _check_ultralytics_yaml(kwargs["cfg"], tasks)
+
+    def create(**arguments: Any) -> nn.Module:
+        return cls(**{"verbose": False, **arguments})
+
+    return create
+
+
+def _check_ultralytics_yaml(config: dict[str, Any], tasks: Any) -> None:
+    """:class:`ArchitectureError` unless every layer of an ultralytics yaml names a module class (ultralytics looks
+    the name up among its module's globals and calls it) and its activation is a plain ``nn.Class()`` (ultralytics
+    evaluates it as Python)."""
+    where = "the ultralytics yaml"
+    for key in ("activation", "act"):
+        text = config.get(key)
+        if text is None:
+            continue
+        found = _ULTRALYTICS_ACTIVATION.fullmatch(text) if isinstance(text, str) else None
+        if found is None or not _is_module_class(getattr(nn, found.group(2), None)):
+            raise ArchitectureError(f"{where} sets {key} to {text!r}, which ultralytics evaluates as Python: "
+                                    "normswap builds only a plain activation class such as nn.SiLU()")
+    for part in ("backbone", "head"):
+        layers = config.get(part)
+        if not isinstance(layers, list):
+            raise ArchitectureError(f"{where} has no '{part}' list of layers")
+        for index, layer in enumerate(layers):
+            if not (isinstance(layer, list) and len(layer) == 4 and isinstance(layer[2], str)):
+                raise ArchitectureError(f"{where}: {part} layer {index} is not [from, repeats, module, args]")
+            module = layer[2]
+            if module.startswith("nn."):
+                target = getattr(nn, module[3:], None)
+            elif module.startswith("torchvision.ops."):
+                target = getattr(importlib.import_module("torchvision.ops"), module[16:], None)
+            else:
+                target = vars(tasks).get(module)
+            if not _is_module_class(target):
+                raise ArchitectureError(f"{where}: {part} layer {index} names {module!r}, which is not a module "
+                                        "class: normswap builds only yaml whose layers are module classes")
+
+
+def _is_module_class(target: Any) -> bool:
+    return isinstance(target, type) and issubclass(target, nn.Module)
 
 
 def _without_weights(factory: Callable[..., Any]) -> Callable[..., Any]:

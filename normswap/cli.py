@@ -6,8 +6,10 @@ option groups (:func:`checkpoint_options`, :func:`output_options`, :func:`json_o
 (:func:`write_model`) and error reporting: a :class:`~normswap.errors.NormswapError` becomes one line
 ``error: ...`` on stderr and exit status 1, a usage error exit status 2, Ctrl-C exit status 130, SIGTERM 143 (with
 the same cleanup as Ctrl-C: no partial output file, no half-done change); ``--debug`` shows the traceback instead.
-timm and torchvision are imported only when an architecture or the data needs them, so ``--help`` and usage errors
-do not wait for them.
+Every command checks its inputs (files, ``--trust-pickle``, data, options) before it looks at the output path, and
+errors name options as typed here (``--force``, see :func:`normswap.errors.spelled`). torch and the operations are
+imported inside the commands, after their options are parsed, so ``--help`` and usage errors wait for nothing but
+click.
 
 Example::
 
@@ -25,6 +27,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import NormswapError
+from .errors import NormswapError, shown
 from .registry import TARGET_NAMES, TARGETS
 
 __all__ = [
@@ -66,15 +69,16 @@ class _EchoHandler(logging.Handler):
         click.echo(prefix + record.getMessage(), err=True)
 
 
-class NormswapGroup(click.Group):
-    """The command group: turns user errors into one line and an exit status, unless ``--debug``."""
+class NormswapCommand(click.Command):
+    """A normswap command: turns user errors into one line and an exit status, unless ``--debug``. The command's
+    own options (``--help`` among them) are parsed before, so help needs nothing beyond click."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .checkpoint import Terminated, interruptible
-        from .offline import no_downloads
+        from .checkpoint.atomic import Terminated, interruptible
+        from .offline import offline
 
         try:  # this process: SIGTERM cleans up like Ctrl-C, and nothing a command imports goes online
-            with interruptible(), no_downloads(hub=True):
+            with interruptible(), offline():
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -92,7 +96,7 @@ class NormswapGroup(click.Group):
         except NormswapError as error:
             if ctx.meta.get("normswap.debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {error.for_command_line()}", err=True)
             ctx.exit(EXIT_ERROR)
         except Exception as error:
             if ctx.meta.get("normswap.debug"):
@@ -100,6 +104,12 @@ class NormswapGroup(click.Group):
             click.echo(f"error: internal error ({type(error).__name__}: {error}); run with --debug for the traceback",
                        err=True)
             ctx.exit(EXIT_ERROR)
+
+
+class NormswapGroup(click.Group):
+    """The command group: its commands are :class:`NormswapCommand`; exit statuses as the module docstring says."""
+
+    command_class = NormswapCommand
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Run the command line; with ``standalone_mode`` (the default), exit with the command's status."""
@@ -141,10 +151,28 @@ def _configure_logging(ctx: click.Context, level: int) -> None:
 @click.version_option(package_name="normswap", prog_name="normswap")
 @click.pass_context
 def main(ctx: click.Context, debug: bool, verbose: bool, quiet: bool) -> None:
-    """Swap, freeze and inspect the normalization layers of PyTorch checkpoints."""
+    """Convert, freeze, recalibrate and fold the normalization layers of PyTorch checkpoints; verify the result
+    against the original, inspect a checkpoint, apply a recipe, or run the demo."""
     ctx.meta["normswap.debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     _configure_logging(ctx, level)
+
+
+class FiniteFloat(click.FloatRange):
+    """A number within a range that must be finite: ``nan`` passes every comparison a range makes, and ``inf``
+    would make a threshold mean nothing, so both are usage errors.
+
+    >>> FiniteFloat(min=0).convert("1e-5", None, None)
+    1e-05
+    """
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _parse_arch_kwargs(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[dict]:
@@ -234,7 +262,8 @@ def emit_json(data: Any) -> None:
 
 
 def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bool) -> Path:
-    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability before any work.
+    """``-o OUT``, or ``<stem>-<suffix>.safetensors`` beside the input; checked for writability once the inputs
+    are, before the long work.
 
     >>> output_path(Path("/tmp/resnet50.pt"), None, "gn", force=True)
     PosixPath('/tmp/resnet50-gn.safetensors')
@@ -246,16 +275,11 @@ def output_path(checkpoint: Path, output: Optional[Path], suffix: str, force: bo
 
 
 def write_model(model: Any, path: Path, force: bool) -> int:
-    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes. Warns when
-    the model records no architecture (a pickled model read without ``--arch``): the file then cannot rebuild it."""
+    """Save ``model`` to ``path`` (safetensors with rebuild metadata); returns the file size in bytes. ``save`` warns
+    when it cannot tell the model's architecture (a pickled model of no library it knows, read without ``--arch``)."""
     from .checkpoint import save
-    from .history import get_arch
 
-    n_bytes = save(model, path, overwrite=force).stat().st_size
-    if get_arch(model) is None:
-        log.warning(f"{path.name} records no architecture (the input was a pickled model and --arch was not given): "
-                    "load it with normswap.load_checkpoint(path, arch=...), or convert again with --arch to record it")
-    return n_bytes
+    return save(model, path, overwrite=force).stat().st_size
 
 
 def _size(n_bytes: int) -> str:
@@ -278,7 +302,6 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
     from .plan import plan
 
     check_input(checkpoint)
-    out = None if dry_run else output_path(checkpoint, output, suffix, force)
     model = source.open(checkpoint)
     problems = check_statistics(model, strict=strict)
     conversion = plan(model, to, **plan_options)
@@ -298,10 +321,12 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
         from .refine import refine_report
 
         data = open_data(options.pop("data"), model=model, batch_size=options.pop("batch_size"))
+        out = output_path(checkpoint, output, suffix, force)
         model = apply_conversion(model, conversion, data=data, **options)
         fit_summary = fit_report(model) if plan_options.get("affine") == "fit" else None
         refine_summary = refine_report(model) if options.get("refine") else None
     else:
+        out = output_path(checkpoint, output, suffix, force)
         model = conversion.apply(model)
     n_bytes = write_model(model, out, force)
     groups = _groups_summary(conversion)
@@ -357,7 +382,7 @@ def _conversion_options(command: Callable) -> Callable:
 @click.option("--refine", "refine_steps", type=click.IntRange(min=1), metavar="N",
               help="Then train the converted model for up to N steps to reproduce the original's outputs on "
                    "--data (no labels needed); a held-out part of the data picks the best state.")
-@click.option("--refine-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--refine-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="With --refine: Adam's learning rate.")
 @click.option("--refine-loss", type=click.Choice(["kl", "mse", "features"]), default="kl", show_default=True,
               help="With --refine: KL divergence of the class scores, relative MSE of the outputs, or KL plus the "
@@ -448,12 +473,14 @@ def _parse_input_shape(ctx: click.Context, param: click.Parameter, value: Option
                    "or package.module:callable).")
 @click.option("--dry-run", is_flag=True, help="Print what would be folded and why the rest is not; write nothing.")
 @click.option("--strict", is_flag=True, help="Refuse checkpoints with NaN/infinite or negative statistics.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar while the model runs (default: on a terminal, after two seconds).")
 @checkpoint_options
 @output_options
 @json_option
 def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape: Optional[tuple],
-         data_source: Optional[str], dry_run: bool, strict: bool, source: CheckpointSource, output: Optional[Path],
-         force: bool, as_json: bool) -> None:
+         data_source: Optional[str], dry_run: bool, strict: bool, progress: Optional[bool], source: CheckpointSource,
+         output: Optional[Path], force: bool, as_json: bool) -> None:
     """Fold the BatchNorm layers of CHECKPOINT into the layers before them; writes <stem>-folded.safetensors.
 
     The model is run once on an example input to find which layer feeds each BatchNorm. The folded model computes
@@ -466,7 +493,6 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
 
     if input_shape is not None and data_source is not None:
         raise click.UsageError("give --input-shape or --data, not both")
-    out = None if dry_run else output_path(checkpoint, output, "folded", force)
     model = source.open(checkpoint)
     problems = check_statistics(model, strict=strict)
     data = None
@@ -474,12 +500,14 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
         from .data import open_data
 
         data = open_data(data_source, model=model, batch_size=2)
-    folding = plan_fold(model, freeze_rest=freeze_rest, within=within, data=data, input_shape=input_shape)
+    folding = plan_fold(model, freeze_rest=freeze_rest, within=within, data=data, input_shape=input_shape,
+                        progress=progress)
     if dry_run or not folding.pairs:
         emit_json(folding.to_dict()) if as_json else click.echo(str(folding))
         if not folding.pairs:
             raise PlanError(_nothing_folded(folding))
         return
+    out = output_path(checkpoint, output, "folded", force)
     model = folding.apply(model)
     n_bytes = write_model(model, out, force)
     if as_json:
@@ -529,9 +557,9 @@ def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batc
     from .recalibrate import calibration_report
     from .recalibrate import recalibrate as recalibrate_model
 
-    out = output_path(checkpoint, output, "recalibrated", force)
     model = source.open(checkpoint)
     data = open_data(data_source, model=model, batch_size=batch_size)
+    out = output_path(checkpoint, output, "recalibrated", force)
     model = recalibrate_model(model, data, batches=batches, method=method, device=device, amp=amp,
                               channels_last=channels_last, input_key=input_key, progress=progress)
     n_bytes = write_model(model, out, force)
@@ -563,70 +591,99 @@ def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
 @click.option("--batches", type=click.IntRange(min=1), metavar="N", help="Compare on the first N batches only.")
 @click.option("--input-key", metavar="KEY", help="Key of the model input in dict batches.")
 @click.option("--device", metavar="DEV", help="Run both models on this device (cpu, cuda, cuda:1).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Relative difference above which a layer counts as diverged.")
 @click.option("--no-layers", is_flag=True, help="Compare outputs only, without the per-layer table.")
-@click.option("--max-relative", type=click.FloatRange(min=0), metavar="R",
+@click.option("--max-relative", type=FiniteFloat(min=0), metavar="R",
               help="Fail (exit 1) when the outputs' relative difference exceeds R, e.g. 1e-5 for freeze or fold.")
-@click.option("--min-agreement", type=click.FloatRange(min=0, max=1), metavar="P",
+@click.option("--min-agreement", type=FiniteFloat(min=0, max=1), metavar="P",
               help="Fail (exit 1) when top-1 agreement is below P (a fraction, e.g. 0.9).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
+              help="Also write the comparison as an HTML page: output agreement and a chart of per-layer divergence.")
+@click.option("--force", is_flag=True, help="Replace the --report page if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar over the batches (default: on a terminal, after two seconds).")
 @checkpoint_options
 @json_option
 def verify(original: Path, converted: Path, data_source: str, batch_size: int, batches: Optional[int],
            input_key: Optional[str], device: Optional[str], tolerance: float, no_layers: bool,
-           max_relative: Optional[float], min_agreement: Optional[float], source: CheckpointSource,
-           as_json: bool) -> None:
+           max_relative: Optional[float], min_agreement: Optional[float], report_path: Optional[Path], force: bool,
+           progress: Optional[bool], source: CheckpointSource, as_json: bool) -> None:
     """Compare CONVERTED with ORIGINAL on data: output agreement, accuracy where the data has labels, and the
     layer where the two models part ways. --arch and the other checkpoint options apply to a file that does not
     record its architecture. With --max-relative or --min-agreement the command is a check: it prints the
-    report, then fails if the models are further apart than allowed."""
+    report and one line per threshold (passed or failed), and fails if the models are further apart than
+    allowed."""
     from .compare import compare
     from .data import open_data
+    from .report_page import comparison_page, write_page
 
     model_a = _open_for_comparison(original, source)
     model_b = _open_for_comparison(converted, source)
     data = open_data(data_source, model=model_a, batch_size=batch_size)
+    if report_path is not None:
+        _check_page_path(report_path, force)
     report = compare(model_a, model_b, data, batches=batches, input_key=input_key, device=device,
-                     layers=not no_layers, tolerance=tolerance)
+                     layers=not no_layers, tolerance=tolerance, progress=progress)
+    verdicts = report.verdicts(max_relative=max_relative, min_agreement=min_agreement)
     if as_json:
-        emit_json({"original": str(original), "converted": str(converted), **report.to_dict()})
+        emit_json({"original": str(original), "converted": str(converted), **report.to_dict(),
+                   "verdicts": [{**vars(verdict), "line": str(verdict)} for verdict in verdicts]})
     else:
         click.echo(f"original: {original}\nconverted: {converted}")
         click.echo(str(report))
-    if max_relative is not None and not report.relative <= max_relative:
-        raise NormswapError(f"verify failed: the outputs' relative difference {report.relative:.3g} exceeds "
-                            f"--max-relative {max_relative:g}")
-    if min_agreement is not None:
-        if report.top1_agreement is None:
-            raise NormswapError("verify failed: --min-agreement needs class outputs (N, classes), and the model "
-                                "outputs are not")
-        if report.top1_agreement < min_agreement:
-            raise NormswapError(f"verify failed: top-1 agreement {report.top1_agreement:.2%} is below "
-                                f"--min-agreement {min_agreement:.2%}")
+        for verdict in verdicts:
+            click.echo(str(verdict))
+    if report_path is not None:
+        title = f"normswap verify: {converted.name} against {original.name}"
+        page = comparison_page({**report.to_dict(), "verdicts": [str(verdict) for verdict in verdicts]}, title=title)
+        write_page(report_path, page, overwrite=force)
+        if not as_json:
+            click.echo(f"wrote {report_path}")
+    failed = [verdict for verdict in verdicts if not verdict.passed]
+    if failed:
+        raise NormswapError(f"verify failed: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1
+                                                              else ""))
+
+
+def _check_page_path(path: Path, force: bool) -> None:
+    """Refuse a ``--report`` page path that is not ``.html`` or cannot be written, before the work starts."""
+    from .checkpoint import check_output
+
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise click.UsageError(f"--report writes an HTML page: name it *.html, not {path.name}")
+    check_output(path, overwrite=force)
 
 
 def _describe_history(steps: list[dict[str, Any]]) -> str:
+    """The history as one line; the text came from a file, so it is escaped."""
     parts = []
     for step in steps:
         if step.get("op") == "plan":
             plan = step.get("plan", {})
-            parts.append(f"plan to {plan.get('target')} ({len(plan.get('rows', []))} layers)")
+            rows = plan.get("rows", [])
+            parts.append(f"plan to {shown(str(plan.get('target')))} ({len(rows) if isinstance(rows, list) else '?'} "
+                         "layers)")
         else:
-            parts.append(str(step.get("op")))
+            parts.append(shown(str(step.get("op"))))
     return ", then ".join(parts) if parts else "none"
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="PAGE.html",
+              help="Also write an HTML page: the running statistics of every layer along the depth, and warnings.")
+@click.option("--force", is_flag=True, help="Replace the --report page if it exists.")
 @checkpoint_options
 @json_option
-def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
+def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: CheckpointSource,
+            as_json: bool) -> None:
     """List the norm layers of CHECKPOINT with their statistics, and the warnings worth acting on.
 
     The architecture is built only when --arch names it or the file records a timm, torchvision or normswap one;
     otherwise the layers are found by their running statistics."""
     from .history import get_arch, get_history, get_source
-    from .inspection import format_reports, inspect_model, inspect_state_dict
+    from .inspection import format_reports, inspect_model, inspect_state_dict, save_html
 
     contents = source.read(checkpoint)
     recorded = contents.arch
@@ -639,19 +696,26 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
         reports, spec, steps = inspect_state_dict(guess.tensors), None, contents.history
         where = {**contents.source, **({"entry": guess.entry} if guess.entry else {}),
                  **({"prefix": guess.prefix} if guess.prefix else {})}
-        if recorded is not None:
-            note = (f"arch: {recorded.short()} (not built: normswap imports it only when you pass --arch "
+        if recorded is not None and recorded.looks_like_model_class:
+            note = (f"arch: {recorded.call()} (not built: normswap imports it only when you pass --arch "
                     f"{recorded.name}; layers found by their running statistics)")
+        elif recorded is not None:
+            note = (f"arch: {recorded.call()} (not built: not a model class, normswap does not run it; layers found "
+                    "by their running statistics)")
+    if report_path is not None:
+        _check_page_path(report_path, force)
+        arch_line = f"arch: {spec['name']}" if spec is not None else note or "arch: unknown"
+        save_html(reports, report_path, notes=[f"file: {checkpoint}", arch_line], overwrite=force)
     if as_json:
         emit_json({"file": str(checkpoint), "source": where, "arch": spec if spec else
                    (recorded.to_dict() if recorded else None), "built": spec is not None, "history": steps,
                    "layers": [report.to_dict() for report in reports],
                    "warnings": [f"{report.name}: {text}" for report in reports for text in report.warnings.values()]})
         return
-    entry = "".join(f", {name} '{where[name]}'" for name in ("entry", "prefix") if name in where)
-    click.echo(f"file: {checkpoint} (sha256 {where['sha256'][:16]}{entry})")
+    entry = "".join(f", {name} '{shown(where[name])}'" for name in ("entry", "prefix") if name in where)
+    click.echo(f"file: {checkpoint} (sha256 {shown(where['sha256'][:16])}{entry})")
     if spec is not None:
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+        kwargs = ", ".join(f"{shown(k)}={v!r}" for k, v in spec["kwargs"].items())
         click.echo(f"arch: {spec['name']}" + (f" ({kwargs})" if kwargs else ""))
     else:
         click.echo(note or "arch: unknown (layers found by their running statistics; pass --arch for classes and "
@@ -659,6 +723,8 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
     if steps or spec is not None:
         click.echo(f"history: {_describe_history(steps)}")
     click.echo(format_reports(reports))
+    if report_path is not None:
+        click.echo(f"wrote {report_path}")
 
 
 @main.command("apply")
@@ -676,7 +742,8 @@ def inspect(checkpoint: Path, source: CheckpointSource, as_json: bool) -> None:
 def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional[str], dry_run: bool,
                  progress: Optional[bool], source: CheckpointSource, output: Optional[Path], force: bool,
                  as_json: bool) -> None:
-    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors (the suffix comes from the recipe).
+    """Run the TOML RECIPE on CHECKPOINT; writes <stem>-<suffix>.safetensors, the suffix being the recipe's
+    [output] suffix or else its file name (recipes/frozen-backbone.toml: <stem>-frozen-backbone.safetensors).
 
     Without CHECKPOINT, the recipe's architecture is built with fresh weights (a converted model to train from
     scratch) and written to <arch>-<suffix>.safetensors in the current folder. A recipe's architecture is built on
@@ -690,10 +757,9 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
         if arch is None:
             raise click.UsageError("give a CHECKPOINT, or an architecture (--arch, or 'arch' in the recipe)")
         start = Path(arch.name.replace(":", "-").rsplit(".", 1)[-1] + ".safetensors")
-        out = None if dry_run else output_path(start, output, spec.suffix, force)
         model = arch.build()
     else:
-        out = None if dry_run else output_path(checkpoint, output, spec.suffix, force)
+        start = checkpoint
         model = source.read(checkpoint).to_model(arch)
     plans = spec.plans(model)
     if dry_run:
@@ -712,6 +778,7 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
         if data_source is None:
             raise click.UsageError("the recipe fits GroupNorm weights (affine = 'fit'): give --data")
         calibration = open_data(data_source, model=model)
+    out = output_path(start, output, spec.suffix, force)
     model = spec.apply(model, plans=plans, data=calibration)
     model = spec.run_steps(model, progress=progress, data=data_source)
     n_bytes = write_model(model, out, force)

@@ -11,7 +11,10 @@
   was folded are left out (their outputs differ by design; the BatchNorm's place, now holding its activation or
   ``nn.Identity``, is compared instead).
 
-``str(report)`` is a readable table and ``report.to_dict()`` its JSON form.
+``str(report)`` is a readable table, ``report.to_dict()`` its JSON form, ``report.save_html(path)`` a page with a
+chart of the per-layer divergence (:mod:`normswap.report_page`), and ``report.verdicts(max_relative=...)`` the
+threshold checks ``normswap verify`` prints. On a terminal, a progress bar counts the batches
+(:mod:`normswap.progress`).
 
 Example::
 
@@ -30,8 +33,10 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -40,14 +45,15 @@ from torch import nn
 
 from .data import call_model, floating_dtype, iter_inputs, main_output, model_failures, move_input
 from .deprecation import renamed_keywords
-from .errors import CalibrationError, NormswapError
+from .errors import CalibrationError, NormswapError, spelled
 from .history import get_history
 from .placement import for_float64
+from .progress import progress_bar
 from .tables import text_table
 from .unwrap import unwrapped
 from .walk import model_device
 
-__all__ = ["ComparisonReport", "LayerDivergence", "compare"]
+__all__ = ["ComparisonReport", "LayerDivergence", "Verdict", "compare"]
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 """Keys tried, in order, for the labels of a dict batch."""
@@ -62,6 +68,25 @@ class LayerDivergence:
     class_b: str
     relative: float
     max_abs: float
+
+
+@dataclass
+class Verdict:
+    """One threshold checked against a report: ``str()`` is the line ``normswap verify`` prints.
+
+    >>> print(Verdict("relative difference", 2.2e-07, "<=", 1e-05, True))
+    relative difference 2.2e-07 <= 1e-05: passed
+    """
+
+    figure: str
+    value: float
+    relation: str
+    limit: float
+    passed: bool
+
+    def __str__(self) -> str:
+        relation = self.relation if self.passed else {"<=": ">", ">=": "<"}[self.relation]
+        return f"{self.figure} {self.value:.3g} {relation} {self.limit:g}: {'passed' if self.passed else 'failed'}"
 
 
 @dataclass
@@ -93,6 +118,48 @@ class ComparisonReport:
         data = asdict(self)
         data["first_divergence"] = self.first_divergence
         return data
+
+    def verdicts(self, *, max_relative: Optional[float] = None,
+                 min_agreement: Optional[float] = None) -> list[Verdict]:
+        """The thresholds given, each checked: the outputs' relative difference at most ``max_relative``, top-1
+        agreement at least ``min_agreement`` (a fraction).
+
+        Raises:
+            NormswapError: ``min_agreement`` for outputs without classes.
+
+        >>> report = ComparisonReport(samples=8, batches=1, max_abs=1e-6, relative=2.2e-07, cosine_mean=1.0,
+        ...                           cosine_min=1.0, top1_agreement=0.875)
+        >>> for verdict in report.verdicts(max_relative=1e-5, min_agreement=0.9):
+        ...     print(verdict)
+        relative difference 2.2e-07 <= 1e-05: passed
+        top-1 agreement 0.875 < 0.9: failed
+        """
+        found = []
+        if max_relative is not None:
+            found.append(Verdict("relative difference", self.relative, "<=", max_relative,
+                                 self.relative <= max_relative))
+        if min_agreement is not None:
+            if self.top1_agreement is None:
+                raise NormswapError(f"{spelled('min_agreement', '--min-agreement')} needs class outputs (N, classes), "
+                                    "and the model outputs are not")
+            found.append(Verdict("top-1 agreement", self.top1_agreement, ">=", min_agreement,
+                                 self.top1_agreement >= min_agreement))
+        return found
+
+    def save_html(self, path: Union[str, "os.PathLike[str]"], *, title: str = "normswap: comparison",
+                  overwrite: bool = False) -> Path:
+        """Write the report as one self-contained HTML page (no network, no scripts): output agreement and a chart
+        of per-layer divergence along model A's forward order with the first divergence marked; returns the path.
+
+        >>> import tempfile, pathlib
+        >>> report = ComparisonReport(samples=4, batches=1, max_abs=0.0, relative=0.0, cosine_mean=1.0,
+        ...                           cosine_min=1.0, layers=[LayerDivergence("0", "Linear", "Linear", 0.0, 0.0)])
+        >>> report.save_html(pathlib.Path(tempfile.mkdtemp()) / "report.html").read_text()[:15]
+        '<!DOCTYPE html>'
+        """
+        from .report_page import comparison_page, write_page
+
+        return write_page(path, comparison_page(self.to_dict(), title=title), overwrite=overwrite)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -232,6 +299,15 @@ def _batch_labels(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def _batch_count(data: Iterable[Any], batches: Optional[int]) -> Optional[int]:
+    """How many batches a comparison will run, where it can be told without iterating (for the progress bar)."""
+    try:
+        count = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return batches
+    return count if batches is None else min(count, batches)
+
+
 def _remember_batches(data: Iterable[Any], last: list) -> Iterator[Any]:
     for batch in data:
         last[:] = [batch]
@@ -311,6 +387,7 @@ def compare(
     device: Union[str, torch.device, None] = None,
     layers: bool = True,
     tolerance: float = 1e-4,
+    progress: Optional[bool] = None,
 ) -> ComparisonReport:
     """Compare ``model``'s eval-mode outputs with ``original``'s on the same data, output by output and layer by
     layer.
@@ -329,6 +406,8 @@ def compare(
             model runs where it is, its input moved to the device of its first parameter.
         layers: also measure per-layer divergence; this keeps one batch of ``model_a``'s module outputs in memory.
         tolerance: relative difference above which a layer counts as diverged.
+        progress: ``True`` shows a progress bar over the batches, ``False`` never; ``None`` shows one on a terminal
+            once the comparison has run for two seconds (:mod:`normswap.progress`).
 
     Raises:
         CalibrationError: no batches, a malformed batch, or ``labels`` that do not match the number of samples.
@@ -353,10 +432,11 @@ def compare(
     stats = _OutputStats()
     last: list = []
     used = 0
+    bar = progress_bar(_batch_count(data, batches), "compare", "batch", progress=progress)
     try:
         model_a.eval()
         model_b.eval()
-        with torch.no_grad():
+        with bar, torch.no_grad():
             for index, model_input in iter_inputs(_remember_batches(data, last), batches=batches,
                                                   input_fn=input_fn, input_key=input_key):
                 with model_failures(index, model_input, "the original model"):
@@ -376,6 +456,7 @@ def compare(
                 stats.add(out_a, out_b, batch_labels)
                 if probe is not None:
                     probe.next_batch()
+                bar.update()
     finally:
         if probe is not None:
             probe.remove()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import imports
-from .errors import CalibrationError, NormswapError
+from .errors import CalibrationError, NormswapError, spelled
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
@@ -79,10 +79,23 @@ def batch_input(
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
 ) -> Any:
-    """The model input in one batch; :class:`CalibrationError` naming the batch ``index`` if there is none."""
+    """The model input in one batch; :class:`CalibrationError` naming the batch ``index`` if there is none, or if
+    ``input_key`` is given for a batch that has no keys (a tensor, or a tuple whose first element is one).
+
+    >>> batch_input({"image": torch.zeros(2, 3)}, 0, input_key="image").shape
+    torch.Size([2, 3])
+    >>> batch_input(torch.zeros(2, 3), 0, input_key="image")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    normswap.errors.CalibrationError: batch 0 is a tensor, which has no keys: input_key='image' ...
+    """
     if input_fn is not None:
         return input_fn(batch)
     if isinstance(batch, torch.Tensor):
+        if input_key is not None:
+            given = spelled(f"input_key={input_key!r}", f"--input-key {input_key}")
+            raise CalibrationError(f"batch {index} is a tensor, which has no keys: {given} applies to dict batches "
+                                   "only; drop it")
         return batch
     if isinstance(batch, (tuple, list)):
         if not batch:

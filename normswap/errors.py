@@ -3,13 +3,40 @@
 Every failure that the user can fix (a bad file, a wrong architecture, an indivisible channel count, an empty
 loader...) raises :class:`NormswapError` or one of its subclasses, with one sentence that says what is wrong and,
 where it helps, what to do. The CLI prints that sentence and exits non-zero; anything else is a bug.
+
+Advice names an option the way the caller spells it: a message built with :func:`spelled` reads
+``overwrite=True`` in Python (``str(error)``) and ``--force`` where the ``normswap`` command prints it
+(:meth:`NormswapError.for_command_line`).
+
+>>> error = OutputError(f"out.safetensors already exists: pass {spelled('overwrite=True', '--force')} to replace it")
+>>> str(error)
+'out.safetensors already exists: pass overwrite=True to replace it'
+>>> error.for_command_line()
+'out.safetensors already exists: pass --force to replace it'
 """
 
 from __future__ import annotations
 
+import re
+
+_SPELLED = re.compile("\x00([^\x00\x01\x02]*)\x01([^\x00\x01\x02]*)\x02")
+
+
+def spelled(python: str, command_line: str) -> str:
+    """An option named in an error message: ``python`` (``key=``) for Python callers, ``command_line``
+    (``--key``) where the command line prints the error. Use it inside the message's f-string."""
+    return f"\x00{python}\x01{command_line}\x02"
+
 
 class NormswapError(Exception):
     """Base class of every error normswap raises for a problem in the user's input."""
+
+    def __str__(self) -> str:
+        return _SPELLED.sub(r"\1", super().__str__())
+
+    def for_command_line(self) -> str:
+        """The message with options spelled as on the command line (``--force`` rather than ``overwrite=True``)."""
+        return _SPELLED.sub(r"\2", super().__str__())
 
 
 class PlanError(NormswapError):
@@ -34,3 +61,14 @@ class CalibrationError(NormswapError):
 
 class RefineError(NormswapError):
     """Refinement cannot run as asked (an invalid option, models that do not fit together, a diverging loss)."""
+
+
+def shown(text: str) -> str:
+    """``text`` as it may be printed in a one-line message: unchanged if every character is printable, else with
+    control and other unprintable characters escaped as ``repr`` writes them.
+
+    >>> shown("layer1.0"), shown("a\\nerror: forged")
+    ('layer1.0', 'a\\\\nerror: forged')
+    """
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]

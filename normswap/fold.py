@@ -270,6 +270,7 @@ def plan_fold(
     input_shape: Optional[Sequence[int]] = None,
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
+    progress: Optional[bool] = None,
 ) -> FoldPlan:
     """Plan folding the BatchNorm layers of ``model`` into the layers that feed them; the model is not changed.
 
@@ -285,6 +286,8 @@ def plan_fold(
         example_input, data, input_shape: the example input, see above.
         input_fn, input_key: how to find the model input in the first batch of ``data``, as in
             :func:`normswap.data.iter_inputs` (``input_key="pixel_values"`` for dict batches).
+        progress: ``True`` shows a progress bar while the model runs, ``False`` never; ``None`` shows one on a
+            terminal once the run has lasted two seconds (:mod:`normswap.progress`).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, affine=False))
@@ -314,7 +317,7 @@ def plan_fold(
             example = Example(example_input, "example_input") if example_input is not None else find_example(
                 model, data, input_shape, input_fn=input_fn, input_key=input_key)
             result.example = str(example)
-            graph = capture(model, example.value, example=result.example)
+            graph = capture(model, example.value, example=result.example, progress=progress)
         except GraphError as exc:
             given = example_input is not None or data is not None or input_shape is not None
             hint = "" if given else ("; give the input it takes (input_shape=, data= or example_input=; "
@@ -556,6 +559,7 @@ def fold(
     input_shape: Optional[Sequence[int]] = None,
     input_fn: Optional[Callable[[Any], Any]] = None,
     input_key: Optional[str] = None,
+    progress: Optional[bool] = None,
 ) -> nn.Module:
     """Fold every BatchNorm of ``model`` that provably can be into the layer feeding it (in place); returns it.
 
@@ -574,4 +578,5 @@ def fold(
     ), True)
     """
     return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                     input_shape=input_shape, input_fn=input_fn, input_key=input_key).apply(model)
+                     input_shape=input_shape, input_fn=input_fn, input_key=input_key,
+                     progress=progress).apply(model)

@@ -71,8 +71,9 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .data import call_model, describe_input, iter_inputs, output_tensors
-from .errors import NormswapError
-from .history import get_input_shape
+from .errors import NormswapError, spelled
+from .history import checked_example_shape, get_input_shape
+from .progress import progress_bar
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
            "find_example"]
@@ -301,7 +302,7 @@ def find_example(
         return Example(_package(model, torch.randn(shape, **placement)), "input_shape")
     recorded = get_input_shape(model)
     if recorded:
-        return Example(_package(model, torch.randn(_checked_shape(recorded), **placement)),
+        return Example(_package(model, torch.randn(_checked_shape(checked_example_shape(recorded)), **placement)),
                        "the input shape the checkpoint records")
     for derive in (_timm_shape, _transformers_input, _ultralytics_shape, _torchvision_shape):
         found = derive(model)
@@ -314,7 +315,7 @@ def find_example(
     found = _first_layer_input(model, placement)
     if found is None:
         raise GraphError(f"cannot tell what input a {type(model).__name__} takes: pass an example input, "
-                         "input_shape= (--input-shape on the command line) or data=")
+                         f"{spelled('input_shape=', '--input-shape')} or {spelled('data=', '--data')}")
     return Example(_package(model, found[0]), found[1])
 
 
@@ -436,9 +437,10 @@ def _norm_rank(module: nn.Module) -> int:
 # --- capture -----------------------------------------------------------------------------------------------------
 
 
-def capture(model: nn.Module, model_input: Any, *, example: str = "") -> Graph:
+def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: Optional[bool] = None) -> Graph:
     """Run ``model`` once on ``model_input`` (see :func:`normswap.data.call_model`) in eval mode without gradients,
-    and return the :class:`Graph` of what it did. The model is left exactly as it was.
+    and return the :class:`Graph` of what it did. The model is left exactly as it was. ``progress``: a bar counting
+    the module calls (:mod:`normswap.progress`; by default on a terminal once the run has lasted two seconds).
 
     Raises:
         GraphError: the model has uninitialized lazy modules, or fails on the input.
@@ -448,7 +450,9 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "") -> Graph:
     if lazy:
         raise GraphError(f"layer '{lazy[0]}' is an uninitialized lazy module: run the model once before folding")
     recorder = _Recorder(model)
-    with _restored(model), torch.no_grad():
+    bar = progress_bar(len(recorder.names), "running the model", "module", progress=progress)
+    recorder.on_call = bar.update
+    with bar, _restored(model), torch.no_grad():
         model.eval()
         try:
             with recorder.recording(model_input):
@@ -484,6 +488,7 @@ class _Recorder(TorchFunctionMode):
         self.thread = threading.get_ident()
         self.busy = False
         self.function_names: dict[Any, str] = {}
+        self.on_call: Optional[Callable[[], Any]] = None
 
     @contextlib.contextmanager
     def recording(self, model_input: Any) -> Iterator[None]:
@@ -530,6 +535,8 @@ class _Recorder(TorchFunctionMode):
                         [self.value(t) for t in output_tensors(args)], positional=len(args))
             self.calls.append(call)
             self.stack.append(call)
+            if self.on_call is not None:
+                self.on_call()
         finally:
             self.busy = False
 

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Optional
 
 from torch import nn
@@ -27,7 +28,10 @@ from .unwrap import unwrapped
 __all__ = [
     "SCHEMA",
     "STRUCTURAL_OPS",
+    "MAX_EXAMPLE_DIMS",
+    "MAX_EXAMPLE_ELEMENTS",
     "carry_memory",
+    "checked_example_shape",
     "get_arch",
     "get_history",
     "get_input_shape",
@@ -42,6 +46,15 @@ __all__ = [
 ]
 
 _OPTIONAL_NUMBER = (int, float, type(None))
+
+MAX_EXAMPLE_ELEMENTS = 1 << 26
+"""The most elements of an example input normswap allocates because a file records its shape (a larger one must be
+given: ``input_shape=``, ``--input-shape``)."""
+MAX_EXAMPLE_DIMS = 8
+"""The most dimensions of an example input shape taken from a file."""
+
+_COUNTS = {"batches": 0, "samples": 0, "passes": 0, "world_size": 1, "steps": 0, "train_samples": 0}
+"""Whole-number history fields and the least value each may have."""
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "plan": {"plan": dict},
@@ -140,6 +153,30 @@ def set_input_shape(model: nn.Module, shape: Optional[list[int]]) -> None:
     model.__dict__[_INPUT_SHAPE] = [int(size) for size in shape] if shape is not None else None
 
 
+def checked_example_shape(shape: list[int], where: str = "the checkpoint") -> list[int]:
+    """``shape`` (an example input shape a file records) if it is within :data:`MAX_EXAMPLE_DIMS` dimensions and
+    :data:`MAX_EXAMPLE_ELEMENTS` elements, else :class:`CheckpointError` asking for the shape to be given.
+
+    >>> checked_example_shape([1, 3, 224, 224])
+    [1, 3, 224, 224]
+    >>> checked_example_shape([1, 1, 100000, 100000])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    normswap.errors.CheckpointError: the checkpoint records an example input of more than 2^26 elements, ...
+    """
+    ask = "pass the shape to use (input_shape=, --input-shape on the command line)"
+    if len(shape) > MAX_EXAMPLE_DIMS:
+        raise CheckpointError(f"{where} records an example input shape of {len(shape)} dimensions, more than the "
+                              f"{MAX_EXAMPLE_DIMS} normswap takes from a file: {ask}")
+    elements = 1
+    for size in shape:
+        elements *= size
+        if elements > MAX_EXAMPLE_ELEMENTS:
+            raise CheckpointError(f"{where} records an example input of more than 2^26 elements, more than normswap "
+                                  f"allocates on a file's word: {ask}")
+    return list(shape)
+
+
 def carry_memory(old: nn.Module, new: nn.Module) -> None:
     """Give ``new`` everything ``old`` remembers (arch, source, history, input shape): for steps that replace the
     root module."""
@@ -167,10 +204,22 @@ def validate_history(steps: Any, where: str = "the file") -> list[dict[str, Any]
             raise CheckpointError(f"the history of {where} has a step with unknown op {op!r} "
                                   f"(known: {', '.join(SCHEMA)})")
         for name, kind in SCHEMA[op].items():
-            if name not in step or not isinstance(step[name], kind) or (kind is int and isinstance(step[name], bool)):
+            value = step.get(name)
+            if name not in step or not isinstance(value, kind) or (kind is int and isinstance(value, bool)) \
+                    or not _valid_number(name, value):
                 raise CheckpointError(f"the history of {where}: step {index + 1} ({op}) has a missing or malformed "
                                       f"field '{name}'")
         if op == "fold" and not all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)
                                     for pair in step["pairs"]):
             raise CheckpointError(f"the history of {where}: step {index + 1} (fold) has malformed pairs")
     return steps
+
+
+def _valid_number(name: str, value: Any) -> bool:
+    """False for a number no real step records: a count below its least value, a cost that is negative or not
+    finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    if name in _COUNTS:
+        return value >= _COUNTS[name]
+    return math.isfinite(value) and value >= 0

@@ -7,6 +7,10 @@ from: ``torchvision.models:resnet50`` resolves, ``torchvision.models:resnet.torc
 attributes from ``resnet`` into ``torch`` and ``os`` leaves the package), nor does ``normswap.checkpoint:os.remove``,
 nor a private name (``normswap.data:_import``).
 
+Importing a library can reach the network on its own (ultralytics checks whether it is online when imported and
+pip-installs what it misses; Hugging Face libraries look up the hub): the import runs within
+:func:`normswap.offline.offline`.
+
 Example::
 
     >>> resolve("torchvision.models:resnet18").__name__
@@ -20,13 +24,15 @@ Example::
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import types
 from typing import Any, Callable
 
 from .errors import NormswapError
+from .offline import offline
 
-__all__ = ["IMPORT_PATH", "is_import_path", "resolve"]
+__all__ = ["IMPORT_PATH", "describe_callable", "is_import_path", "resolve"]
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 """``package.module:attribute.attribute``: what an import path looks like."""
@@ -38,7 +44,26 @@ def is_import_path(text: str) -> bool:
     >>> is_import_path("monai.networks.nets:UNet"), is_import_path("resnet50"), is_import_path("a:b;rm")
     (True, False, False)
     """
-    return bool(IMPORT_PATH.match(text))
+    return isinstance(text, str) and bool(IMPORT_PATH.fullmatch(text))
+
+
+def describe_callable(target: Any) -> str:
+    """What a callable is, in words, for a message: ``"a function (subprocess.getoutput)"``, ``"a class that is not
+    a torch.nn.Module (subprocess.Popen)"``...
+
+    >>> describe_callable(re.compile)
+    'a function (re.compile)'
+    """
+    name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    if inspect.isclass(target):
+        return f"a class that is not a torch.nn.Module ({name})"
+    if inspect.isbuiltin(target):
+        return f"a built-in function ({name})"
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        return f"a function ({name})"
+    if isinstance(target, types.ModuleType):
+        return f"a module ({target.__name__})"
+    return f"a callable {type(target).__name__} object ({name})"
 
 
 def _within(module_name: str, package: str) -> bool:
@@ -61,7 +86,8 @@ def resolve(path: str, *, what: str = "import path", error: type[NormswapError] 
     if any(part.startswith("_") for part in attributes.split(".")):
         raise error(f"{where}: '{attributes}' is private; name a public callable")
     try:
-        target: Any = importer(module_name)
+        with offline():
+            target: Any = importer(module_name)
     except ImportError as exc:
         raise error(f"{where}: cannot import '{module_name}' ({exc})") from None
     except Exception as exc:

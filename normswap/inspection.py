@@ -23,8 +23,10 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ from torch import nn
 from .tables import text_table
 from .unwrap import unwrapped
 
-__all__ = ["BAD_STATS", "LayerReport", "format_reports", "group_counts_near", "inspect_model", "inspect_state_dict"]
+__all__ = ["BAD_STATS", "LayerReport", "format_reports", "group_counts_near", "inspect_model", "inspect_state_dict",
+           "save_html"]
 
 BAD_STATS = ("nonfinite", "negative_var")
 """Warning codes for statistics that make a converted model compute wrong values."""
@@ -199,3 +202,20 @@ def format_reports(reports: list[LayerReport]) -> str:
     out.append(f"{len(reports)} norm layer(s), " + (f"{len(warnings)} warning(s)" if warnings else "no warnings"))
     out.extend(warnings)
     return "\n".join(out)
+
+
+def save_html(reports: list[LayerReport], path: Union[str, "os.PathLike[str]"], *, notes: Sequence[str] = (),
+              overwrite: bool = False) -> Path:
+    """Write the reports as one self-contained HTML page (:func:`normswap.report_page.inspection_page`): the range
+    of every layer's running mean and variance along the depth, layers with warnings marked; returns the path.
+
+    >>> import tempfile, pathlib
+    >>> page = save_html(inspect_model(torch.nn.Sequential(torch.nn.BatchNorm2d(8))),
+    ...                  pathlib.Path(tempfile.mkdtemp()) / "inspect.html")
+    >>> page.read_text().count('class="point"')
+    2
+    """
+    from .report_page import inspection_page, write_page
+
+    page = inspection_page([report.to_dict() for report in reports], notes=notes)
+    return write_page(path, page, overwrite=overwrite)

@@ -1,23 +1,23 @@
-"""Never downloading: the environment that keeps the libraries a model or a checkpoint imports offline.
+"""Never the network: the switches that keep the libraries a model or a checkpoint imports offline, for one call.
 
-Building an architecture from an import path or unpickling a whole saved model imports third-party code, and some of
-it reaches for the network on its own: ultralytics checks whether it is online when imported and pip-installs
-packages it misses. :func:`no_downloads` sets the variables that switch this off (:data:`NO_DOWNLOADS`) for the
-duration of one call and removes them afterwards, so the process's environment is as it was; a variable the user
-set is kept as it is. normswap's own builders are offline by their arguments (``pretrained=False``,
-``weights=None``; see :mod:`normswap.arch`), not by the environment.
+Building an architecture, importing an import path's package or unpickling a whole saved model runs third-party
+code, and some of it reaches for the network on its own: ultralytics checks whether it is online when imported and
+pip-installs packages it misses; the Hugging Face libraries look up the hub. :func:`offline` sets the variables of
+:data:`OFFLINE_ENVIRONMENT` and the same switches in modules already imported (:data:`OFFLINE_FLAGS`, which those
+modules read once, when imported) for the duration of one call, and restores every one of them afterwards, whatever
+the user had set. normswap's own builders are offline by their arguments too (``pretrained=False``,
+``weights=None``; see :mod:`normswap.arch`).
 
-Such libraries read the variables when they are first imported, so one first imported inside the block keeps its
-offline setting for the rest of the process. That is why the Hugging Face hub's switch (:data:`HUB_OFFLINE`) is set
-only with ``hub=True``, which the command line does for its own process: from Python, turning the hub off for good
-would break the caller's later downloads.
+A module first imported inside the block read the offline environment: the Hugging Face hub's switch is set back
+from the restored environment afterwards; ultralytics' online check is left off (setting it back would mean
+contacting a host).
 
 >>> import os
->>> before = os.environ.get("YOLO_AUTOINSTALL")
->>> with no_downloads():
-...     os.environ["YOLO_AUTOINSTALL"] if before is None else "False"
-'False'
->>> os.environ.get("YOLO_AUTOINSTALL") == before
+>>> before = os.environ.get("HF_HUB_OFFLINE")
+>>> with offline():
+...     os.environ["HF_HUB_OFFLINE"]
+'1'
+>>> os.environ.get("HF_HUB_OFFLINE") == before
 True
 """
 
@@ -25,28 +25,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator
 
-__all__ = ["HUB_OFFLINE", "NO_DOWNLOADS", "no_downloads"]
+__all__ = ["OFFLINE_ENVIRONMENT", "OFFLINE_FLAGS", "offline"]
 
-NO_DOWNLOADS = {"YOLO_AUTOINSTALL": "False", "YOLO_OFFLINE": "True"}
-"""ultralytics without auto-install and without its online check: set by every :func:`no_downloads` block."""
+OFFLINE_ENVIRONMENT = {"YOLO_OFFLINE": "True", "YOLO_AUTOINSTALL": "False", "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1"}
+"""Environment variables that keep ultralytics and the Hugging Face libraries off the network."""
 
-HUB_OFFLINE = {"HF_HUB_OFFLINE": "1"}
-"""The Hugging Face hub offline: set by ``no_downloads(hub=True)`` only (the command line)."""
+OFFLINE_FLAGS = (("ultralytics.utils", "ONLINE", False), ("ultralytics.utils", "AUTOINSTALL", False),
+                 ("ultralytics.utils.checks", "ONLINE", False), ("ultralytics.utils.checks", "AUTOINSTALL", False),
+                 ("huggingface_hub.constants", "HF_HUB_OFFLINE", True))
+"""The same switches in modules already imported: (module, attribute, offline value)."""
+
+_FROM_ENVIRONMENT = {("huggingface_hub.constants", "HF_HUB_OFFLINE"): "HF_HUB_OFFLINE"}
+"""Flags that a module first imported inside the block took from the environment, and the variable they read."""
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 @contextlib.contextmanager
-def no_downloads(*, hub: bool = False) -> Iterator[None]:
-    """Within this block, the libraries a model imports stay offline (:data:`NO_DOWNLOADS`, and with ``hub`` also
-    :data:`HUB_OFFLINE`); afterwards the variables set here are removed again. Nested blocks are fine: the block
-    that set a variable removes it."""
-    wanted = {**NO_DOWNLOADS, **(HUB_OFFLINE if hub else {})}
-    added = [name for name in wanted if name not in os.environ]
-    for name in added:
-        os.environ[name] = wanted[name]
+def offline() -> Iterator[None]:
+    """Within the block, libraries that would contact a host or install packages do not; everything set here is
+    restored afterwards (module docstring). Nested blocks are fine."""
+    saved_environment = {name: os.environ.get(name) for name in OFFLINE_ENVIRONMENT}
+    imported_before = {module for module, _, _ in OFFLINE_FLAGS if module in sys.modules}
+    saved_flags = []
+    os.environ.update(OFFLINE_ENVIRONMENT)
     try:
+        for module_name, attribute, value in OFFLINE_FLAGS:
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, attribute):
+                saved_flags.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, value)
         yield
     finally:
-        for name in added:
-            os.environ.pop(name, None)
+        for module, attribute, value in reversed(saved_flags):
+            setattr(module, attribute, value)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for (module_name, attribute), variable in _FROM_ENVIRONMENT.items():
+            module = sys.modules.get(module_name)
+            if module_name not in imported_before and module is not None and hasattr(module, attribute):
+                setattr(module, attribute, _is_true(os.environ.get(variable)))

@@ -11,6 +11,8 @@ output gets none: tqdm disables itself when standard error is not a terminal and
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -19,8 +21,24 @@ DELAY_S = 2.0
 """With ``progress=None``, a bar appears only once the work has lasted this long."""
 
 
-def progress_bar(total: Optional[int], desc: str, unit: str, *, progress: Optional[bool], rank: int = 0) -> tqdm:
-    """A tqdm bar following normswap's policy (module docstring); use it as a context manager."""
+def process_rank() -> int:
+    """This process's rank: ``torch.distributed``'s once it is initialized, else ``RANK`` (set by torchrun), else 0.
+    Read without importing torch."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def progress_bar(total: Optional[int], desc: str, unit: str, *, progress: Optional[bool],
+                 rank: Optional[int] = None) -> tqdm:
+    """A tqdm bar following normswap's policy (module docstring); use it as a context manager. ``rank``: the
+    caller's rank among the processes of its work, by default :func:`process_rank`."""
+    if rank is None:
+        rank = process_rank()
     if progress is None:
         options = {"disable": None if rank == 0 else True, "delay": DELAY_S}
     else:

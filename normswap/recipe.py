@@ -23,19 +23,23 @@ each norm layer becomes, later steps, and the output name. Each norm layer is co
     data = "calibration-images/"             # recalibrate: data, batches, batch_size, method
     batches = 100
 
-    [output]
-    suffix = "frozen"                        # output: <checkpoint stem>-<suffix>.safetensors
+    [output]                                 # optional: the output is <checkpoint stem>-<suffix>.safetensors,
+    suffix = "frozen"                        # by default <checkpoint stem>-<recipe file stem>.safetensors
 
 A recipe is data: every field is checked for its type and value when the recipe is read, and nothing it names is
-imported. Its ``arch`` is built on the recipe's word only if it is a registered builder (a timm or torchvision model,
-normswap's demo); another must be confirmed by the user (``--arch``). A step's ``data`` may be a folder of images or a
-tensor file; an import path (``package.module:callable``) must be typed by the user (``--data``).
+imported. Its ``arch`` is built on the recipe's word only if it is a registered builder (a timm, torchvision,
+transformers or ultralytics model, normswap's demo); another must be confirmed by the user (``--arch``), and its
+``arch_kwargs`` then reach it only if it is a model class (see :mod:`normswap.arch`). A step's ``data`` may be a
+folder of images or a tensor file; an import path (``package.module:callable``) must be typed by the user
+(``--data``). Rules are matched in one pass (each layer against the rules in order, until one matches), so a recipe
+of thousands of rules is planned in about the time of one plan per layer it changes.
 
 Python: ``Recipe.load("recipes/frozen-backbone.toml").apply(model)``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -49,10 +53,12 @@ try:
 except ImportError:  # Python 3.10: the same parser, published as tomli (a dependency there)
     import tomli as tomllib
 
+from . import targets
 from .arch import ArchSpec
-from .errors import NormswapError
+from .errors import NormswapError, spelled
 from .plan import AFFINE_MODES, GROUP_POLICIES, UNKNOWN_MODES, Plan, plan
 from .registry import TARGET_NAMES
+from .walk import find_modules
 
 __all__ = ["Recipe", "RecipeError", "Rule"]
 
@@ -101,6 +107,18 @@ _OUTPUT_FIELDS: dict[str, tuple[str, Any]] = {
 }
 
 
+def _default_suffix(path: Optional[Path]) -> str:
+    """The recipe's name (its file stem, ``frozen-backbone``) where it can be part of a file name, else
+    ``converted``: ``normswap apply recipes/frozen-backbone.toml resnet50.pt`` writes
+    ``resnet50-frozen-backbone.safetensors``.
+
+    >>> _default_suffix(Path("recipes/frozen-backbone.toml")), _default_suffix(None)
+    ('frozen-backbone', 'converted')
+    """
+    stem = path.stem if path is not None else ""
+    return stem if _SUFFIX.match(stem) and ".." not in stem else "converted"
+
+
 def _positive(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -144,6 +162,8 @@ class Recipe:
             raise RecipeError(f"recipe {path} does not exist") from None
         except (IsADirectoryError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise RecipeError(f"recipe {path} is not a TOML file: {exc}") from None
+        except RecursionError:
+            raise RecipeError(f"recipe {path} nests tables or arrays too deeply to be a recipe") from None
         return cls.from_dict(data, path)
 
     @classmethod
@@ -174,7 +194,7 @@ class Recipe:
             description=head.get("description", ""),
             arch=head.get("arch"),
             arch_kwargs=dict(head.get("arch_kwargs", {})),
-            suffix=output.get("suffix", "converted"),
+            suffix=output.get("suffix", _default_suffix(path)),
             path=path,
         )
 
@@ -193,18 +213,31 @@ class Recipe:
         if typed is None:
             return recorded.with_kwargs(typed_kwargs)
         if typed == recorded.name:
-            return ArchSpec(recorded.name, dict(recorded.kwargs)).with_kwargs(typed_kwargs)
+            return recorded.confirmed(typed_kwargs)
         return ArchSpec.parse(typed, typed_kwargs)
 
     def plans(self, model: nn.Module) -> list[Plan]:
-        """One plan per rule, each excluding what earlier rules matched; nothing is changed."""
-        result, claimed = [], []
-        for rule in self.rules:
-            options = dict(rule.options)
-            exclude = options.pop("exclude", [])
-            exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-            result.append(plan(model, rule.to, include=rule.match, exclude=claimed + exclude, **options))
-            claimed += rule.match
+        """One plan per rule, each of the layers that rule is the first to match; nothing is changed.
+
+        Each norm layer is matched against the rules in order until one matches (one pass); a rule is then planned
+        over exactly the layers it claimed, its own ``exclude`` applied, and a rule that claimed none gets an empty
+        plan. A plan's ``options["include"]`` are the rule's patterns.
+        """
+        claimed: dict[int, list[str]] = {}
+        for found in find_modules(model, targets.is_norm_layer):
+            for index, rule in enumerate(self.rules):
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in rule.match for name in found.names):
+                    claimed.setdefault(index, []).extend(found.names)
+                    break
+        result = []
+        for index, rule in enumerate(self.rules):
+            names = claimed.get(index)
+            if names:
+                planned = plan(model, rule.to, include=[_literal(name) for name in names], **rule.options)
+            else:
+                planned = plan(nn.Module(), rule.to, include=rule.match, **rule.options)  # checks the options
+            planned.options["include"] = list(rule.match)
+            result.append(planned)
         return result
 
     def apply(self, model: nn.Module, *, plans: Optional[list[Plan]] = None, data: Any = None,
@@ -240,7 +273,7 @@ class Recipe:
                 from .recalibrate import recalibrate
 
                 if data is None and "data" not in step:
-                    raise RecipeError("the recipe's recalibrate step names no data: pass data= (--data)")
+                    raise RecipeError(f"the recipe's recalibrate step names no data: pass {spelled('data=', '--data')}")
                 source, typed = (data, True) if data is not None else (step["data"], False)
                 calibration = open_data(source, model=model, batch_size=step.get("batch_size", 32),
                                         allow_import=typed)
@@ -257,6 +290,15 @@ class Recipe:
 
                 model = fold(model)
         return model
+
+
+def _literal(name: str) -> str:
+    """A glob pattern that matches exactly ``name``.
+
+    >>> _literal("blocks[0].bn*")
+    'blocks[[]0].bn[*]'
+    """
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _check_keys(table: Any, allowed: set[str], where: str) -> None:

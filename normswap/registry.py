@@ -28,8 +28,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from torch import nn
-
 from .errors import NormswapError
 
 __all__ = ["LAYER_CLASSES", "LAZY", "TARGETS", "TARGET_NAMES", "UNKNOWN", "LayerClass", "Target", "by_key", "record_of",
@@ -146,8 +144,9 @@ def by_key(key: str) -> LayerClass:
     return record
 
 
-def record_of(module: nn.Module) -> Optional[LayerClass]:
-    """The record of ``module``'s exact class (a subclass may compute something else), or ``None``."""
+def record_of(module: object) -> Optional[LayerClass]:
+    """The record of ``module``'s exact class (a subclass may compute something else), or ``None``. (Any object:
+    the registry imports no torch, so that the command line's help, which lists the targets, does not wait for it.)"""
     return class_record(type(module))
 
 

@@ -23,7 +23,7 @@ from normswap.arch import ArchSpec
 from normswap.checkpoint import formats
 from normswap.errors import PlanError
 from normswap.fit import fit_converted
-from normswap.offline import NO_DOWNLOADS
+from normswap.offline import OFFLINE_ENVIRONMENT
 from normswap.refine import RefineReport
 
 from .helpers import randomize_norm_layers
@@ -172,7 +172,8 @@ RECORDER = '''
 import os
 import torch
 
-SEEN_AT_IMPORT = {name: os.environ.get(name) for name in ("YOLO_AUTOINSTALL", "YOLO_OFFLINE", "HF_HUB_OFFLINE")}
+SEEN_AT_IMPORT = {name: os.environ.get(name) for name in ("YOLO_AUTOINSTALL", "YOLO_OFFLINE", "HF_HUB_OFFLINE",
+                                                         "TRANSFORMERS_OFFLINE")}
 
 
 class Recorder(torch.nn.Module):
@@ -184,16 +185,14 @@ class Recorder(torch.nn.Module):
 
 
 def test_building_an_architecture_is_offline_for_the_call_only(tmp_path, monkeypatch):
-    for name in NO_DOWNLOADS:
+    for name in OFFLINE_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     (tmp_path / "offline_probe.py").write_text(RECORDER)
     monkeypatch.syspath_prepend(str(tmp_path))
     before = dict(os.environ)
     model = ArchSpec.parse("offline_probe:Recorder").build()
-    offline = {**NO_DOWNLOADS, "HF_HUB_OFFLINE": None}  # the hub is left alone from Python: see normswap.offline
-    assert model.seen == offline
-    assert sys.modules["offline_probe"].SEEN_AT_IMPORT == offline, "the import of the package is offline too"
+    assert model.seen == OFFLINE_ENVIRONMENT
+    assert sys.modules["offline_probe"].SEEN_AT_IMPORT == OFFLINE_ENVIRONMENT, "the import of the package is offline too"
     assert dict(os.environ) == before
 
 
@@ -202,7 +201,7 @@ def test_the_command_line_leaves_the_environment_of_its_caller_as_it_was(tmp_pat
 
     from normswap.cli import main
 
-    for name in NO_DOWNLOADS:
+    for name in OFFLINE_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     torch.save(resnet18().state_dict(), tmp_path / "r18.pt")
     before = dict(os.environ)

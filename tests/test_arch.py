@@ -79,11 +79,16 @@ def test_kwargs_must_be_json_values():
         ArchSpec.parse("resnet18", {"act_layer": nn.ReLU})
 
 
-def test_only_timm_torchvision_and_normswap_builders_are_registered():
+def test_only_timm_torchvision_transformers_ultralytics_and_normswap_builders_are_registered():
     assert ArchSpec("resnet50").is_registered
     assert ArchSpec("torchvision.models:resnet50").is_registered
     assert ArchSpec("torchvision.models.detection:fasterrcnn_resnet50_fpn").is_registered
+    assert ArchSpec("torchvision.models.quantization:resnet18").is_registered
+    assert ArchSpec("transformers:ResNetModel").is_registered
+    assert ArchSpec("ultralytics.nn.tasks:DetectionModel").is_registered
     assert ArchSpec("normswap.demo:DigitsResNet").is_registered
+    assert not ArchSpec("torchvision.models.quantization:torch").is_registered
+    assert not ArchSpec("ultralytics.nn.tasks:torch_safe_load").is_registered
     assert not ArchSpec("torchvisionx.models:resnet50").is_registered
     assert not ArchSpec("torchvision.models:resnet.torch.hub.load").is_registered
     assert not ArchSpec("normswap.demo:torch.load").is_registered
@@ -95,3 +100,35 @@ def test_meta_and_cpu_builds_have_the_same_structure():
     meta, cpu = spec.build(device="meta"), spec.build()
     assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in cpu.state_dict().items()}
     assert cpu.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_a_confirmed_file_spec_keeps_track_of_the_files_arguments():
+    recorded = ArchSpec.from_dict({"name": "monai.networks.nets:UNet", "kwargs": {"spatial_dims": 3, "channels": [4]}})
+    confirmed = recorded.confirmed({"channels": [8]})
+    assert confirmed.kwargs == {"spatial_dims": 3, "channels": [8]} and confirmed.file_keys == {"spatial_dims"}
+    assert not confirmed.from_file and recorded.with_kwargs({"spatial_dims": 2}).from_file
+
+
+YOLO_LAYERS = {"backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[-1, 1, "Classify", [10]]]}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**YOLO_LAYERS, "activation": "__import__('os').system('touch PWNED')"}, "ultralytics evaluates as Python"),
+    ({**YOLO_LAYERS, "activation": "nn.ReLU(__import__('os').getcwd())"}, "ultralytics evaluates as Python"),
+    ({"backbone": [[-1, 1, "torch_safe_load", ["evil.pt"]]], "head": []}, "'torch_safe_load', which is not a module"),
+    ({"backbone": "Conv", "head": []}, "has no 'backbone' list of layers"),
+])
+def test_an_ultralytics_yaml_from_a_file_names_module_classes_only(tmp_path, monkeypatch, config, message):
+    monkeypatch.chdir(tmp_path)
+    spec = ArchSpec.from_dict({"name": "ultralytics.nn.tasks:ClassificationModel", "kwargs": {"cfg": config}})
+    with pytest.raises(ArchitectureError, match=message):
+        spec.build(device="meta")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_ultralytics_yaml_from_a_file_builds_with_a_plain_activation():
+    config = {**YOLO_LAYERS, "activation": "nn.ReLU()", "nc": 10}
+    model = ArchSpec.from_dict({"name": "ultralytics.nn.tasks:ClassificationModel", "kwargs": {"cfg": config}}).build()
+    assert isinstance(model.model[0].act, nn.ReLU)
+    with pytest.raises(ArchitectureError, match="only from its yaml as a mapping"):
+        ArchSpec.from_dict({"name": "ultralytics.nn.tasks:DetectionModel", "kwargs": {"cfg": "yolov8n.yaml"}}).build()

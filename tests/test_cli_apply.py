@@ -32,7 +32,7 @@ def test_apply_runs_a_recipe_on_a_checkpoint_and_the_output_loads_with_its_histo
     ckpt = demo_checkpoint(tmp_path)
     result = run("apply", RECIPES / "syncbn-ddp.toml", ckpt)
     assert result.exit_code == 0, result.output
-    out = tmp_path / "digits-sync.safetensors"
+    out = tmp_path / "digits-syncbn-ddp.safetensors"
     assert f"wrote {out}" in result.stdout
     model = load(out)
     assert {classify(m).family for m in model.modules() if classify(m) is not None} == {"sync"}
@@ -52,7 +52,7 @@ def test_apply_without_a_checkpoint_builds_the_architecture_fresh(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     result = run("apply", RECIPES / "groupnorm-dp.toml", "--arch", "test_resnet")
     assert result.exit_code == 0, result.output
-    model = load(tmp_path / "test_resnet-gn.safetensors")
+    model = load(tmp_path / "test_resnet-groupnorm-dp.safetensors")
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 

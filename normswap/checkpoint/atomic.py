@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from ..errors import OutputError
+from ..errors import OutputError, spelled
 
 __all__ = ["TEMPORARY_SUFFIX", "Terminated", "atomic_write", "check_output", "interruptible"]
 
@@ -87,10 +87,14 @@ def check_output(path: PathLike, *, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder")
     if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists: pass overwrite=True (--force) to replace it")
+        raise _exists(path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: no write permission in the folder {folder}")
     return path
+
+
+def _exists(path: Path) -> OutputError:
+    return OutputError(f"{path} already exists: pass {spelled('overwrite=True', '--force')} to replace it")
 
 
 def _megabytes(n_bytes: int) -> str:
@@ -130,10 +134,10 @@ def _publish(temporary: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(temporary, path)
     except FileExistsError:
-        raise OutputError(f"{path} already exists: pass overwrite=True (--force) to replace it") from None
+        raise _exists(path) from None
     except OSError:
         if path.exists():
-            raise OutputError(f"{path} already exists: pass overwrite=True (--force) to replace it") from None
+            raise _exists(path) from None
         os.replace(temporary, path)
         return
     temporary.unlink()

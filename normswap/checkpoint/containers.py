@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, spelled
 
 __all__ = ["Candidate", "WeightsChoice", "candidates", "choose_weights", "find_modules_in", "guess_weights"]
 
@@ -173,8 +173,8 @@ def _no_tensors(obj: Any, where: str) -> CheckpointError:
     keys = [str(k) for k in obj] if isinstance(obj, Mapping) else []
     shown = ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
     held = f" (keys: {shown})" if keys else f" (it holds a {type(obj).__name__})"
-    return CheckpointError(f"{where} holds no tensors{held}: pass key= (--key) to name the entry that holds the "
-                           "weights")
+    return CheckpointError(f"{where} holds no tensors{held}: pass {spelled('key=', '--key')} to name the entry "
+                           "that holds the weights")
 
 
 def _no_entry(key: str, found: list[Candidate], where: str) -> CheckpointError:
@@ -221,7 +221,7 @@ def choose_weights(obj: Any, expected: set[str], *, key: Optional[str] = None, p
     if best == 0:
         raise CheckpointError(
             f"none of the model's {len(expected)} keys are in {where} ({_contents(found)}): wrong architecture, or "
-            "pass key= / prefix= (--key / --prefix) to say where the weights are"
+            f"pass {spelled('key= / prefix=', '--key / --prefix')} to say where the weights are"
         )
     matched, candidate, chosen_prefix = scored[0]
     tensors, versions = _strip(candidate, chosen_prefix)

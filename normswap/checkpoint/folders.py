@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,7 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / f"{name}.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = formats.loads_json(index.read_text(), str(index))["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise CheckpointError(f"{index} is not a shard index (no 'weight_map')") from None
@@ -113,8 +112,8 @@ def read_folder(folder: Path) -> ModelFolder:
     """
     config_path = folder / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = formats.loads_json(config_path.read_text(encoding="utf-8"), str(config_path))  # depth-limited
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path} is not a JSON config: {exc}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} is not a JSON object")

@@ -40,10 +40,11 @@ from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
-from ..errors import CheckpointError
-from ..offline import no_downloads
+from ..errors import CheckpointError, spelled
+from ..offline import offline
 
-__all__ = ["SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "file_sha256", "read_safetensors",
+__all__ = ["MAX_JSON_DEPTH", "SAFE_GLOBALS", "UnsafePickle", "check_readable", "file_kind", "file_sha256",
+           "loads_json", "read_safetensors",
            "read_safetensors_metadata", "read_torch", "safetensors_size", "write_safetensors"]
 
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
@@ -67,6 +68,44 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
 
 _MAX_HEADER = 100 << 20
 _CHUNK = 64 << 20
+
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of lists and objects normswap reads from a file's JSON (real headers and configs nest a few
+levels; a parser would recurse once per level)."""
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def loads_json(text: Union[str, bytes], what: str) -> Any:
+    """``json.loads(text)``, or :class:`CheckpointError` naming ``what`` when it is not JSON or nests lists and
+    objects deeper than :data:`MAX_JSON_DEPTH` (checked first, in one pass over the text).
+
+    >>> loads_json('{"a": [1, 2]}', "the header")
+    {'a': [1, 2]}
+    >>> loads_json("[" * 10000 + "]" * 10000, "the header")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    normswap.errors.CheckpointError: the header nests lists and objects more than 64 deep, ...
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{what} is not JSON (not UTF-8 text)") from None
+    depth = 0
+    for token in _JSON_TOKENS.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise CheckpointError(f"{what} nests lists and objects more than {MAX_JSON_DEPTH} deep, which no "
+                                      "checkpoint does: the file is damaged or crafted")
+        elif bracket in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{what} is not valid JSON") from None
 
 
 class UnsafePickle(CheckpointError):
@@ -145,10 +184,7 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], dict[str, str
     (length,) = struct.unpack("<Q", head)
     if length > min(size - 8, _MAX_HEADER):
         raise CheckpointError(f"{corrupt}: its header length {length} does not fit the file")
-    try:
-        header = json.loads(f.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{corrupt}: its header is not JSON") from None
+    header = loads_json(f.read(length), f"{corrupt}: its header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{corrupt}: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -245,8 +281,8 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
                                   f"{_first_line(exc)}") from None
         raise UnsafePickle(
             f"{path} holds pickled Python objects ({found.group(1)}; a whole model saved with torch.save(model)?) "
-            "and unpickling them can run arbitrary code: pass trust_pickle=True (--trust-pickle) only if you "
-            "trust the file", found.group(1)
+            f"and unpickling them can run arbitrary code: pass {spelled('trust_pickle=True', '--trust-pickle')} "
+            "only if you trust the file", found.group(1)
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a checkpoint?): "
@@ -254,8 +290,8 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool = False) -> Any:
 
 
 def _torch_load(file: Any, trust_pickle: bool, mmap: bool) -> Any:
-    if trust_pickle:
-        with no_downloads():  # unpickling a model imports its library (ultralytics would install what it misses)
+    if trust_pickle:  # unpickling imports the model's library (ultralytics, ...): keep it off the network
+        with offline():
             return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)

@@ -5,13 +5,15 @@ pickled model) and its header metadata, decoded and checked (the architecture sp
 module versions). :meth:`CheckpointContents.to_model` then
 
 1. resolves the architecture: the one the user gives (``arch=``, ``--arch``), with the file's recorded keyword
-   arguments when it names the same architecture (``arch_kwargs`` override them key by key); else the file's own
-   spec, built only if it is a registered builder (see :mod:`normswap.arch`);
-2. builds it on the meta device (no memory, no random initialisation; on the CPU when the architecture holds
-   tensors that are not in its state dict);
-3. makes its tree match the file's manifest and checks it (:mod:`normswap.checkpoint.manifest`);
-4. finds the weights in the file (:mod:`normswap.checkpoint.containers`) and loads them strictly, module versions
-   included, the file's tensors becoming the model's (no copy).
+   arguments when it names the same architecture (``arch_kwargs`` override them key by key; a file's arguments
+   reach only a model class or a registered builder); else the file's own spec, built only if it is a registered
+   builder (see :mod:`normswap.arch`); or the model the user built (``model=``);
+2. builds it on the meta device (no memory, no random initialisation), makes its tree match the file's manifest
+   and checks it (:mod:`normswap.checkpoint.manifest`);
+3. finds the weights in the file (:mod:`normswap.checkpoint.containers`) and checks them against the meta model:
+   every name, shape and kind of dtype, before anything is allocated (a file that says ``num_classes=10**6`` fails
+   here); only then is the architecture built on the CPU if it holds tensors that are not in its state dict;
+4. loads the weights strictly, module versions included, the file's tensors becoming the model's (no copy).
 
 Example::
 
@@ -22,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 from collections import OrderedDict
@@ -35,11 +37,12 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
-from ..errors import ArchitectureError, CheckpointError
+from ..errors import ArchitectureError, CheckpointError, shown, spelled
 from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
 from .folders import is_model_folder, read_folder
 from .formats import file_sha256
+from .identity import identify
 from .manifest import apply_manifest, check_manifest
 
 __all__ = ["CheckpointContents", "check_input", "file_sha256", "load", "load_checkpoint", "read_checkpoint",
@@ -67,10 +70,7 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
         if name == "arch" and not text.lstrip().startswith("{"):
             metadata[name] = {"name": text.strip(), "kwargs": {}}
             continue
-        try:
-            metadata[name] = json.loads(text)
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: the header field '{name}' is not valid JSON") from None
+        metadata[name] = formats.loads_json(text, f"{path}: the header field '{name}'")
     if "history" in metadata:
         metadata["history"] = validate_history(metadata["history"], where=str(path))
     for name, valid in _FIELD_CHECKS.items():
@@ -79,14 +79,17 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     return metadata
 
 
-def _table_of(keys: type, values: type) -> Any:
+def _table_of(keys: type, values: type, valid: Any = lambda value: True) -> Any:
     return lambda value: isinstance(value, dict) and all(
-        isinstance(k, keys) and isinstance(v, values) and not isinstance(v, bool) for k, v in value.items())
+        isinstance(k, keys) and isinstance(v, values) and not isinstance(v, bool) and valid(v)
+        for k, v in value.items())
 
+
+_MAX_MODULE_VERSION = 1 << 20
 
 _FIELD_CHECKS = {
     "aliases": _table_of(str, str),
-    "module_versions": _table_of(str, int),
+    "module_versions": _table_of(str, int, lambda version: 0 <= version <= _MAX_MODULE_VERSION),
     "source": _table_of(str, str),
     "manifest": lambda value: isinstance(value, dict),
     "input_shape": lambda value: isinstance(value, list) and all(
@@ -208,30 +211,73 @@ class CheckpointContents:
         if arch is None:
             if recorded is None:
                 raise CheckpointError(
-                    f"{self.path} holds weights only, not the architecture: pass arch= (--arch), a timm model name "
-                    "such as resnet50 or an import path such as torchvision.models:resnet50"
+                    f"{self.path} holds weights only, not the architecture: pass {spelled('arch=', '--arch')}, a timm "
+                    "model name such as resnet50 or an import path such as torchvision.models:resnet50"
                 )
             return recorded.with_kwargs(arch_kwargs)
         given = arch if isinstance(arch, ArchSpec) else ArchSpec.parse(arch)
-        base = recorded.kwargs if recorded is not None and recorded.name == given.name else {}
-        return ArchSpec(given.name, {**base, **given.kwargs}, given.from_file).with_kwargs(arch_kwargs)
+        if recorded is not None and recorded.name == given.name and not given.from_file:
+            return recorded.confirmed(given.kwargs).with_kwargs(arch_kwargs)
+        return given.with_kwargs(arch_kwargs)
 
     def to_model(self, arch: Union[str, ArchSpec, None] = None, *,
-                 arch_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
-        """Build the model and load the file's weights into it strictly (see the module documentation)."""
+                 arch_kwargs: Optional[dict[str, Any]] = None, model: Optional[nn.Module] = None) -> nn.Module:
+        """Build the model and load the file's weights into it strictly (see the module documentation); with
+        ``model`` (one the user built, of the original structure), convert that one to what the file's manifest
+        describes and load into it instead."""
+        if model is not None:
+            if arch is not None or arch_kwargs is not None:
+                raise ArchitectureError("give model= or arch= (with arch_kwargs=), not both: with model=, the model "
+                                        "you built is the architecture")
+            return self._into(model)
         pickled = self.model
         if pickled is not None:
             if arch is not None:
                 log.info("%s holds a whole model: the architecture given is recorded, not built", self.path.name)
                 set_arch(pickled, self.resolve_arch(arch, arch_kwargs).to_dict())
-            elif get_arch(pickled) is None and (described := _described_arch(pickled)) is not None:
+            elif get_arch(pickled) is None and (described := identify(pickled)) is not None:
                 log.info("%s holds a whole model; its architecture is recorded as %s", self.path.name, described.name)
                 set_arch(pickled, described.to_dict())
             set_source(pickled, self.source)
             return pickled
         spec = self.resolve_arch(arch, arch_kwargs)
-        model = _build(spec, self)
-        expected = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
+        spec.check_buildable()
+        model, on_meta = _build(spec, self)
+        choice, tensors = self._tensors_for(model, spec)
+        if on_meta and _holds_unloadable_tensors(model):
+            model, _ = _build(spec, self, device=None)  # the file fits: now the real allocation is the file's size
+        return self._load(model, spec, choice, tensors)
+
+    def _into(self, model: nn.Module) -> nn.Module:
+        """The user's model, of the original structure, made to match the file's manifest and loaded strictly."""
+        from .saving import unwrap_model
+
+        model = unwrap_model(model)[-1]
+        own = get_arch(model)
+        recorded = self.arch
+        spec = recorded if recorded is not None else ArchSpec(f"{type(model).__module__}:{type(model).__name__}")
+        manifest = self.manifest
+        if manifest is None:
+            self._check_no_steps()
+        shadow = _on_meta(model)  # checked on a copy without memory first: a misfit leaves the user's model as it was
+        if manifest is not None:
+            shadow = apply_manifest(shadow, manifest)
+            check_manifest(shadow, manifest)
+        choice, tensors = self._tensors_for(shadow, spec)
+        if manifest is not None:
+            model = apply_manifest(model, manifest)
+            check_manifest(model, manifest)
+        model = self._load(model, spec, choice, tensors)
+        if recorded is None:
+            set_arch(model, own)  # the file says nothing: the model keeps what it knew of itself, if anything
+        return model
+
+    def _tensors_for(self, model: nn.Module, spec: ArchSpec) -> tuple[containers.WeightsChoice,
+                                                                       dict[str, torch.Tensor]]:
+        """The file's weights for ``model`` (on the meta device or not), keyed exactly as its state dict and checked
+        against it (names, shapes, kinds of dtype), or :class:`CheckpointError` saying what differs."""
+        state = model.state_dict(keep_vars=True)
+        expected = {name: tensor.shape for name, tensor in state.items()}
         choice = containers.choose_weights(self.content, set(expected), key=self.key, prefix=self.prefix,
                                            ema=self.ema, where=str(self.path))
         if choice.entry or choice.prefix:
@@ -249,8 +295,14 @@ class CheckpointContents:
                 if present and name not in tensors:
                     tensors[name] = tensors[present[0]]
         tensors = _fit_tensors(self.path, spec, model, tensors, expected, f"{choice.describe()} of the file")
+        _check_dtypes(self.path, state, tensors)
+        return choice, tensors
+
+    def _load(self, model: nn.Module, spec: ArchSpec, choice: containers.WeightsChoice,
+              tensors: dict[str, torch.Tensor]) -> nn.Module:
         _load_strictly(model, _aligned(tensors), self._versions(choice, model))
-        set_arch(model, spec.to_dict())
+        built = get_arch(model)  # what the builder recorded (an ultralytics yaml itself, not its file name)
+        set_arch(model, built if built is not None and built["name"] == spec.name else spec.to_dict())
         set_history(model, self.history)
         source = dict(self.source)
         if choice.entry:
@@ -268,17 +320,39 @@ class CheckpointContents:
             return choice.versions
         return {name: int(recorded.get(name, 1)) for name, _ in model.named_modules()}
 
+    def _check_no_steps(self) -> None:
+        structural = [step["op"] for step in self.history if step["op"] in STRUCTURAL_OPS]
+        if structural:
+            raise CheckpointError(
+                f"{self.path} was written by normswap {shown(self.metadata.get('normswap', '0.1'))}, which recorded "
+                f"its structure as steps ({', '.join(structural)}) rather than a manifest: load it with that "
+                "version and save it again"
+            )
 
-def _described_arch(model: nn.Module) -> Optional[ArchSpec]:
-    """The architecture of a pickled model that describes itself as data: an ultralytics model keeps the yaml it was
-    built from (``model.yaml``), and ``DetectionModel(cfg=yaml)`` rebuilds it."""
-    config = getattr(model, "yaml", None)
-    if not type(model).__module__.startswith("ultralytics.") or not isinstance(config, dict):
-        return None
-    try:
-        return ArchSpec.parse(f"{type(model).__module__}:{type(model).__name__}", {"cfg": config, "verbose": False})
-    except ArchitectureError:
-        return None
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (tied ones still tied): its structure,
+    for free."""
+    memo: dict[int, Any] = {}
+    for tensor in chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def _check_dtypes(path: Path, state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """:class:`CheckpointError` for a file tensor of another kind of dtype than the model's (a float where the model
+    has integers, ...): precision may differ (a half-precision file), the kind may not."""
+    def kind(dtype: torch.dtype) -> str:
+        return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else \
+            "bool" if dtype == torch.bool else "integer"
+
+    for name, tensor in state.items():
+        mine, theirs = kind(tensor.dtype), kind(tensors[name].dtype)
+        if mine != theirs:
+            raise CheckpointError(f"{path} does not fit the architecture: '{shown(name)}' is {theirs} "
+                                  f"({tensors[name].dtype}) in the file, {mine} in the model")
 
 
 def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Optional[str] = None, ema: bool = False,
@@ -297,16 +371,16 @@ def read_checkpoint(path: PathLike, *, key: Optional[str] = None, prefix: Option
     path, kind = _check_file(path)
     if kind == "folder":
         if key is not None:
-            raise CheckpointError(f"{path} is a model folder, which has no entries: key= (--key) picks an entry of a "
-                                  "PyTorch file")
+            raise CheckpointError(f"{path} is a model folder, which has no entries: {spelled('key=', '--key')} picks "
+                                  "an entry of a PyTorch file")
         folder = read_folder(path)
         contents = CheckpointContents(path, kind, folder.tensors, {"arch": folder.arch.to_dict()}, prefix=prefix)
         contents.source = folder.source(path)
         return contents
     if kind == "safetensors":
         if key is not None:
-            raise CheckpointError(f"{path} is a safetensors file, which has no entries: key= (--key) picks an entry "
-                                  "of a PyTorch file")
+            raise CheckpointError(f"{path} is a safetensors file, which has no entries: {spelled('key=', '--key')} "
+                                  "picks an entry of a PyTorch file")
         tensors, raw = formats.read_safetensors(path)
         content: Any = tensors
         metadata = decode_metadata(raw, path)
@@ -331,34 +405,30 @@ def _holds_unloadable_tensors(model: nn.Module) -> bool:
     return any(isinstance(value, torch.Tensor) for module in model.modules() for value in vars(module).values())
 
 
-def _build(spec: ArchSpec, contents: CheckpointContents) -> nn.Module:
-    """The architecture with the file's manifest applied, on the meta device when possible (no memory, no init)."""
-    spec.check_buildable()
-    try:
-        model = spec.build(device="meta")
-    except ArchitectureError as exc:
-        log.debug("building %s on the meta device failed (%s); building it on the CPU", spec, exc)
-        model = None
-    if model is None or _holds_unloadable_tensors(model):
+def _build(spec: ArchSpec, contents: CheckpointContents, device: Optional[str] = "meta") -> tuple[nn.Module, bool]:
+    """The architecture with the file's manifest applied, and whether it is on the meta device: there when possible
+    (no memory, no init), else on the CPU."""
+    model = None
+    if device == "meta":
+        try:
+            model = spec.build(device="meta")
+        except ArchitectureError as exc:
+            log.debug("building %s on the meta device failed (%s); building it on the CPU", spec, exc)
+    on_meta = model is not None
+    if model is None:
         model = spec.build()
     manifest = contents.manifest
     if manifest is None:
-        structural = [step["op"] for step in contents.history if step["op"] in STRUCTURAL_OPS]
-        if structural:
-            raise CheckpointError(
-                f"{contents.path} was written by normswap {contents.metadata.get('normswap', '0.1')}, which recorded "
-                f"its structure as steps ({', '.join(structural)}) rather than a manifest: load it with that "
-                "version and save it again"
-            )
-        return model
+        contents._check_no_steps()
+        return model, on_meta
     model = apply_manifest(model, manifest)
     check_manifest(model, manifest)
-    return model
+    return model, on_meta
 
 
 def _few(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN_KEYS])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_KEYS else "")
+    text = ", ".join(shown(name) for name in names[:_SHOWN_KEYS])
+    return text + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_KEYS else "")
 
 
 def _classifier_prefix(model: nn.Module) -> Optional[str]:
@@ -376,19 +446,20 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
     if reshaped:
-        shown = ", ".join(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
-                          for name in reshaped[:2])
-        parts.append(f"{len(reshaped)} shape mismatch(es) ({shown})")
+        listed = ", ".join(f"{shown(name)}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
+                           for name in reshaped[:2])
+        parts.append(f"{len(reshaped)} shape mismatch(es) ({listed})")
     head = _classifier_prefix(model)
     matched = len(set(expected) & set(tensors))
     if not missing and not unexpected and head is not None \
             and all(name.rpartition(".")[0] == head for name in reshaped):
         classes = tensors[reshaped[0]].shape[0]
-        cause = (f"wrong num_classes? the file's classifier has {classes} outputs: pass "
-                 f"arch_kwargs={{'num_classes': {classes}}} (--arch-kwargs '{{\"num_classes\": {classes}}}')")
+        python = f"arch_kwargs={{'num_classes': {classes}}}"
+        command_line = f"--arch-kwargs '{{\"num_classes\": {classes}}}'"
+        cause = f"wrong num_classes? the file's classifier has {classes} outputs: pass {spelled(python, command_line)}"
     elif matched < len(expected) / 2:
         cause = (f"wrong architecture? only {matched} of the model's {len(expected)} keys are in {where}; "
-                 "pass key= / prefix= (--key / --prefix) if the weights are elsewhere in the file")
+                 f"pass {spelled('key= / prefix=', '--key / --prefix')} if the weights are elsewhere in the file")
     else:
         cause = "wrong architecture or architecture keyword arguments?"
     return f"{path} does not fit {spec.short()}: {'; '.join(parts)} ({cause})"
@@ -466,8 +537,8 @@ def load_checkpoint(
     """Build the model a checkpoint file holds, with the file's weights, strictly.
 
     Unlike timm's ``load_checkpoint(model, path)``, which loads a file into a model you built, this builds the model
-    (as ``arch``, or the file, says) and returns it; to load weights into your own model, use
-    ``read_checkpoint(path)`` and its tensors, or ``model.load_state_dict``.
+    (as ``arch``, or the file, says) and returns it; to load a file into a model you built, use
+    ``normswap.load(path, model=...)``.
 
     Args:
         path: a safetensors or PyTorch file (the kind is read from its bytes).
@@ -499,25 +570,30 @@ def load_checkpoint(
 
 
 def load(path: PathLike, arch: Union[str, ArchSpec, None] = None, *, arch_kwargs: Optional[dict[str, Any]] = None,
-         device: Union[str, torch.device, None] = None) -> nn.Module:
+         device: Union[str, torch.device, None] = None, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a safetensors file written by :func:`~normswap.checkpoint.save`: build its architecture, match its
     manifest, load its weights strictly; on ``device`` if given.
 
-    ``arch`` is needed only for an architecture outside timm, torchvision and normswap, which normswap does not
-    import on a file's word (the error names the value to pass); the file's keyword arguments are used with it.
+    ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics and normswap,
+    which normswap does not import on a file's word (the error names the value to pass); the file's keyword arguments
+    are used with it if it is a model class. ``model`` is a model you built in your code, with the structure the
+    saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as you built it): it is converted
+    to what the file's manifest describes, checked, and loaded strictly (in place; the model is returned).
 
     Raises:
-        CheckpointError: the file does not record an architecture (use :func:`load_checkpoint` with ``arch=``), or
-            does not fit.
+        CheckpointError: the file does not record an architecture and no ``arch`` or ``model`` is given, or it does
+            not fit.
 
     >>> model = load("resnet50-gn.safetensors")                                 # doctest: +SKIP
     >>> model = load("unet3d-gn.safetensors", arch="monai.networks.nets:UNet")  # doctest: +SKIP
+    >>> unet = load("unet3d-gn.safetensors", model=monai.networks.nets.UNet(3, 1, 2, (16, 32), (2,)))  # doctest: +SKIP
     """
     contents = read_checkpoint(path)
-    if contents.arch is None and arch is None:
+    if contents.arch is None and arch is None and model is None:
         raise CheckpointError(
-            f"{path} does not record its architecture (not written by normswap.save?): use "
-            "load_checkpoint(path, arch=...)"
+            f"{path} does not record its architecture (normswap could not tell how the saved model was built): "
+            "build it in your code as it was before conversion and pass it, load(path, model=my_model), or name it "
+            "with arch= (and arch_kwargs=)"
         )
-    model = contents.to_model(arch, arch_kwargs=arch_kwargs)
-    return model.to(device) if device is not None else model
+    loaded = contents.to_model(arch, arch_kwargs=arch_kwargs, model=model)
+    return loaded.to(device) if device is not None else loaded

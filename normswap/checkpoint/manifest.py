@@ -32,13 +32,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .. import registry
-from ..errors import CheckpointError, NormswapError
+from ..errors import CheckpointError, NormswapError, shown
 from ..walk import get_module, model_device, replace_module
 
 __all__ = ["MANIFEST_VERSION", "apply_manifest", "check_manifest", "derive_manifest", "describe_layer"]
@@ -49,6 +50,49 @@ RANK_ATTR = "normswap_rank"
 """Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
 
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+MAX_CHANNELS = 1 << 24
+"""The most channels a manifest record may give a layer (a real network has a few thousand)."""
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CHANNELS
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "num_features": ("a whole number from 1 to 2^24", _count),
+    "num_channels": ("a whole number from 1 to 2^24", _count),
+    "num_groups": ("a whole number from 1 to 2^24", _count),
+    "eps": ("a positive finite number", lambda v: _number(v) and v > 0),
+    "momentum": ("null or a number from 0 to 1", lambda v: v is None or _number(v) and 0 <= v <= 1),
+    "affine": ("true or false", lambda v: isinstance(v, bool)),
+    "track_running_stats": ("true or false", lambda v: isinstance(v, bool)),
+    "bias": ("true or false", lambda v: isinstance(v, bool)),
+    "trainable_affine": ("true or false", lambda v: isinstance(v, bool)),
+    "rank": ("null, 1, 2 or 3", lambda v: v in (None, 1, 2, 3) and not isinstance(v, bool)),
+    "drop": ("a class name or null", lambda v: v is None or isinstance(v, str) and v.isidentifier()),
+    "act": ("a class name or null", lambda v: v is None or isinstance(v, str) and v.isidentifier()),
+    "trainable": ("a table of parameter names to true or false", lambda v: isinstance(v, dict) and all(
+        isinstance(key, str) and isinstance(flag, bool) for key, flag in v.items())),
+}
+"""What each field of a manifest record must be, checked before any layer is built from it."""
+
+
+def _check_record(entry: dict[str, Any], name: str) -> None:
+    """:class:`CheckpointError` naming the first field of a record that is not what it must be."""
+    for key, value in entry.items():
+        if key == "class":
+            continue
+        wanted, valid = _FIELDS.get(key, ("absent (not a field normswap writes)", lambda v: False))
+        if not valid(value):
+            raise _misfit(name, f"its record's '{shown(key)}' must be {wanted}, got {shown(repr(value)[:60])}")
+    if "num_groups" in entry and _count(entry.get("num_channels")) and entry["num_channels"] % entry["num_groups"]:
+        raise _misfit(name, f"its record has {entry['num_groups']} groups, which do not divide its "
+                            f"{entry['num_channels']} channels")
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -117,7 +161,7 @@ def derive_manifest(model: nn.Module) -> dict[str, Any]:
 
 
 def _misfit(name: str, detail: str) -> CheckpointError:
-    where = f"layer '{name}'" if name else "the model itself"
+    where = f"layer '{shown(name)}'" if name else "the model itself"
     return CheckpointError(f"the file's manifest does not fit the architecture at {where}: {detail}")
 
 
@@ -138,6 +182,7 @@ def _construct(entry: dict[str, Any], like: Optional[nn.Module], name: str) -> n
         record = registry.by_key(entry.get("class"))
     except NormswapError as exc:
         raise _misfit(name, str(exc)) from None
+    _check_record(entry, name)
     cls = record.load()
     try:
         if record.family in ("bn", "sync"):
@@ -165,7 +210,8 @@ def _construct(entry: dict[str, Any], like: Optional[nn.Module], name: str) -> n
         else:
             new = cls()
     except (KeyError, TypeError, ValueError) as exc:
-        raise _misfit(name, f"its record {entry} is malformed ({type(exc).__name__}: {exc})") from None
+        raise _misfit(name, f"its record {shown(str(entry))} is malformed ({type(exc).__name__}: {shown(exc)})") \
+            from None
     if entry.get("bias") is False and "bias" in new._parameters:
         new.bias = None
     if record.fused:
@@ -191,12 +237,13 @@ def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
             class or activation that cannot be rebuilt there.
     """
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION \
-            or not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("biased"), list):
+            or not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("biased"), list) \
+            or not all(isinstance(name, str) for name in manifest["biased"]):
         raise CheckpointError(f"the file's manifest is not a version-{MANIFEST_VERSION} normswap manifest")
     by_object: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, entry in manifest["modules"].items():
         if not isinstance(name, str) or not isinstance(entry, dict):
-            raise CheckpointError(f"the file's manifest has a malformed record for {name!r}")
+            raise CheckpointError(f"the file's manifest has a malformed record for {shown(repr(name))}")
         try:
             module = get_module(model, name)
         except KeyError:
@@ -212,7 +259,7 @@ def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
         if describe_layer(module) == entries[0]:
             continue
         if registry.record_of(module) is None and not isinstance(module, nn.Identity):
-            raise _misfit(names[0], f"the file records a {entries[0].get('class')}, the architecture builds a "
+            raise _misfit(names[0], f"the file records a {shown(entries[0].get('class'))}, the architecture builds a "
                                     f"{type(module).__name__} there")
         with torch.device(model_device(module, model) or "cpu"):
             changes.append((names, _construct(entries[0], module, names[0])))
@@ -242,7 +289,7 @@ def check_manifest(model: nn.Module, manifest: dict[str, Any]) -> None:
         mine, theirs = found["modules"].get(name), recorded.get(name)
         if mine != theirs:
             detail = (f"the architecture builds a {mine['class']} the file does not record" if theirs is None
-                      else f"the file records {theirs}, the model has {mine}")
+                      else f"the file records {shown(str(theirs))}, the model has {mine}")
             raise _misfit(name, detail)
     missing = sorted(set(manifest["biased"]) ^ set(found["biased"]))
     if missing:

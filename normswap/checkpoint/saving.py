@@ -4,7 +4,10 @@
 DistributedDataParallel and DataParallel, timm's ``ModelEma*``, ``torch.optim.swa_utils.AveragedModel``: see
 :func:`normswap.unwrap.unwrap_model`) and writes, beside the weights:
 
-- ``arch``: the architecture spec the model was built from (or the one passed to ``save``);
+- ``arch``: the architecture spec the model was built from, the one passed to ``save``, or the one the model itself
+  says it is (:func:`normswap.checkpoint.identity.identify`: timm, torchvision, transformers, ultralytics,
+  normswap's demo, confirmed on the meta device); a model that says nothing of how it was built (MONAI, smp, your own class) is saved without
+  one, with a warning naming ``arch=``;
 - ``manifest``: the structure, derived from the module tree at this moment (:mod:`normswap.checkpoint.manifest`);
 - ``module_versions``: each module's state-dict ``_version`` that is not 1 (modules such as torchvision's MNASNet read
   it when loading);
@@ -24,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -38,9 +42,12 @@ from ..unwrap import unwrap_model
 from .._version import __version__
 from . import formats
 from .atomic import atomic_write, check_output
+from .identity import identify
 from .manifest import derive_manifest
 
 __all__ = ["save", "unwrap_model"]
+
+log = logging.getLogger("normswap")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -114,7 +121,9 @@ def save(
             loaded from.
         arch, arch_kwargs: the architecture to record, for a model normswap did not build (``YOLO(...).model``, a
             MONAI network built in your code): ``save(model, p, arch="monai.networks.nets:UNet", arch_kwargs={...})``.
-            Default: the architecture the model was built from.
+            Default: the architecture the model was built from, else the one the model says it is, confirmed
+            by building it on the meta device (a timm, torchvision, transformers or ultralytics model built in
+            Python); else none, with a warning (load such a file with ``normswap.load(path, model=...)``).
 
     Tensors that share memory are saved once (tied weights) or as copies (overlapping views); non-contiguous
     tensors are made contiguous. The write is atomic (:func:`~normswap.checkpoint.atomic_write`).
@@ -137,6 +146,13 @@ def save(
         recorded: Optional[dict[str, Any]] = spec.with_kwargs(arch_kwargs).to_dict()
     else:
         recorded = _first(chain, get_arch)
+        if recorded is None:
+            found = identify(inner)
+            recorded = found.to_dict() if found is not None else None
+        if recorded is None:
+            log.warning(f"{path.name} records no architecture (normswap cannot tell how this {type(inner).__name__} "
+                        "was built): pass arch= and arch_kwargs= to save to record it, or load the file into a model "
+                        "you build with normswap.load(path, model=...)")
     tensors, aliases = _tensors_to_save(inner)
     metadata = {"format": "pt", "normswap": __version__, "torch": torch.__version__,
                 "manifest": json.dumps(derive_manifest(inner)),

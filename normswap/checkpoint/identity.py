@@ -1,0 +1,156 @@
+"""What a model built in Python is: the architecture spec that rebuilds it, confirmed on the meta device.
+
+``save`` records an architecture whenever the model can say what it is — timm's ``pretrained_cfg`` (with the
+structure-changing arguments read off the model: ``num_classes``, ``in_chans``, dropout rates), the torchvision
+builder whose model matches (quantizable ones too), a transformers class and its configuration, an ultralytics
+model's own yaml, normswap's demo model — and only once a candidate, built on the meta device with the model's
+manifest applied, has every parameter and buffer name and shape and every module's description the model has.
+Nothing is guessed: a model that says nothing of how it was built (MONAI, smp, your own class) gets ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+from torch import nn
+
+from ..arch import NORMSWAP_BUILDERS, TIMM_NAME, TRANSFORMERS_SKIPPED, ArchSpec, torchvision_builder
+from .manifest import apply_manifest, derive_manifest
+
+__all__ = ["identify"]
+
+
+def _candidates(model: nn.Module) -> list[ArchSpec]:
+    """Specs that may rebuild ``model``, from what the model says of itself (none for a model it says nothing of)."""
+    cls = type(model)
+    found: list[ArchSpec] = []
+    name = f"{cls.__module__}:{cls.__name__}"
+    if name in NORMSWAP_BUILDERS:
+        found.append(ArchSpec(name))
+    config = getattr(model, "pretrained_cfg", None)
+    timm = sys.modules.get("timm")
+    if timm is not None and isinstance(config, dict) and isinstance(config.get("architecture"), str) \
+            and TIMM_NAME.fullmatch(config["architecture"]) and timm.is_model(config["architecture"]):
+        kwargs = {"num_classes": model.num_classes} if isinstance(getattr(model, "num_classes", None), int) else {}
+        found.append(ArchSpec(config["architecture"], kwargs))
+    if cls.__module__.startswith("torchvision.models.") and "torchvision.models" in sys.modules:
+        found += _torchvision_candidates(model)
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel) \
+            and getattr(transformers, cls.__name__, None) is cls:
+        settings = json.loads(model.config.to_json_string(use_diff=True))
+        found.append(ArchSpec(f"transformers:{cls.__name__}",
+                              {k: v for k, v in settings.items() if k not in TRANSFORMERS_SKIPPED}))
+    if cls.__module__ == "ultralytics.nn.tasks" and isinstance(getattr(model, "yaml", None), dict):
+        found.append(ArchSpec(name, {"cfg": json.loads(json.dumps(model.yaml)), "verbose": False}))
+    return found
+
+
+def _torchvision_candidates(model: nn.Module) -> list[ArchSpec]:
+    """The builders of the module that defines the model's class, those whose pretrained weights have about as many
+    parameters as the model first (so that the right one is usually built first)."""
+    from torchvision.models import get_model_builder, get_model_weights, list_models
+
+    size = sum(parameter.numel() for parameter in model.parameters())
+    ranked = []
+    for registered in list_models():
+        function = get_model_builder(registered)
+        public = function.__module__.rpartition(".")[0]
+        if function.__module__ != type(model).__module__ or not torchvision_builder(f"{public}:{function.__name__}"):
+            continue
+        try:
+            parameters = next(iter(get_model_weights(registered))).meta.get("num_params", 0)
+        except (ValueError, StopIteration, AttributeError):
+            parameters = 0
+        ranked.append((abs(parameters - size), f"{public}:{function.__name__}"))
+    return [ArchSpec(name) for _, name in sorted(ranked)]
+
+
+def _structure(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict(keep_vars=True).items()}
+
+
+def _rebuilt(spec: ArchSpec, model: nn.Module, manifest: dict[str, Any], cpu: bool) -> Optional[nn.Module]:
+    """``spec`` built on the meta device with ``manifest`` applied, or ``None`` if that fails; with ``cpu``, on the
+    CPU when the meta device cannot build it (an ultralytics model runs a forward when it is built, a RegNet computes
+    its widths with tensors): the model being saved is of that size already."""
+    for device in ("meta", None) if cpu else ("meta",):
+        try:
+            return apply_manifest(spec.build(device=device), manifest)
+        except Exception:  # noqa: BLE001 - a candidate that cannot be built is not the model's architecture
+            continue
+    return None
+
+
+def _adjusted(spec: ArchSpec, built: nn.Module, model: nn.Module) -> Optional[ArchSpec]:
+    """``spec`` with the structure-changing arguments (``num_classes``, ``in_chans`` for timm) that make ``built``
+    have ``model``'s shapes, read off the first tensor whose shape differs; ``None`` when names differ."""
+    mine, theirs = _structure(built), _structure(model)
+    if list(mine) != list(theirs):
+        return None
+    differ = [key for key in mine if mine[key] != theirs[key]]
+    if not differ:
+        return None
+    kwargs = dict(spec.kwargs)
+    first_conv = next((key for key in mine if len(mine[key]) == 4), None)
+    if spec.builder == "timm" and first_conv in differ and mine[first_conv][1] != theirs[first_conv][1]:
+        kwargs["in_chans"] = theirs[first_conv][1]
+    else:
+        kwargs["num_classes"] = theirs[differ[0]][0]
+    return ArchSpec(spec.name, kwargs) if kwargs != spec.kwargs else None
+
+
+def identify(model: nn.Module) -> Optional[ArchSpec]:
+    """The spec that rebuilds ``model`` (a model built in Python, converted or not), confirmed on the meta device:
+    every parameter and buffer name and shape, and every module's description (``repr``), as the model has them,
+    once the model's manifest is applied. The first candidate confirmed is returned (two specs that pass build the
+    same module tree). ``None`` when the model says nothing of how it was built (MONAI, smp, your own class) or
+    nothing confirms it.
+
+    >>> import torchvision
+    >>> str(identify(torchvision.models.resnet18(num_classes=5)))
+    'torchvision.models:resnet18(num_classes=5)'
+    >>> identify(nn.Sequential(nn.Linear(2, 2))) is None
+    True
+    """
+    manifest = derive_manifest(model)
+    structure, description = _structure(model), repr(model)
+    for index, spec in enumerate(_candidates(model)):
+        cpu = index < 3 or spec.builder == "ultralytics"  # the likeliest candidates are worth a real build
+        for _ in range(3):  # the spec, then with num_classes, then with in_chans as the model's shapes say
+            built = _rebuilt(spec, model, manifest, cpu)
+            if built is None:
+                break
+            if _structure(built) == structure:
+                if repr(built) == description:
+                    return spec
+                for variant in _with_drop_rates(spec, model):
+                    built = _rebuilt(variant, model, manifest, cpu)
+                    if built is not None and repr(built) == description:
+                        return variant
+                break
+            spec = _adjusted(spec, built, model)
+            if spec is None:
+                break
+    return None
+
+
+def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
+    """``spec`` with the dropout and drop-path rates a timm model was built with, as far as the model tells them:
+    ``drop_rate`` is kept on the model; ``drop_path_rate`` is the largest drop-path probability, or that times
+    ``(n + 1) / n`` for models whose first block has none and whose ``n`` others stop one step short of the rate
+    (EfficientNet). Each is confirmed like any other spec."""
+    if spec.builder != "timm":
+        return []
+    kwargs = dict(spec.kwargs)
+    if isinstance(getattr(model, "drop_rate", None), float) and model.drop_rate:
+        kwargs["drop_rate"] = model.drop_rate
+    probabilities = [module.drop_prob for module in model.modules()
+                     if isinstance(getattr(module, "drop_prob", None), float)]
+    rates = [None]
+    if probabilities and max(probabilities) > 0:
+        top, blocks = max(probabilities), len(probabilities)
+        rates = [float(f"{top:.6g}"), float(f"{top * (blocks + 1) / blocks:.6g}")]
+    return [ArchSpec(spec.name, {**kwargs, **({"drop_path_rate": rate} if rate else {})}) for rate in rates]
