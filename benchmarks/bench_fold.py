@@ -2,12 +2,14 @@
 
 Three tables, printed as markdown:
 
-1. Coverage: for each model (randomly initialised, BatchNorm statistics randomized), its BatchNorm layers, how many
-   ``normswap.fold`` folds (planning on the example input its architecture gives), how many the library's own fuse
-   folds (ultralytics' ``model.fuse()``) or, where the model traces, ``torch.fx.experimental.optimization.fuse``,
-   and the largest relative difference of the folded model's output from the unfused eval model's (detection
-   models: of the backbone features, which hold every BatchNorm), beside the model's own float32-vs-float64
-   difference.
+1. Coverage: for each model (randomly initialised, BatchNorm statistics randomized), its BatchNorm layers (also
+   third-party frozen ones, such as DETR's), how many ``normswap.fold`` folds (planning on the example input its
+   architecture gives), how many the library's own fuse folds (ultralytics' ``model.fuse()``) or, where the model
+   traces, ``torch.fx.experimental.optimization.fuse``, and the largest relative difference of the folded model's
+   output from the unfused eval model's (detection models: of the backbone features, which hold every BatchNorm),
+   beside the model's own float32-vs-float64 difference (float16 for the half-precision model), and what planning
+   costs: the fastest of two plans over the fastest of three eval forwards of the same example, interleaved, in CPU
+   seconds of the process (other processes' load does not inflate them).
 2. Forward time: folded against BatchNorm eval forward of YOLOv8n at 640x640 and timm resnet50 at 224x224, timed
    in interleaved rounds in the same run (the ratio of medians is the figure).
 3. With ``--capture``: how the graph is captured. For each model, seconds for normswap's capture (one recorded
@@ -39,8 +41,13 @@ from torch import nn
 from normswap.data import call_model, move_input, output_tensors
 from normswap.fold import plan_fold
 from normswap.graph import capture, find_example
+from normswap.targets import classify
 
-BatchNorms = (nn.modules.batchnorm._BatchNorm, torchvision.ops.misc.FrozenBatchNorm2d)
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm-like layer of any class normswap sees (third-party frozen ones included)."""
+    kind = classify(module)
+    return kind is not None and kind.foldable
 
 
 def yolo(config: str) -> nn.Module:
@@ -59,6 +66,29 @@ def smp_model(name: str) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     return getattr(smp, name)(encoder_weights=None)
+
+
+def transformers_configured(name: str, **config: Any) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, name)(getattr(transformers, name.split("For")[0] + "Config")(**config))
+
+
+def torchvision_model(module: str, name: str, **kwargs: Any) -> nn.Module:
+    return getattr(getattr(torchvision.models, module) if module else torchvision.models, name)(weights=None,
+                                                                                                 **kwargs)
+
+
+def smp_encoder(name: str, encoder: str) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return getattr(smp, name)(encoder, encoder_weights=None)
+
+
+def monai_net(name: str, **kwargs: Any) -> nn.Module:
+    from monai.networks import nets
+
+    return getattr(nets, name)(**kwargs)
 
 
 def detection(name: str) -> nn.Module:
@@ -93,6 +123,37 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "timm resnet50": lambda: timm.create_model("resnet50"),
     "timm efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
     "timm densenet121": lambda: timm.create_model("densenet121"),
+    "ultralytics YOLOv8n fp16": lambda: yolo("yolov8n.yaml").half(),
+    "transformers DETR (ResNet-50, own frozen BN)": lambda: transformers_configured(
+        "DetrForObjectDetection", use_timm_backbone=False, use_pretrained_backbone=False),
+    "transformers LeViT-128S": lambda: transformers_configured("LevitForImageClassification"),
+    "transformers MobileViT-S": lambda: transformers_configured("MobileViTForImageClassification"),
+    "transformers EfficientNet-B0": lambda: transformers_configured(
+        "EfficientNetForImageClassification", image_size=224, width_coefficient=1.0, depth_coefficient=1.0,
+        hidden_dim=1280),
+    "torchvision DeepLabV3 R50": lambda: torchvision_model("segmentation", "deeplabv3_resnet50",
+                                                            weights_backbone=None),
+    "torchvision FCN R50": lambda: torchvision_model("segmentation", "fcn_resnet50", weights_backbone=None),
+    "torchvision LRASPP MobileNetV3": lambda: torchvision_model("segmentation", "lraspp_mobilenet_v3_large",
+                                                                 weights_backbone=None),
+    "torchvision quantizable resnet18": lambda: torchvision_model("quantization", "resnet18", quantize=False),
+    "torchvision RAFT large": lambda: torchvision_model("optical_flow", "raft_large"),
+    "torchvision r2plus1d_18": lambda: torchvision_model("video", "r2plus1d_18"),
+    "torchvision S3D": lambda: torchvision_model("video", "s3d"),
+    "smp FPN (efficientnet-b0)": lambda: smp_encoder("FPN", "efficientnet-b0"),
+    "smp Unet++ (resnet34)": lambda: smp_model("UnetPlusPlus"),
+    "smp Linknet (mobilenet_v2)": lambda: smp_encoder("Linknet", "mobilenet_v2"),
+    "smp PSPNet (resnet34)": lambda: smp_model("PSPNet"),
+    "smp PAN (resnet34)": lambda: smp_model("PAN"),
+    "smp MAnet (resnet34)": lambda: smp_model("MAnet"),
+    "smp UPerNet (resnet34)": lambda: smp_model("UPerNet"),
+    "MONAI BasicUNet (2-D)": lambda: monai_net("BasicUNet", spatial_dims=2, in_channels=1, out_channels=2,
+                                                norm="batch"),
+    "MONAI AttentionUnet (2-D)": lambda: monai_net("AttentionUnet", spatial_dims=2, in_channels=1, out_channels=2,
+                                                    channels=(16, 32, 64), strides=(2, 2)),
+    "MONAI VNet (3-D)": lambda: monai_net("VNet", spatial_dims=3, in_channels=1, out_channels=2),
+    "MONAI HighResNet (2-D)": lambda: monai_net("HighResNet", spatial_dims=2, in_channels=1, out_channels=2,
+                                                 norm_type="batch"),
 }
 
 
@@ -101,16 +162,17 @@ def randomized(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, BatchNorms):
-                module.running_mean.uniform_(-0.5, 0.5, generator=gen)
-                module.running_var.uniform_(0.5, 2.0, generator=gen)
-                module.weight.uniform_(0.5, 1.5, generator=gen)
-                module.bias.uniform_(-0.3, 0.3, generator=gen)
+            if is_batch_norm(module):
+                for name, low, high in (("running_mean", -0.5, 0.5), ("running_var", 0.5, 2.0),
+                                        ("weight", 0.5, 1.5), ("bias", -0.3, 0.3)):
+                    tensor = getattr(module, name, None)
+                    if isinstance(tensor, torch.Tensor):
+                        tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=gen))
     return model.eval()
 
 
 def count_norms(model: nn.Module) -> int:
-    return sum(isinstance(m, BatchNorms) for m in model.modules())
+    return sum(is_batch_norm(m) for m in model.modules())
 
 
 def relative_difference(got: Any, expected: Any) -> float:
@@ -131,6 +193,8 @@ def library_fuse(name: str, model: nn.Module, example: Any) -> str:
     """BatchNorm layers folded by ultralytics' own fuse, or by torch.fx's fuse, or how that fails."""
     model = copy.deepcopy(model)
     before = count_norms(model)
+    if name.startswith(("transformers DETR", "torchvision RAFT")) or "fp16" in name:
+        return "-"
     if name.startswith("ultralytics"):
         model.fuse(verbose=False)
         return f"{before - count_norms(model)} (ultralytics fuse)"
@@ -143,7 +207,7 @@ def library_fuse(name: str, model: nn.Module, example: Any) -> str:
     # what is left: BatchNorm modules the graph calls, and BatchNorm functions of the modules it traced through
     # (timm's BatchNormAct2d, torchvision's FrozenBatchNorm2d)
     left = sum(1 for node in fused.graph.nodes
-               if (node.op == "call_module" and isinstance(fused.get_submodule(node.target), BatchNorms))
+               if (node.op == "call_module" and is_batch_norm(fused.get_submodule(node.target)))
                or (node.op == "call_function" and getattr(node.target, "__name__", "") == "batch_norm"))
     frozen = sum(1 for m in model.modules() if isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d))
     return f"{before - left - frozen} (torch.fx fuse)"
@@ -155,23 +219,45 @@ def bench_coverage(names: list[str]) -> str:
         torch.manual_seed(0)
         model = randomized(MODELS[name]())
         example = find_example(model)
-        start = time.perf_counter()
-        plan = plan_fold(copy.deepcopy(model))
-        seconds = time.perf_counter() - start
-        folded = plan.apply(copy.deepcopy(model))
+        planned = copy.deepcopy(model)
+        forward_seconds, plan_seconds = [], []
+        with torch.no_grad():
+            call_model(model, example.value)  # warm-up
+        for _ in range(2):
+            forward_seconds.append(time_call(lambda: call_model(model, example.value)))
+            plan_seconds.append(time_call(lambda: plan_fold(planned)))
+        forward_seconds.append(time_call(lambda: call_model(model, example.value)))
+        plan = plan_fold(planned)
+        folded = plan.apply(planned)
         with torch.no_grad():
             expected = compared_output(model, example.value)
             error = relative_difference(compared_output(folded, example.value), expected)
-            in_float64 = compared_output(copy.deepcopy(model).double(),
-                                         move_input(example.value, None, dtype=torch.float64))
-            rounding = relative_difference(expected, in_float64)
+            wider = torch.float32 if next(model.parameters()).dtype == torch.float16 else torch.float64
+            try:
+                in_wider = compared_output(copy.deepcopy(model).to(wider),
+                                           move_input(example.value, None, dtype=wider))
+                rounding = f"{relative_difference(expected, in_wider):.1e}"
+            except RuntimeError:  # RAFT builds float32 coordinate grids whatever the model's dtype
+                rounding = "n/a"
         reasons = sorted({layer.reason for layer in plan.left})
+        ratio = min(plan_seconds) / min(forward_seconds)
         rows.append([name, plan.layers, len(plan), library_fuse(name, model, example.value), f"{error:.1e}",
-                     f"{rounding:.1e}", str(example), f"{seconds:.1f}", "; ".join(reasons)[:120]])
-        print(f"  {name}: {len(plan)}/{plan.layers}", file=sys.stderr, flush=True)
+                     rounding, str(example), f"{min(plan_seconds):.2f}", f"{ratio:.2f}",
+                     "; ".join(reasons)[:120]])
+        print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     header = ["model", "BatchNorm layers", "folded by normswap", "folded by the library's / torch.fx fuse",
-              "max relative error", "float32 vs float64", "example input", "plan s", "left because"]
+              "max relative error", "own rounding", "example input", "plan s", "plan / eval forward",
+              "left because"]
     return table(header, rows)
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """CPU seconds of this process one call of ``fn`` takes, without gradients: unlike wall time, not inflated by
+    other processes on a shared machine (with one thread the two agree on a quiet one)."""
+    start = time.process_time()
+    with torch.no_grad():
+        fn()
+    return time.process_time() - start
 
 
 def time_forward(model: nn.Module, x: torch.Tensor) -> float:

@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "RefineReport": "refine",
     "refine": "refine",
     "refine_report": "refine",
+    "register_layer": "registry",
 }
 """Every public name and the module (under ``normswap.``) that defines it."""
 
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from .fold import FoldPlan, fold, fold_weights, plan_fold
     from .layers import BatchNorm, FrozenBatchNorm, FrozenBatchNormAct
     from .plan import Plan, PlanRow, SkippedLayer, choose_groups, plan
+    from .registry import register_layer
     from .recalibrate import CalibrationReport, calibration_report, recalibrate
     from .recipe import Recipe
     from .refine import RefineReport, refine, refine_report

@@ -693,7 +693,7 @@ def inspect(checkpoint: Path, report_path: Optional[Path], force: bool, source: 
         reports, spec, steps, where = inspect_model(model), get_arch(model), get_history(model), get_source(model)
     else:
         guess = contents.guess()
-        reports, spec, steps = inspect_state_dict(guess.tensors), None, contents.history
+        reports, spec, steps = inspect_state_dict(guess.tensors, contents.manifest), None, contents.history
         where = {**contents.source, **({"entry": guess.entry} if guess.entry else {}),
                  **({"prefix": guess.prefix} if guess.prefix else {})}
         if recorded is not None and recorded.looks_like_model_class:

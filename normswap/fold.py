@@ -12,15 +12,18 @@ only when the run shows all of these:
 
 - it is called once, with one argument, is a class normswap knows (:func:`normswap.targets.classify`), has running
   statistics and no hooks, and nothing but its own forward reads its tensors;
-- its input was produced, inside one call of a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear layer (or a subclass,
-  or timm's ``Conv2dSame``), by the convolution or linear function applied to that layer's own weight and bias, and
-  that layer returned it unchanged; a layer without bias must run its base class's forward, which will use the
-  bias folding gives it;
-- nothing else reads that output, and the model does not return it;
+- its input was produced, inside one call of a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear layer (or a subclass:
+  timm's ``Conv2dSame``, smp's ``Conv2dStaticSamePadding``), by the convolution or linear function applied to that
+  layer's own weight and bias, and that layer returned it unchanged, possibly followed by operations that only
+  reshape it keeping every channel in place (``flatten(0, 1)`` of a Linear's ``(N, L, C)`` output, a ``view`` or
+  ``reshape`` of the leading dimensions). A layer without bias is run with a provisional zero bias, so the forward
+  shows that it passes the bias folding gives it to its convolution;
+- nothing else reads that output (or the reshaped ones), and the model does not return it;
 - the layer is called once, has no hooks, shares no parameter with another module, and nothing else reads its
   weight or bias; it has as many output channels as the BatchNorm has features;
-- its output is batched: ``(N, C, ...)`` for a convolution, ``(N, C)`` for a Linear (BatchNorm1d on ``(N, L, C)``
-  normalizes dim 1, the ``L`` positions);
+- the BatchNorm normalizes the layer's output channels: a batched ``(N, C, ...)`` convolution output, a Linear's
+  ``(N, C)`` output, or those reshaped as above (BatchNorm1d on a Linear's ``(N, L, C)`` normalizes dim 1, the
+  ``L`` positions, and is not folded);
 - no branch on input-dependent tensor values in the module call that wires the two together (or in the code
   around it, before it) could wire them differently for another input (:meth:`normswap.graph.Graph.
   decision_affecting`).
@@ -55,10 +58,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,19 +100,50 @@ _FUNCTIONS: dict[type, tuple[str, ...]] = {
 """The function each class a BatchNorm folds into computes its output with, as :mod:`normswap.graph` names it."""
 
 
+_RESHAPES = frozenset({
+    "torch.Tensor.flatten", "torch.flatten", "torch.Tensor.unflatten", "torch.unflatten", "torch.Tensor.view",
+    "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.view_as", "torch.Tensor.reshape_as",
+    "torch.Tensor.squeeze", "torch.squeeze", "torch.Tensor.unsqueeze", "torch.unsqueeze",
+})
+"""Functions that only reshape a tensor (its elements keep their order): they may stand between a layer and the
+BatchNorm folded into it when every channel stays in place."""
+
+_MAX_RESHAPES = 4
+
+
 def _base_class(module: nn.Module) -> Optional[type]:
     """The Conv/ConvTranspose/Linear class that ``module`` is or derives from, or ``None``."""
     return next((cls for cls in type(module).__mro__ if cls in _FUNCTIONS), None)
 
 
-def _runs_base_forward(module: nn.Module, base: type) -> bool:
-    """True if the module computes its output with its base class's forward, or timm's ``Conv2dSame`` forward
-    (both use the bias folding gives a layer that has none)."""
-    cls = type(module)
-    timm_convs = sys.modules.get("timm.layers.conv2d_same")
-    if cls is base or cls is getattr(timm_convs, "Conv2dSame", None):
-        return True
-    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+@contextlib.contextmanager
+def _provisional_biases(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Give every Conv/ConvTranspose/Linear layer without bias a zero bias while the model is captured (adding zero
+    changes no output), so the recorded forward shows whether the layer passes its bias to its convolution: the bias
+    folding would give it. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
+    given: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    for module in model.modules():
+        if id(module) in given or _base_class(module) is None or module._parameters.get("bias", False) is not None:
+            continue
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            continue
+        bias = nn.Parameter(torch.zeros(_output_channels(module), dtype=weight.dtype, device=weight.device),
+                            requires_grad=False)
+        module._parameters["bias"] = bias
+        given[id(module)] = (module, bias)
+    try:
+        yield {key: bias for key, (_, bias) in given.items()}
+    finally:
+        for module, _ in given.values():
+            module._parameters["bias"] = None
+
+
+def _channels_in_place(source: Sequence[int], channel_dim: int, normalized: Sequence[int]) -> bool:
+    """True if reshaping a tensor of shape ``source`` whose channels are dimension ``channel_dim`` to ``normalized``
+    keeps every element in its channel, and puts the channels in dimension 1 (what BatchNorm normalizes)."""
+    return len(normalized) >= 2 and 0 <= channel_dim < len(source) and source[channel_dim] == normalized[1] \
+        and math.prod(source[:channel_dim]) == normalized[0] and math.prod(source) == math.prod(normalized)
 
 
 def _output_channels(conv: nn.Module) -> int:
@@ -174,6 +210,19 @@ class FoldPlan:
             "example": self.example,
             "options": dict(self.options),
         }
+
+    def why_empty(self) -> str:
+        """Why folding changes nothing, in one sentence (for a plan that folds or freezes: an empty string).
+
+        >>> print(plan_fold(torch.nn.Sequential(torch.nn.GroupNorm(2, 4))).why_empty())
+        the model has no BatchNorm layer to fold
+        """
+        if self.pairs or any(layer.frozen for layer in self.left):
+            return ""
+        if not self.left:
+            return "the model has no BatchNorm layer to fold"
+        reason = self.capture_error if not self.captured else self.left[0].reason
+        return f"folded 0 of {self.layers} BatchNorm layer(s) (first reason: {reason})"
 
     def step(self) -> dict[str, Any]:
         """The history step :meth:`apply` records."""
@@ -312,12 +361,14 @@ def plan_fold(
     ]
     result = FoldPlan(options=options)
     graph: Optional[Graph] = None
+    provisional: dict[int, torch.Tensor] = {}
     if candidates:
         try:
             example = Example(example_input, "example_input") if example_input is not None else find_example(
                 model, data, input_shape, input_fn=input_fn, input_key=input_key)
             result.example = str(example)
-            graph = capture(model, example.value, example=result.example, progress=progress)
+            with _provisional_biases(model) as provisional:
+                graph = capture(model, example.value, example=result.example, progress=progress)
         except GraphError as exc:
             given = example_input is not None or data is not None or input_shape is not None
             hint = "" if given else ("; give the input it takes (input_shape=, data= or example_input=; "
@@ -329,7 +380,8 @@ def plan_fold(
         if cand.reason is None and within and not any(name.startswith(prefix) for name in cand.names):
             cand.reason = f"outside {within}"
         if cand.reason is None:
-            cand.reason = "the model could not be run" if graph is None else _pair_reason(graph, cand, shared)
+            cand.reason = "the model could not be run" if graph is None else _pair_reason(graph, cand, shared,
+                                                                                           provisional)
         if cand.reason is None and within and not cand.conv_name.startswith(prefix):
             cand.reason = f"its input comes from {cand.conv_name}, outside {within}"
         if cand.reason is None:
@@ -346,7 +398,7 @@ def plan_fold(
 def _is_candidate(module: nn.Module) -> bool:
     """A layer folding looks at: one it can fold, or a BatchNorm-like one it reports (lazy, unknown subclass)."""
     kind = targets.classify(module)
-    return kind is not None and (kind.foldable or kind in (registry.LAZY, registry.UNKNOWN))
+    return kind is not None and (kind.foldable or kind in (registry.LAZY, registry.UNKNOWN, registry.UNPROVEN))
 
 
 def _layer_reason(bn: nn.Module) -> Optional[str]:
@@ -356,6 +408,8 @@ def _layer_reason(bn: nn.Module) -> Optional[str]:
         return "uninitialized lazy layer"
     if kind is registry.UNKNOWN:
         return "a BatchNorm subclass normswap does not know (its forward may differ)"
+    if kind is registry.UNPROVEN:
+        return registry.probed(bn)[1]
     if not targets.SourceLayer.read(bn).has_stats:
         return "no running statistics (track_running_stats=False)"
     if _has_hooks(bn):
@@ -382,7 +436,7 @@ def _where(call: Call) -> str:
     return f" in {call.parent.name or '<model>'}" if call.parent is not None else ""
 
 
-def _pair_reason(graph: Graph, cand: _Candidate, shared: set) -> Optional[str]:
+def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[int, torch.Tensor]) -> Optional[str]:
     """Why this BatchNorm cannot be folded into the layer that produced its input in the captured forward, or
     ``None`` (then ``cand.conv`` and ``cand.conv_name`` are set)."""
     calls = graph.module_calls(cand.bn)
@@ -397,7 +451,13 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set) -> Optional[str]:
            for name in ("weight", "bias", "running_mean", "running_var")]
     if any(graph.readers(value, outside=call) for value in own if value is not None):
         return "its tensors are read directly by the forward"
-    value = call.inputs[0]
+    normalized = call.inputs[0]
+    value, reader = normalized, call
+    chain: list[tuple[Value, Call]] = []  # (value, the one call allowed to read it), from the BatchNorm back
+    while value.producer is not None and value.producer.name in _RESHAPES and len(value.producer.inputs) == 1 \
+            and len(chain) < _MAX_RESHAPES:
+        chain.append((value, reader))
+        value, reader = value.producer.inputs[0], value.producer
     producer = value.producer
     if producer is None:
         return "its input is an input of the model" if value.from_input and value.name is None else \
@@ -409,14 +469,15 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set) -> Optional[str]:
         return f"its input comes from {_short(producer.name)}{_where(producer)}, not from a Conv, ConvTranspose or " \
                "Linear layer"
     label = f"{conv_call.name} ({type(conv).__name__})"
-    reason = _producer_reason(graph, conv, base, label, producer, conv_call, value, shared)
+    reason = _producer_reason(graph, conv, base, label, producer, conv_call, value, shared, provisional)
     if reason is not None:
         return reason
-    readers = graph.readers(value, outside=call)
-    if readers:
-        return f"the output of {label} also feeds {_short(readers[0].name)}{_where(readers[0])}"
-    if graph.is_output(value):
-        return f"the output of {label} is also an output of the model"
+    for seen, allowed in [(value, reader), *chain]:
+        readers = [found for found in graph.readers(seen, outside=call) if found is not allowed]
+        if readers:
+            return f"the output of {label} also feeds {_short(readers[0].name)}{_where(readers[0])}"
+        if graph.is_output(seen):
+            return f"the output of {label} is also an output of the model"
     wiring = graph.common_caller(call, conv_call)
     decision = graph.decision_affecting(wiring) if wiring is not None else None
     if decision is not None:
@@ -426,24 +487,33 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set) -> Optional[str]:
     if _output_channels(conv) != features:
         return f"{label} has {_output_channels(conv)} output channels, the layer has {features}"
     rank = len(value.shape)
-    if base is nn.Linear and rank != 2:
-        return f"{label} outputs {rank}-D tensors, and BatchNorm normalizes their dim 1, not the features"
-    if base is not nn.Linear and rank != _SPATIAL_RANK[base] + 2:
+    channel_dim = rank - 1 if base is nn.Linear else rank - _SPATIAL_RANK[base] - 1
+    if not _channels_in_place(value.shape, channel_dim, normalized.shape):
+        if chain:
+            return f"the output of {label} is reshaped to {'x'.join(map(str, normalized.shape))}, which moves its " \
+                   "channels out of the dimension BatchNorm normalizes"
+        if base is nn.Linear:
+            return f"{label} outputs {rank}-D tensors, and BatchNorm normalizes their dim 1, not the features"
         return f"{label} runs on unbatched input"
     cand.conv_name, cand.conv = conv_call.name, conv
     return None
 
 
 def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, producer: Call, conv_call: Call,
-                     value: Value, shared: set) -> Optional[str]:
+                     value: Value, shared: set, provisional: dict[int, torch.Tensor]) -> Optional[str]:
     """Why ``conv`` (which computed the BatchNorm's input in ``producer``) cannot take the fold, or ``None``."""
-    weight, bias = graph.parameter(conv.weight), graph.parameter(conv.bias)
+    weight = graph.parameter(conv.weight)
+    own_bias = conv.bias if conv.bias is not None else provisional.get(id(conv))
+    bias = graph.parameter(own_bias)
     if len(producer.inputs) < 2 or producer.inputs[1] is not weight:
         return f"{label} does not compute with its own weight (its forward changes it, as weight standardization does)"
-    if producer.inputs[2:] != ([bias] if bias is not None else []):
+    if own_bias is None:
+        return f"{label} has no bias parameter to take the one folding would give it"
+    if bias is None or producer.inputs[2:] != [bias]:
+        if conv.bias is None:
+            return f"{label} has no bias, and its forward does not pass the bias folding would give it to its " \
+                   f"{_short(producer.name)}"
         return f"{label} does not add its own bias in its {_short(producer.name)}"
-    if conv.bias is None and not _runs_base_forward(conv, base):
-        return f"{label} has no bias and its own forward, which might not use the bias folding would give it"
     if not any(output is value for output in conv_call.outputs):
         return f"{label} does not return the output of its {_short(producer.name)} unchanged"
     if graph.call_count(conv) > 1:
@@ -565,6 +635,7 @@ def fold(
 
     The folded model computes the original's eval-mode output. To see what was folded and why the rest was not,
     plan first: ``p = plan_fold(model); print(p); model = p.apply(model)``. Options are those of :func:`plan_fold`.
+    A fold that changes nothing warns (``UserWarning``) naming why, as ``normswap fold`` refuses it.
 
     >>> import timm, torch
     >>> model = timm.create_model("efficientnet_b0").eval()
@@ -577,6 +648,8 @@ def fold(
       (act): SiLU(inplace=True)
     ), True)
     """
-    return plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
-                     input_shape=input_shape, input_fn=input_fn, input_key=input_key,
-                     progress=progress).apply(model)
+    planned = plan_fold(model, freeze_rest=freeze_rest, within=within, example_input=example_input, data=data,
+                        input_shape=input_shape, input_fn=input_fn, input_key=input_key, progress=progress)
+    if planned.why_empty():
+        warnings.warn(f"fold changed nothing: {planned.why_empty()}", UserWarning, stacklevel=2)
+    return planned.apply(model)

@@ -70,6 +70,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import registry, targets
 from .data import call_model, describe_input, iter_inputs, output_tensors
 from .errors import NormswapError, spelled
 from .history import checked_example_shape, get_input_shape
@@ -111,6 +112,9 @@ _VALUE_FREE = frozenset({
     "torch.randn_like", "torch.randint_like", "torch.Tensor.new_zeros", "torch.Tensor.new_ones",
     "torch.Tensor.new_empty", "torch.Tensor.new_full", "torch.Tensor.new_tensor",
 })
+
+# Tensor methods whose second argument gives only a shape or a dtype: it is not read.
+_SHAPE_OF_OTHER = frozenset(f"torch.Tensor.{name}" for name in ("reshape_as", "view_as", "expand_as", "type_as"))
 
 
 @dataclass(eq=False)
@@ -284,10 +288,12 @@ def find_example(
     checkpoint records (:func:`normswap.history.get_input_shape`), timm's data config
     (``pretrained_cfg["input_size"]``), the documented input of a transformers model (``config.image_size``,
     ``config.num_channels``), an ultralytics model (640x640) or a torchvision model (224x224; 299x299 for Inception
-    v3; 16 frames of 112x112 for the video models; the image size of a ViT), and otherwise the first layer: a
-    Conv1d/2d/3d's input channels (at 256, 256x256 or 32x32x32), a Linear's or BatchNorm's features, an Embedding's
-    token ids. The tensor is then packaged as the model takes it: a list of 3-D images for torchvision's detection
-    models, ``{main_input_name: tensor}`` for transformers models.
+    v3; 16 frames of 112x112 for the video models; the image size of a ViT; a pair of 128x128 images for the
+    optical-flow models, RAFT), and otherwise the first layer: a Conv1d/2d/3d's input channels (at 256, 256x256 or
+    32x32x32), a Linear's features, a BatchNorm's features at the rank it is made for (``(2, C)``, ``(2, C, 64, 64)``
+    for a BatchNorm2d, ``(2, C, 16, 16, 16)``), an Embedding's token ids. The tensor is then packaged as the model
+    takes it: a list of 3-D images for torchvision's detection models, ``{main_input_name: tensor}`` for
+    transformers models.
 
     Raises:
         GraphError: ``data`` is empty, ``input_shape`` is not a shape, or nothing says what the model takes.
@@ -311,6 +317,8 @@ def find_example(
         if isinstance(found[0], torch.Tensor):
             return Example(found[0].to(placement["device"]), found[1])
         shape, source = found
+        if source.endswith("a pair of images"):
+            return Example(tuple(torch.randn(shape, **placement) for _ in range(2)), source)
         return Example(_package(model, torch.randn(shape, **placement)), source)
     found = _first_layer_input(model, placement)
     if found is None:
@@ -399,6 +407,8 @@ def _torchvision_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]
     source = "torchvision's documented input size"
     if _is_torchvision_detection(model):
         return (1, 3, 224, 224), source
+    if module.startswith("torchvision.models.optical_flow"):
+        return (1, 3, 128, 128), "torchvision's documented input: a pair of images"
     if module.startswith("torchvision.models.video"):
         size = 224 if type(model).__name__ in ("S3D", "MViT", "SwinTransformer3d") else 112
         return (2, 3, 16, size, size), source
@@ -418,9 +428,10 @@ def _first_layer_input(model: nn.Module, placement: dict[str, Any]) -> Optional[
             shape = (2, module.in_channels, 32, 32, 32)
         elif isinstance(module, nn.Linear):
             shape = (2, module.in_features)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                module, nn.modules.lazy.LazyModuleMixin):
-            shape = (2, module.num_features) + (8,) * max(0, _norm_rank(module) - 1)
+        elif registry.record_of(module) is not None and registry.record_of(module).converts:
+            rank = targets.source_rank(module)
+            sizes = {2: (64, 64), 3: (16, 16, 16)}.get(rank, ())
+            shape = (2, registry.channels_of(module), *sizes)
         elif isinstance(module, nn.Embedding):
             tokens = torch.randint(0, module.num_embeddings, (2, 16), device=placement["device"])
             return tokens, f"token ids for {name or 'the model'}"
@@ -428,10 +439,6 @@ def _first_layer_input(model: nn.Module, placement: dict[str, Any]) -> Optional[
             where = f"layer {name}" if name else "the model"
             return torch.randn(shape, **placement), f"guessed from the input of {where}"
     return None
-
-
-def _norm_rank(module: nn.Module) -> int:
-    return {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(module), 1)
 
 
 # --- capture -----------------------------------------------------------------------------------------------------
@@ -562,7 +569,7 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.busy = True
         try:
-            tensors = output_tensors((args, kwargs))
+            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs))
             inputs = [self.value(tensor) for tensor in tensors]
         finally:
             self.busy = False

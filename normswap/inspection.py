@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import registry
+from .errors import NormswapError
 from .tables import text_table
 from .unwrap import unwrapped
 
@@ -140,38 +142,86 @@ def _report(names: list[str], kind: str, channels: int, eps: Optional[float], we
     )
 
 
+def _is_reported(module: nn.Module) -> bool:
+    from .targets import is_norm_layer
+
+    return is_norm_layer(module) or isinstance(module, nn.LayerNorm)
+
+
 def inspect_model(model: nn.Module) -> list[LayerReport]:
-    """A report for every norm layer of ``model`` (all names of shared layers), in module order."""
-    from .targets import SourceLayer, classify, is_norm_layer
+    """A report for every norm layer of ``model`` (all names of shared layers), in module order: BatchNorm-like
+    layers, GroupNorm and LayerNorm (with their group counts: a LayerNorm normalizes its features as one group).
+
+    >>> [(r.kind, r.groups) for r in inspect_model(nn.Sequential(nn.GroupNorm(2, 4), nn.LayerNorm(4)))]
+    [('GroupNorm', 2), ('LayerNorm', 1)]
+    """
+    from .targets import SourceLayer, classify
     from .walk import find_modules
 
     reports = []
-    for found in find_modules(unwrapped(model), is_norm_layer):
+    for found in find_modules(unwrapped(model), _is_reported):
         module, kind = found.module, classify(found.module)
-        if kind == "lazy":
-            reports.append(LayerReport(found.names, type(module).__name__, 0,
+        name = type(module).__name__
+        if kind is registry.LAZY:
+            reports.append(LayerReport(found.names, name, 0,
                                        warnings={"lazy": "uninitialized: run one forward pass first"}))
+            continue
+        if kind is registry.UNPROVEN:
+            reports.append(LayerReport(found.names, name, registry.channels_of(module),
+                                       warnings={"unproven": registry.probed(module)[1]}))
+            continue
+        if kind is None:  # a LayerNorm
+            reports.append(_report(found.names, name, math.prod(module.normalized_shape), float(module.eps),
+                                   module.weight, None, None, 1))
             continue
         src = SourceLayer.read(module)
         groups = module.num_groups if isinstance(module, nn.GroupNorm) else None
-        reports.append(_report(found.names, type(module).__name__, src.num_features, src.eps, src.weight,
+        reports.append(_report(found.names, name, src.num_features, src.eps, src.weight,
                                src.running_mean, src.running_var, groups))
     return reports
 
 
-def inspect_state_dict(tensors: dict[str, torch.Tensor]) -> list[LayerReport]:
-    """A report for every layer of a bare state dict that has running statistics (class and eps unknown)."""
+def inspect_state_dict(tensors: dict[str, torch.Tensor],
+                       manifest: Optional[dict[str, Any]] = None) -> list[LayerReport]:
+    """A report for every layer of a bare state dict that has running statistics (class and eps unknown), and,
+    with the ``manifest`` of a file normswap wrote, for every layer it records (class, eps and GroupNorm groups
+    from there), in the file's order.
+
+    >>> manifest = {"modules": {"gn": {"class": "GroupNorm", "num_groups": 2, "num_channels": 4, "eps": 1e-5}}}
+    >>> [(r.name, r.kind, r.groups) for r in inspect_state_dict({"gn.weight": torch.ones(4)}, manifest)]
+    [('gn', 'GroupNorm', 2)]
+    """
+    recorded = manifest.get("modules") if isinstance(manifest, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    found: dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        if name.endswith("running_mean") and (name == "running_mean" or name.endswith(".running_mean")):
+            prefix = name[: -len("running_mean")]
+            if tensors.get(prefix + "running_var") is not None:
+                found[prefix.rstrip(".")] = (tensor, tensors[prefix + "running_var"])
+    for name, entry in recorded.items():
+        if isinstance(entry, dict) and _recorded_family(entry) in ("gn", "frozen", "bn", "sync"):
+            found.setdefault(name, (None, None))
     reports = []
-    for name, mean in tensors.items():
-        if not name.endswith(".running_mean") and name != "running_mean":
-            continue
-        prefix = name[: -len("running_mean")]
-        var = tensors.get(prefix + "running_var")
-        if var is None:
-            continue
-        reports.append(_report([prefix.rstrip(".")], "?", mean.numel(), None, tensors.get(prefix + "weight"),
-                               mean, var))
+    for layer, (mean, var) in found.items():
+        prefix = layer + "." if layer else ""
+        entry = recorded.get(layer) if isinstance(recorded.get(layer), dict) else {}
+        kind = str(entry.get("class", "?"))
+        groups = entry.get("num_groups") if isinstance(entry.get("num_groups"), int) else None
+        eps = entry.get("eps") if isinstance(entry.get("eps"), float) else None
+        weight = tensors.get(prefix + "weight")
+        channels = next((t.numel() for t in (mean, weight) if isinstance(t, torch.Tensor)), None)
+        channels = channels if channels is not None else entry.get("num_channels", entry.get("num_features"))
+        reports.append(_report([layer], kind, int(channels) if isinstance(channels, int) else 0, eps, weight,
+                               mean, var, groups))
     return reports
+
+
+def _recorded_family(entry: dict[str, Any]) -> Optional[str]:
+    try:
+        return registry.by_key(entry.get("class")).family
+    except NormswapError:
+        return None
 
 
 def _number(value: Optional[float]) -> str:

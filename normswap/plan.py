@@ -28,6 +28,7 @@ from torch import nn
 from . import registry, targets
 from .deprecation import forwarding
 from .errors import PlanError
+from .targets import DEFAULT_GROUPS, choose_groups
 from .history import carry_memory, get_history, record_step, set_history
 from .plan_rows import PlanRow, SkippedLayer
 from .tables import text_table
@@ -42,11 +43,8 @@ GROUP_POLICIES = ("divisor", "exact")
 AFFINE_MODES = ("copy", "reset", "fit")
 UNKNOWN_MODES = ("error", "skip", "convert")
 DEFAULT_EPS = 1e-5
-DEFAULT_GROUPS = 32
 
 Patterns = Union[str, Sequence[str], None]
-
-_FAMILY_NAMES = {"bn": "BatchNorm", "sync": "SyncBatchNorm", "frozen": "frozen", "gn": "GroupNorm"}
 
 
 @dataclass
@@ -89,11 +87,11 @@ class Plan:
         except (KeyError, TypeError) as exc:
             raise PlanError(f"not a normswap plan: {exc}") from None
         for row in result.rows:
-            if row.target not in registry.TARGET_NAMES or not row.eps > 0 or not row.names:
+            if row.target not in targets.TARGET_NAMES or not row.eps > 0 or not row.names:
                 raise PlanError(
                     f"not a normswap plan: row {row.names} needs a known target, a positive eps and at least one name"
                 )
-            grouped = row.target in ("gn", "ln", "in")
+            grouped = targets.target(row.target).grouped
             if grouped and not (isinstance(row.groups, int) and row.groups > 0 and row.channels % row.groups == 0):
                 raise PlanError(f"not a normswap plan: row {row.names} has {row.groups} groups for {row.channels} "
                                 "channels; a GroupNorm row needs a group count that divides its channels")
@@ -213,46 +211,6 @@ def _planned_layer(model: nn.Module, row: PlanRow) -> nn.Module:
     return layer
 
 
-def choose_groups(
-    channels: int,
-    groups: int = 32,
-    *,
-    channels_per_group: Optional[int] = None,
-    group_policy: str = "divisor",
-    layer: str = "",
-) -> int:
-    """The GroupNorm group count for a layer of ``channels`` channels.
-
-    ``group_policy="divisor"``: the largest divisor of ``channels`` not above ``groups``; with
-    ``channels_per_group=K``, the divisor of ``channels`` nearest to ``channels / K`` (ties go to more groups).
-    ``group_policy="exact"``: ``groups`` (or ``channels / K``) must divide evenly, else :class:`PlanError` naming
-    the layer.
-
-    >>> choose_groups(96, 32), choose_groups(100, 32), choose_groups(64, channels_per_group=16)
-    (32, 25, 4)
-    """
-    where = f"layer '{layer}' has" if layer else "got"
-    if channels_per_group is not None:
-        if channels % channels_per_group == 0:
-            return channels // channels_per_group
-        if group_policy == "exact":
-            raise PlanError(
-                f"{where} {channels} channels, not divisible by channels_per_group={channels_per_group} "
-                "(use group_policy='divisor' to take the nearest divisor)"
-            )
-        wanted = channels / channels_per_group
-        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
-        return min(divisors, key=lambda d: (abs(d - wanted), -d))
-    if channels % groups == 0:
-        return groups
-    if group_policy == "exact":
-        raise PlanError(
-            f"{where} {channels} channels, not divisible by {groups} groups "
-            "(use group_policy='divisor' to take the largest divisor below it)"
-        )
-    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
-
-
 def _as_list(patterns: Patterns) -> list[str]:
     if patterns is None:
         return []
@@ -271,23 +229,24 @@ def _filter_reason(names: list[str], include: list[str], exclude: list[str]) -> 
 
 def _validate(to: str, groups: Optional[int], channels_per_group: Optional[int], group_policy: str, affine: str,
               unknown: str, trainable_affine: bool) -> None:
-    if to not in registry.TARGET_NAMES:
-        raise PlanError(f"unknown target '{to}': choose one of {', '.join(registry.TARGET_NAMES)}")
+    if to not in targets.TARGET_NAMES:
+        raise PlanError(f"unknown target '{to}': choose one of {', '.join(targets.TARGET_NAMES)}")
     if group_policy not in GROUP_POLICIES:
         raise PlanError(f"unknown group policy '{group_policy}': choose divisor or exact")
     if affine not in AFFINE_MODES:
         raise PlanError(f"unknown affine mode '{affine}': choose copy, reset or fit")
-    if affine != "copy" and to not in ("gn", "ln", "in"):
+    if affine != "copy" and not targets.target(to).grouped:
         raise PlanError(f"affine='{affine}' applies to gn, ln and in; '{to}' always keeps the affine values")
     if unknown not in UNKNOWN_MODES:
         raise PlanError(f"unknown value '{unknown}' for unknown=: choose error, skip or convert")
-    if to != "gn" and (groups is not None or channels_per_group is not None):
-        given = "groups" if groups is not None else "channels_per_group"
-        raise PlanError(f"{given}= applies to to='gn' only (to='ln' uses one group, to='in' one per channel), "
-                        f"not to '{to}'")
-    if trainable_affine and to != "frozen":
-        raise PlanError(f"trainable_affine= applies to to='frozen' only; '{to}' layers keep their parameters as "
-                        "they are")
+    chosen = targets.target(to)
+    given = [name for name, value in (("groups", groups), ("channels_per_group", channels_per_group),
+                                      ("trainable_affine", trainable_affine or None)) if value is not None]
+    for name in given:
+        if name not in chosen.options:
+            owner = next(t.name for t in targets.TARGET_RECORDS if name in t.options)
+            detail = " (to='ln' uses one group, to='in' one per channel)" if owner == "gn" else ""
+            raise PlanError(f"{name}= applies to to='{owner}' only{detail}, not to '{to}'")
     if groups is not None and groups < 1:
         raise PlanError(f"groups must be at least 1, got {groups}")
     if channels_per_group is not None and channels_per_group < 1:
@@ -334,7 +293,7 @@ def plan(
     _validate(to, groups, channels_per_group, group_policy, affine, unknown, trainable_affine)
     model = unwrapped(model)
     include_list, exclude_list = _as_list(include), _as_list(exclude)
-    if to == "gn" and groups is None:
+    if "groups" in targets.target(to).options and groups is None:
         groups = DEFAULT_GROUPS
     options = {
         "groups": groups,
@@ -351,11 +310,11 @@ def plan(
         module, names = found.module, found.names
         path = targets.class_path(type(module))
         kind = targets.classify(module)
-        if kind is registry.LAZY:
-            raise PlanError(
-                f"layer '{names[0]}' is an uninitialized {type(module).__name__}: run one forward pass first"
-            )
         reason = _filter_reason(names, include_list, exclude_list)
+        if reason is None and kind is registry.LAZY:
+            reason = "uninitialized lazy layer: run one forward pass first"
+        if reason is None and kind is registry.UNPROVEN:
+            reason = registry.probed(module)[1]
         if reason is None and kind is registry.UNKNOWN:
             if unknown == "error":
                 raise PlanError(
@@ -375,10 +334,10 @@ def plan(
 
 
 def _skip_reason(kind: registry.LayerClass, to: str) -> Optional[str]:
-    if kind.family == registry.target(to).family:
-        return f"already {_FAMILY_NAMES[kind.family]}"
+    if kind.family == targets.target(to).family:
+        return f"already {kind.label}"
     if not kind.converts:
-        return "GroupNorm has no running statistics to convert"
+        return f"{kind.label} has no running statistics to convert"
     return None
 
 
@@ -392,19 +351,11 @@ def _plan_row(module: nn.Module, names: list[str], path: str, to: str, options: 
         note.append(f"eps {src.eps:g} -> {DEFAULT_EPS:g}")
     has_affine = src.weight is not None
     groups = None
-    if to in ("gn", "ln", "in"):
-        if to == "gn":
-            groups = choose_groups(
-                channels,
-                options["groups"],
-                channels_per_group=options["channels_per_group"],
-                group_policy=options["group_policy"],
-                layer=name,
-            )
-            if options["channels_per_group"] is None and groups != options["groups"]:
-                note.append(f"{options['groups']} groups do not divide {channels}")
-        else:
-            groups = 1 if to == "ln" else channels
+    chosen = targets.target(to)
+    if chosen.grouped:
+        groups = chosen.group_count(channels, options, name)
+        if options["groups"] is not None and options["channels_per_group"] is None and groups != options["groups"]:
+            note.append(f"{options['groups']} groups do not divide {channels}")
         if channels // groups == 1 and src.rank == 1:
             raise PlanError(
                 f"layer '{name}' ({type(module).__name__}, {channels} channels) would get one channel per group: "

@@ -1,9 +1,12 @@
 """Conversions of one layer: recognising a source layer, reading it through one view, and one builder per target.
 
-What each class and each target is lives in :mod:`normswap.registry`; this module classifies modules with it and builds
-the replacement layers. Sources are classified by exact class (a subclass may override ``forward``; converting it
-silently would lose that behaviour, so unknown subclasses are reported separately). Every source is read through one
-view, :class:`SourceLayer`, so each target needs one builder, whatever the source:
+What each class is lives in :mod:`normswap.registry`; this module classifies modules with it, and holds one
+:class:`Target` record per value of ``to=``: the family layers become, the classes they become, how many groups
+they get and how the new layer is built from the source. Sources are classified by exact class (a subclass may
+override ``forward``; converting it silently would lose that behaviour, so unknown subclasses are reported
+separately); a module of no registered class that holds BatchNorm's state is proven to compute BatchNorm or reported
+(:func:`normswap.registry.probe_batch_norm`). Every source is read through one view, :class:`SourceLayer`, so each
+target needs one builder, whatever the source:
 
 ========  ==========================================  ==============================================
 target    plain layer becomes                         layer with fused activation becomes
@@ -28,21 +31,20 @@ duplicated in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import registry
+from .errors import PlanError
 from .layers import FrozenBatchNorm
 from .plan_rows import PlanRow
 
-__all__ = ["TARGETS", "SourceLayer", "build", "class_path", "classify", "fallback_class", "is_norm_layer"]
+__all__ = ["TARGETS", "TARGET_NAMES", "TARGET_RECORDS", "SourceLayer", "Target", "build", "choose_groups",
+           "class_path", "classify", "fallback_class", "is_norm_layer", "target", "target_class"]
 
-TARGETS = registry.TARGET_NAMES
-"""Every value ``to=`` accepts."""
-
-RANK_ATTR = "normswap_rank"
+RANK_ATTR = registry.RANK_ATTR
 """Attribute that a SyncBatchNorm made by normswap carries: the rank (1, 2, 3) of the BatchNorm it replaced."""
 
 _FROZEN_FAMILY = [record for record in registry.LAYER_CLASSES if record.family == "frozen"]
@@ -75,7 +77,7 @@ def classify(module: nn.Module) -> Optional[registry.LayerClass]:
         return registry.LAZY
     if isinstance(module, _batch_norm_bases()):
         return registry.UNKNOWN
-    return None
+    return registry.proven_record(module)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -113,15 +115,9 @@ class SourceLayer:
     def read(cls, module: nn.Module) -> "SourceLayer":
         """Read a recognised norm layer (any source kind)."""
         fused = isinstance(getattr(module, "act", None), nn.Module)
-        if isinstance(module, nn.GroupNorm):
-            num_features = module.num_channels
-        elif isinstance(module, nn.modules.batchnorm._NormBase):
-            num_features = module.num_features
-        else:
-            num_features = module.weight.shape[0]
         return cls(
-            num_features=num_features,
-            eps=float(module.eps),
+            num_features=registry.channels_of(module),
+            eps=registry.eps_of(module),
             momentum=getattr(module, "momentum", 0.1),
             weight=getattr(module, "weight", None),
             bias=getattr(module, "bias", None),
@@ -177,7 +173,7 @@ def _build_group_norm(src: SourceLayer, row: "PlanRow") -> nn.Module:
     affine = row.affine != "none"
     factory = src.factory()
     if src.act is not None:
-        new = target_class("gn", src.rank, fused=True)(
+        new = target_class(row.target, src.rank, fused=True)(
             src.num_features, row.groups, eps=row.eps, affine=affine, apply_act=False, **factory
         )
         _fused(new, src)
@@ -235,27 +231,84 @@ def _build_bn(src: SourceLayer, row: "PlanRow") -> nn.Module:
     return _build_batch_norm(src, row, target_class("bn", src.rank, src.act is not None))
 
 
-_BUILDERS: dict[str, Callable[[SourceLayer, "PlanRow"], nn.Module]] = {
-    "gn": _build_group_norm,
-    "ln": _build_group_norm,
-    "in": _build_group_norm,
-    "frozen": _build_frozen,
-    "sync": _build_sync,
-    "bn": _build_bn,
-}
+def _one_group(channels: int, options: dict[str, Any], layer: str) -> int:
+    return 1
 
 
-def target_class(target: str, rank: Optional[int], fused: bool) -> type:
-    """The class a layer becomes under ``target`` (see :func:`normswap.registry.target_class`); the builders and
-    the plan both take it from here."""
-    return registry.target_class(target, rank, fused)
+def _group_per_channel(channels: int, options: dict[str, Any], layer: str) -> int:
+    return channels
+
+
+def _chosen_groups(channels: int, options: dict[str, Any], layer: str) -> int:
+    return choose_groups(channels, options.get("groups") or DEFAULT_GROUPS,
+                         channels_per_group=options.get("channels_per_group"),
+                         group_policy=options.get("group_policy", "divisor"), layer=layer)
+
+
+Target = registry.Target
+"""One value of ``to=`` (see :class:`normswap.registry.Target`): its records name the builders and group counts
+above."""
+
+TARGET_RECORDS = registry.TARGETS
+"""Every conversion target, in the order the documentation lists them."""
+
+TARGET_NAMES = registry.TARGET_NAMES
+"""Every value ``to=`` accepts (and ``--to``, and a recipe rule's ``to``)."""
+
+TARGETS = TARGET_NAMES
+"""Every value ``to=`` accepts."""
+
+target = registry.target
+target_class = registry.target_class
+
+DEFAULT_GROUPS = 32
+
+
+def choose_groups(
+    channels: int,
+    groups: int = 32,
+    *,
+    channels_per_group: Optional[int] = None,
+    group_policy: str = "divisor",
+    layer: str = "",
+) -> int:
+    """The GroupNorm group count for a layer of ``channels`` channels.
+
+    ``group_policy="divisor"``: the largest divisor of ``channels`` not above ``groups``; with
+    ``channels_per_group=K``, the divisor of ``channels`` nearest to ``channels / K`` (ties go to more groups).
+    ``group_policy="exact"``: ``groups`` (or ``channels / K``) must divide evenly, else :class:`PlanError` naming
+    the layer.
+
+    >>> choose_groups(96, 32), choose_groups(100, 32), choose_groups(64, channels_per_group=16)
+    (32, 25, 4)
+    """
+    where = f"layer '{layer}' has" if layer else "got"
+    if channels_per_group is not None:
+        if channels % channels_per_group == 0:
+            return channels // channels_per_group
+        if group_policy == "exact":
+            raise PlanError(
+                f"{where} {channels} channels, not divisible by channels_per_group={channels_per_group} "
+                "(use group_policy='divisor' to take the nearest divisor)"
+            )
+        wanted = channels / channels_per_group
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        return min(divisors, key=lambda d: (abs(d - wanted), -d))
+    if channels % groups == 0:
+        return groups
+    if group_policy == "exact":
+        raise PlanError(
+            f"{where} {channels} channels, not divisible by {groups} groups "
+            "(use group_policy='divisor' to take the largest divisor below it)"
+        )
+    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
 
 
 def build(module: nn.Module, row: "PlanRow", *, process_group: Any = None) -> nn.Module:
     """The replacement for ``module`` described by ``row``; ``module`` itself is not changed. ``process_group`` is
     the group a new SyncBatchNorm reduces over."""
     src = SourceLayer.read(module)
-    new = _BUILDERS[row.target](src, row)
+    new = target(row.target).build(src, row)
     if isinstance(new, nn.SyncBatchNorm):
         new.process_group = process_group
     new.train(src.training)

@@ -527,4 +527,4 @@ def test_a_tensor_name_cannot_forge_a_line_of_a_message(tmp_path):
                                                                         "kwargs": {}})
     result = run("convert", path, "--to", "gn")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "unexpected key(s) (fc.weight\\nerror: all is well)" in result.stderr
+    assert "unexpected key(s) (first: fc.weight\\nerror: all is well)" in result.stderr

@@ -369,10 +369,12 @@ def test_torchvision_frozen_batchnorm_goes_back_to_batchnorm2d():
 # --- refusals and opt-ins -----------------------------------------------------------------------------------------
 
 
-def test_uninitialized_lazy_batchnorm_is_refused_and_initialized_one_converts():
+def test_uninitialized_lazy_batchnorm_is_a_skipped_row_and_initialized_one_converts():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.LazyBatchNorm2d())
-    with pytest.raises(PlanError, match="layer '1' is an uninitialized LazyBatchNorm2d"):
-        normswap.plan(model, "gn")
+    p = normswap.plan(model, "gn")
+    assert len(p) == 0 and [(s.names, s.reason) for s in p.skipped] == [
+        (["1"], "uninitialized lazy layer: run one forward pass first")]
+    assert "uninitialized lazy layer" in p.why_empty()
     model(images())
     assert type(normswap.convert(model, "frozen")[1]) is FrozenBatchNorm
 
@@ -659,3 +661,12 @@ def test_sync_batchnorm_source_converts_to_frozen_with_its_statistics():
     converted = normswap.convert(model, "frozen")
     assert type(converted[1]) is FrozenBatchNorm
     torch.testing.assert_close(converted(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_option_of_one_target_is_refused_for_another_naming_its_target():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+    with pytest.raises(PlanError, match=r"groups= applies to to='gn' only \(to='ln' uses one group"):
+        normswap.plan(model, "ln", groups=2)
+    with pytest.raises(PlanError, match="trainable_affine= applies to to='frozen' only, not to 'gn'"):
+        normswap.plan(model, "gn", trainable_affine=True)
+    assert normswap.plan(model, "gn").rows[0].groups == 8

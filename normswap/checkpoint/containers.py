@@ -31,7 +31,8 @@ from torch import nn
 
 from ..errors import CheckpointError, spelled
 
-__all__ = ["Candidate", "WeightsChoice", "candidates", "choose_weights", "find_modules_in", "guess_weights"]
+__all__ = ["WRAPPER_PREFIXES", "Candidate", "WeightsChoice", "candidates", "choose_weights", "find_modules_in",
+           "guess_weights"]
 
 PREFERRED_ENTRIES = ("state_dict", "model", "module", "net", "network", "weights", "params", "student",
                      "state_dict_ema", "model_ema", "ema")
@@ -106,16 +107,6 @@ def find_modules_in(obj: Any) -> list[tuple[str, nn.Module]]:
     if isinstance(obj, Mapping):
         return [(str(key), value) for key, value in obj.items() if isinstance(value, nn.Module)]
     return []
-
-
-def _prefixes(names: list[str]) -> list[str]:
-    """``""`` and every dotted prefix (up to four parts) of the names."""
-    prefixes = {""}
-    for name in names:
-        parts = name.split(".")
-        for end in range(1, min(len(parts), _MAX_PREFIX_DEPTH + 1)):
-            prefixes.add(".".join(parts[:end]) + ".")
-    return sorted(prefixes, key=lambda p: (p.count("."), p))
 
 
 def _prefix_matches(names: list[str], expected: set[str]) -> dict[str, int]:
@@ -230,17 +221,33 @@ def choose_weights(obj: Any, expected: set[str], *, key: Optional[str] = None, p
     return WeightsChoice(candidate.entry, chosen_prefix, tensors, versions, matched, others)
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes of wrappers around a model (DDP and DataParallel, ``torch.compile``): without a model to match
+against, only these are taken for a wrapper's and removed."""
+
+
 def guess_weights(obj: Any, *, key: Optional[str] = None, prefix: Optional[str] = None,
                   ema: bool = False, where: str = "the file") -> WeightsChoice:
     """The weights when there is no model to match against (``inspect`` without an architecture): the preferred
-    entry that holds tensors, with the prefix shared by all its keys stripped."""
+    entry that holds tensors, with the wrapper prefixes (:data:`WRAPPER_PREFIXES`, also nested:
+    ``module._orig_mod.``) that all its keys share removed; :meth:`WeightsChoice.describe` says which entry and
+    prefix were taken. A prefix of the model's own (``layer.`` of ``layer.weight``) is kept.
+
+    >>> choice = guess_weights({"state_dict": {"module.layer.weight": torch.ones(1)}})
+    >>> choice.describe(), list(choice.tensors)
+    ("entry 'state_dict', prefix 'module.'", ['layer.weight'])
+    """
     found = _entries(obj, key, where)
     found.sort(key=lambda c: (c.is_ema != ema, -len(c.tensors), _rank(c, "", ema)))
     candidate = found[0]
     if prefix is None:
         prefix = ""
-        for option in _prefixes(list(candidate.tensors)):
-            if option and all(name.startswith(option) for name in candidate.tensors):
-                prefix = option
+        while True:
+            option = next((p for p in WRAPPER_PREFIXES
+                           if all(name.startswith(prefix + p) and name != prefix + p for name in candidate.tensors)),
+                          None)
+            if option is None:
+                break
+            prefix += option
     tensors, versions = _strip(candidate, prefix)
     return WeightsChoice(candidate.entry, prefix, tensors, versions, len(tensors))

@@ -13,6 +13,12 @@ only the architecture to build, as a registered builder (see :mod:`normswap.arch
 The spec is recorded in what normswap writes, so its output rebuilds without the folder. Nothing is downloaded, and
 the weights are read once.
 
+transformers saves some models under older key names than their modules have (``save_pretrained`` of a DETR writes
+``backbone.conv_encoder.…``, the model has ``backbone.…``) and renames them when it loads.
+:func:`keys_for_model` applies the same renaming, the one the installed transformers applies for that model class
+(its checkpoint conversion mapping in transformers 5, the class's ``_checkpoint_conversion_mapping`` before), so the
+folder's tensors match the model's state dict.
+
 Example::
 
     >>> folder = read_folder("hf-resnet/")                                      # doctest: +SKIP
@@ -23,17 +29,23 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..arch import ArchSpec
 from ..errors import CheckpointError
 from . import formats
 
-__all__ = ["ModelFolder", "is_model_folder", "read_folder"]
+__all__ = ["ModelFolder", "is_model_folder", "keys_for_model", "read_folder"]
+
+log = logging.getLogger("normswap")
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 """Weight files tried in a folder, in order; each may instead be sharded (``<name>.index.json``)."""
@@ -133,3 +145,64 @@ def read_folder(folder: Path) -> ModelFolder:
         else:
             raise CheckpointError(f"{path} is neither a safetensors nor a PyTorch file")
     return ModelFolder(tensors, arch, files)
+
+
+def keys_for_model(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``tensors`` keyed as ``model``'s state dict, by the key renaming transformers applies when it loads a folder
+    into a model of that class (nothing changes for other models, or keys no renaming matches). Only renamings are
+    applied: a mapping that would change a tensor's values (fusing or splitting weights) is left to transformers.
+
+    >>> keys_for_model({"weight": torch.ones(1)}, torch.nn.Linear(1, 1)).keys()
+    dict_keys(['weight'])
+    """
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return tensors
+    expected = {name: True for name in model.state_dict(keep_vars=True)}
+    if all(name in expected for name in tensors):
+        return tensors
+    rename = _transformers_renaming(model, expected)
+    if rename is None:
+        return tensors
+    renamed: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        new = rename(name) if name not in expected else name
+        renamed[new if new not in renamed else name] = tensor
+    changed = sum(1 for name in tensors if name not in renamed)
+    if changed:
+        log.info("renamed %d key(s) as transformers does when it loads a %s", changed, type(model).__name__)
+    return renamed
+
+
+def _transformers_renaming(model: nn.Module, expected: dict[str, bool]) -> Any:
+    """The installed transformers' key renaming for ``model``, as a function of one key, or ``None``."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        legacy = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        if not legacy:
+            return None
+
+        def rename_legacy(name: str) -> str:
+            for pattern, replacement in legacy.items():
+                name, hits = re.subn(pattern, replacement, name)
+                if hits:
+                    break
+            return name
+
+        return rename_legacy
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception as exc:  # a transformers internal that changed shape: load without renaming, say why
+        log.debug("transformers' key mapping for %s is unavailable: %s", type(model).__name__, exc)
+        return None
+    renamings = [transform for transform in transforms if type(transform) is WeightRenaming]
+    if not renamings:
+        return None
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(name: str) -> str:
+        return rename_source_key(name, renamings, [], prefix, expected)[0]
+
+    return rename

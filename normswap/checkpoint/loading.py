@@ -40,7 +40,7 @@ from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError, shown, spelled
 from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
-from .folders import is_model_folder, read_folder
+from .folders import is_model_folder, keys_for_model, read_folder
 from .formats import file_sha256
 from .identity import identify
 from .manifest import apply_manifest, check_manifest
@@ -53,7 +53,6 @@ log = logging.getLogger("normswap")
 PathLike = Union[str, "os.PathLike[str]"]
 
 _JSON_FIELDS = ("arch", "history", "source", "aliases", "manifest", "module_versions", "input_shape")
-_SHOWN_KEYS = 4
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _ALIGNMENT = 64
 
@@ -278,7 +277,8 @@ class CheckpointContents:
         against it (names, shapes, kinds of dtype), or :class:`CheckpointError` saying what differs."""
         state = model.state_dict(keep_vars=True)
         expected = {name: tensor.shape for name, tensor in state.items()}
-        choice = containers.choose_weights(self.content, set(expected), key=self.key, prefix=self.prefix,
+        content = keys_for_model(self.content, model) if self.kind == "folder" else self.content
+        choice = containers.choose_weights(content, set(expected), key=self.key, prefix=self.prefix,
                                            ema=self.ema, where=str(self.path))
         if choice.entry or choice.prefix:
             log.info("%s: using %s", self.path.name, choice.describe())
@@ -426,11 +426,6 @@ def _build(spec: ArchSpec, contents: CheckpointContents, device: Optional[str] =
     return model, on_meta
 
 
-def _few(names: list[str]) -> str:
-    text = ", ".join(shown(name) for name in names[:_SHOWN_KEYS])
-    return text + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_KEYS else "")
-
-
 def _classifier_prefix(model: nn.Module) -> Optional[str]:
     """Qualified name of the module holding the model's last parameter (the classifier for most networks)."""
     names = [name for name, _ in model.named_parameters()]
@@ -442,12 +437,12 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
                  reshaped: list[str], where: str) -> str:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
+        parts.append(f"{len(missing)} missing key(s) (first: {shown(missing[0])})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected key(s) (first: {shown(unexpected[0])})")
     if reshaped:
         listed = ", ".join(f"{shown(name)}: file {tuple(tensors[name].shape)}, model {tuple(expected[name])}"
-                           for name in reshaped[:2])
+                           for name in reshaped[:1])
         parts.append(f"{len(reshaped)} shape mismatch(es) ({listed})")
     head = _classifier_prefix(model)
     matched = len(set(expected) & set(tensors))
@@ -461,8 +456,8 @@ def _fit_message(path: Path, spec: ArchSpec, model: nn.Module, expected: dict[st
         cause = (f"wrong architecture? only {matched} of the model's {len(expected)} keys are in {where}; "
                  f"pass {spelled('key= / prefix=', '--key / --prefix')} if the weights are elsewhere in the file")
     else:
-        cause = "wrong architecture or architecture keyword arguments?"
-    return f"{path} does not fit {spec.short()}: {'; '.join(parts)} ({cause})"
+        cause = f"wrong architecture or architecture keyword arguments? the keys were matched under {where}"
+    return f"{path} does not fit {shown(spec.name)}: {'; '.join(parts)} ({cause})"
 
 
 def _fit_tensors(path: Path, spec: ArchSpec, model: nn.Module, tensors: dict[str, torch.Tensor],

@@ -46,9 +46,6 @@ __all__ = ["MANIFEST_VERSION", "apply_manifest", "check_manifest", "derive_manif
 
 MANIFEST_VERSION = 1
 
-RANK_ATTR = "normswap_rank"
-"""Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
-
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 MAX_CHANNELS = 1 << 24
@@ -99,38 +96,18 @@ def _has_bias(module: nn.Module) -> bool:
     return getattr(module, "bias", None) is not None
 
 
-def _number_of_features(module: nn.Module) -> int:
-    if isinstance(module, nn.GroupNorm):
-        return int(module.num_channels)
-    if hasattr(module, "num_features"):
-        return int(module.num_features)
-    return int(module.weight.shape[0])
-
-
 def describe_layer(module: nn.Module) -> Optional[dict[str, Any]]:
-    """The manifest record of one layer, or ``None`` if its exact class is not in the registry.
+    """The manifest record of one layer (its registry key and :meth:`~normswap.registry.LayerClass.arguments`),
+    or ``None`` if its exact class is not in the registry and it is not proven to compute frozen BatchNorm.
 
     >>> describe_layer(nn.BatchNorm1d(4, momentum=None))
     {'class': 'BatchNorm1d', 'num_features': 4, 'eps': 1e-05, 'momentum': None, 'affine': True, \
 'track_running_stats': True, 'bias': True, 'trainable': {'weight': True, 'bias': True}}
     """
-    record = registry.record_of(module)
-    if record is None:
+    record = registry.record_of(module) or registry.proven_record(module)
+    if record is None or record is registry.UNPROVEN:
         return None
-    entry: dict[str, Any] = {"class": record.key}
-    if record.family in ("bn", "sync"):
-        entry.update(num_features=_number_of_features(module), eps=float(module.eps), momentum=module.momentum,
-                     affine=bool(module.affine), track_running_stats=bool(module.track_running_stats),
-                     bias=_has_bias(module))
-        if record.family == "sync":
-            entry["rank"] = getattr(module, RANK_ATTR, None)
-    elif record.family == "gn":
-        entry.update(num_groups=int(module.num_groups), num_channels=int(module.num_channels),
-                     eps=float(module.eps), affine=bool(module.affine), bias=_has_bias(module))
-    elif record.family == "frozen":
-        entry.update(num_features=_number_of_features(module), eps=float(module.eps))
-        if record.key.startswith("normswap."):
-            entry.update(rank=module.rank, trainable_affine=bool(module.trainable_affine), bias=_has_bias(module))
+    entry: dict[str, Any] = {"class": record.key, **record.arguments(module)}
     if record.fused:
         names = [name for name in module._modules if name in ("drop", "act")]
         for name in names + [name for name in ("drop", "act") if name not in names]:
@@ -183,32 +160,10 @@ def _construct(entry: dict[str, Any], like: Optional[nn.Module], name: str) -> n
     except NormswapError as exc:
         raise _misfit(name, str(exc)) from None
     _check_record(entry, name)
-    cls = record.load()
     try:
-        if record.family in ("bn", "sync"):
-            new = cls(entry["num_features"], eps=entry["eps"], momentum=entry["momentum"], affine=entry["affine"],
-                      track_running_stats=entry["track_running_stats"],
-                      **({"apply_act": False} if record.key == "timm.BatchNormAct2d" else {}))
-            if record.family == "sync" and entry.get("rank") is not None:
-                setattr(new, RANK_ATTR, entry["rank"])
-        elif record.family == "gn":
-            if record.fused:
-                new = cls(entry["num_channels"], entry["num_groups"], eps=entry["eps"], affine=entry["affine"],
-                          apply_act=False)
-            else:
-                new = cls(entry["num_groups"], entry["num_channels"], eps=entry["eps"], affine=entry["affine"])
-        elif record.family == "frozen":
-            if record.key.startswith("normswap."):
-                new = cls(entry["num_features"], entry["eps"], rank=entry["rank"],
-                          trainable_affine=entry["trainable_affine"], bias=entry["bias"])
-            elif record.fused:
-                new = cls(entry["num_features"], entry["eps"], apply_act=False)
-            else:
-                new = cls(entry["num_features"], entry["eps"])
-        elif record.fused:
-            new = cls(nn.Identity(), nn.Identity())
-        else:
-            new = cls()
+        new = record.construct(entry)
+    except NormswapError as exc:
+        raise _misfit(name, str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise _misfit(name, f"its record {shown(str(entry))} is malformed ({type(exc).__name__}: {shown(exc)})") \
             from None
@@ -258,7 +213,7 @@ def apply_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
                                     "different layers for those names")
         if describe_layer(module) == entries[0]:
             continue
-        if registry.record_of(module) is None and not isinstance(module, nn.Identity):
+        if describe_layer(module) is None and not isinstance(module, nn.Identity):
             raise _misfit(names[0], f"the file records a {shown(entries[0].get('class'))}, the architecture builds a "
                                     f"{type(module).__name__} there")
         with torch.device(model_device(module, model) or "cpu"):
