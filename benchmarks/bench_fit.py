@@ -15,6 +15,12 @@ same images. No labels are used except by the labeled fine-tune shown for refere
    in the same run.
 4. Features or logits: ``loss="features"`` (every norm layer's output matched too) against ``loss="kl"`` (logits
    only) when only 256 unlabeled images are available.
+5. Little data (``--images N``): fit + refine with the defaults on only the first N training images, unlabeled, at
+   G=8 and G=32 (and resnet18 at G=32 with ``--resnet18``): agreement, accuracy, the steps run and the step kept,
+   seconds, against the targets (>= 98% agreement at 256 images, >= 99% with all of them).
+6. Step cost (``--step-cost``): a refine step against a labeled fine-tune step with the same optimizer (Adam) and
+   batch, interleaved rounds, medians: with the original's outputs computed once (the default without
+   augmentation) and with the original run on every batch (``augment="shift"``).
 
 Runs on ``--threads`` CPU threads (default 2, set below); times vary with other processes on the machine, so compare
 the ratios. The demo part takes about a minute.
@@ -24,12 +30,15 @@ Usage::
     python benchmarks/bench_fit.py                 # demo model, G=8 and G=32
     python benchmarks/bench_fit.py --resnet18      # also timm resnet18 on digits (a few minutes more)
     python benchmarks/bench_fit.py --sweep         # also: fit agreement against the number of calibration images
+    python benchmarks/bench_fit.py --images 256 --only-little-data [--resnet18]   # part 5 alone
+    python benchmarks/bench_fit.py --step-cost --only-little-data [--resnet18]    # part 6 alone
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from typing import Callable, Optional
 
@@ -199,6 +208,58 @@ def features_or_logits(title: str, model: nn.Module, data: DigitsData, groups: i
           f"loss={results[1]} (fit alone: {agreement(fitted, model, data.test_images):.1%})")
 
 
+def little_data(title: str, model: nn.Module, data: DigitsData, groups: int, images: int,
+                target: float) -> None:
+    """Fit + refine with the defaults on the first ``images`` training images only, unlabeled."""
+    began = time.perf_counter()
+    fitted = convert(model, "fit", groups, data.train_images[:CALIBRATION_IMAGES])
+    report = normswap.refine_report(normswap.refine(fitted, model, data.train_images[:images].split(REFINE_BATCH),
+                                                    progress=False))
+    seconds = time.perf_counter() - began
+    test, labels = data.test_images, data.test_labels
+    agreed, refined, original = agreement(fitted, model, test), accuracy(fitted, test, labels), accuracy(
+        model, test, labels)
+    verdict = "met" if agreed >= target and refined >= original - DEMO_TARGET["accuracy_gap"] else "not met"
+    print(f"{title}, G={groups}, {images} unlabeled images: agreement {agreed:.1%} (target >= {target:.0%}), "
+          f"accuracy {refined:.1%} vs original {original:.1%}; {report.steps} of {report.max_steps} steps, kept "
+          f"{report.kept} (step {report.best_step}), holdout {report.holdout_samples}, augment {report.augment}, "
+          f"{seconds:.1f} s: {verdict}")
+
+
+def step_cost(title: str, model: nn.Module, data: DigitsData, groups: int, rounds: int = 5, steps: int = 20) -> None:
+    """The time of a refine step against a labeled Adam step of the same batch: each run twice, for ``steps`` and
+    ``2 * steps`` steps, in interleaved rounds; a step's cost is the median difference over ``steps`` (what a run
+    does once, reading the data or computing the original's outputs, cancels)."""
+    fitted = convert(model, "fit", groups, data.train_images[:CALIBRATION_IMAGES])
+    unlabeled = data.train_images.split(REFINE_BATCH)
+
+    def labeled(count: int) -> None:
+        fine_tune(copy.deepcopy(fitted).eval(), data.train_images, data.train_labels, count, lr=1e-3,
+                  optimizer="adam")
+
+    def distilled(augment: Optional[str]) -> Callable[[int], None]:
+        return lambda count: normswap.refine(copy.deepcopy(fitted), model, unlabeled, steps=count, holdout=0,
+                                             augment=augment, progress=False)
+
+    runs = {"labeled": labeled, "refine (original's outputs computed once)": distilled(None),
+            "refine, shifted (original run every step)": distilled("shift")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(2)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            began = time.perf_counter()
+            run(steps)
+            middle = time.perf_counter()
+            run(2 * steps)
+            times[name].append((time.perf_counter() - middle - (middle - began)) / steps)
+    base = statistics.median(times["labeled"])
+    cells = ", ".join(f"{name} {statistics.median(values) * 1e3:.1f} ms ({statistics.median(values) / base:.2f}x)"
+                      for name, values in times.items())
+    print(f"{title}, G={groups}, batch {REFINE_BATCH}, {steps} vs {2 * steps} steps x {rounds} interleaved rounds, "
+          f"medians: {cells} (target <= 1.45x)")
+
+
 def sweep_calibration(model: nn.Module, data: DigitsData, groups: int) -> None:
     """Print fit agreement for growing calibration sets (three disjoint sets each where the data allows)."""
     print(f"\ncalibration images vs fitted agreement (demo model, G={groups}, global target)")
@@ -252,12 +313,19 @@ def main() -> None:
     parser.add_argument("--resnet18", action="store_true", help="also train, convert and refine a timm resnet18")
     parser.add_argument("--sweep", action="store_true", help="also sweep the number of calibration images")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--images", type=int, nargs="*", default=[],
+                        help="also refine on only this many unlabeled training images (e.g. 256 1348)")
+    parser.add_argument("--step-cost", action="store_true", help="also time a refine step against a labeled one")
+    parser.add_argument("--only-little-data", action="store_true", help="run only --images and --step-cost")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s)")
     data = digits_data()
     demo = load_demo_model()
     title = "demo model (normswap.demo.DigitsResNet)"
+    if args.only_little_data:
+        little_data_parts(args, demo, data)
+        return
     for groups in (8, 32):
         compare_variants(title, demo, data, groups=groups)
     if args.sweep:
@@ -279,6 +347,28 @@ def main() -> None:
         print()
         check_targets("timm resnet18", resnet, large, 32, RESNET18_TARGET)
         features_or_logits("timm resnet18", resnet, large, 32)
+    little_data_parts(args, demo, data, trained=(resnet, large) if args.resnet18 else None)
+
+
+def little_data_parts(args: argparse.Namespace, demo: nn.Module, data: DigitsData,
+                      trained: Optional[tuple[nn.Module, DigitsData]] = None) -> None:
+    """Parts 5 and 6: refinement on little data, and the cost of a step."""
+    if not (args.images or args.step_cost):
+        return
+    print()
+    for images in args.images:
+        target = DEMO_TARGET["agreement"] if images >= len(data.train_images) else 0.98
+        for groups in (8, 32):
+            little_data("demo model", demo, data, groups, images, target)
+    if args.step_cost:
+        for groups in (8, 32):
+            step_cost("demo model", demo, data, groups)
+    if args.resnet18:
+        resnet, large = trained if trained is not None else train_resnet18(data)
+        for images in args.images:
+            little_data("timm resnet18", resnet, large, 32, images, RESNET18_TARGET["agreement"])
+        if args.step_cost:
+            step_cost("timm resnet18", resnet, large, 32, rounds=3, steps=10)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,17 @@ Three tables, printed as markdown:
    timm/torchvision models where it used to cost the most, the sequential method's passes and ``forward_cost``
    (what its passes compute, in forwards over the data) and its time against a plain no-grad eval forward over
    the same batches, best of ``--rounds`` interleaved rounds.
+5. Sequential cost on small, fast models (``fast``): the ten models where the sequential method cost most against a
+   plain eval forward (3.2-5.0x before) and resnet50, in one run: wall-time and CPU-time ratios (medians of
+   ``--rounds`` interleaved rounds; CPU time counts every thread of this process and is less disturbed by other
+   processes), and the memory estimate the run logs before it starts against the peak resident memory it added.
 
 The baselines are here for comparison only. ``precise_bn`` follows the population-variance estimator of fvcore's
 precise BN (batch-size-weighted running averages of the batch means and mean squares, in the buffers' dtype,
 variance as ``E[x²] - E[x]²``); it is a re-implementation, not fvcore's code.
 
 Run: ``python benchmarks/bench_recalibrate.py [--threads 1] [--rounds 3] [--skip throughput exactness accuracy
-sequential]``. The thread count is set explicitly (one
+sequential fast]``. The thread count is set explicitly (one
 intra-op thread by default: the figures are meant to be compared within one run, on a shared machine).
 """
 
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
+import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -461,12 +467,139 @@ def bench_sequential(rounds: int, batches: int = 4) -> str:
     return (f"{batches} batches per model, CPU, best of {rounds} interleaved rounds\n\n" + table(header, rows))
 
 
+# --- 5. sequential cost on small, fast models ----------------------------------------------------------------------
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    return lambda: timm.create_model(name)
+
+
+def _torchvision_segmentation(name: str) -> Callable[[], nn.Module]:
+    import torchvision
+
+    return lambda: getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None)
+
+
+FAST_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "timm mobilenetv3_small_050": _timm("mobilenetv3_small_050"),
+    "timm lcnet_035": _timm("lcnet_035"),
+    "timm starnet_s050": _timm("starnet_s050"),
+    "timm tinynet_e": _timm("tinynet_e"),
+    "torchvision mnasnet1_3": _torchvision("mnasnet1_3", weights=None),
+    "torchvision shufflenet_v2_x0_5": _torchvision("shufflenet_v2_x0_5", weights=None),
+    "torchvision lraspp_mobilenet_v3_large": _torchvision_segmentation("lraspp_mobilenet_v3_large"),
+    "timm mobilenetv4_conv_small_035": _timm("mobilenetv4_conv_small_035"),
+    "timm mobilenetv1_100": _timm("mobilenetv1_100"),
+    "timm tf_efficientnet_lite0": _timm("tf_efficientnet_lite0"),
+    "timm resnet50": _timm("resnet50"),
+}
+
+
+class _Estimates(logging.Handler):
+    """Collects the memory estimates sequential recalibration logs: before it starts (at the first layer) and, at
+    its end, the largest over the layers the first batch paused at."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.values: list[int] = []
+        self.held: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "normswap_memory_estimate"):
+            self.values.append(record.normswap_memory_estimate)
+        if hasattr(record, "normswap_memory_held"):
+            self.held.append(record.normswap_memory_held)
+
+
+def _resident(field: str) -> int:
+    """A figure of /proc/self/status in bytes (VmRSS, VmHWM); 0 where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_added(fn: Callable[[], None]) -> int:
+    """How far resident memory rose above its level before ``fn`` (the peak counter reset first, where Linux
+    allows: ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+    except OSError:
+        return 0
+    before = _resident("VmRSS")
+    fn()
+    return max(0, _resident("VmHWM") - before)
+
+
+def bench_fast(rounds: int, batches: int = 4, shape: tuple[int, ...] = (4, 3, 224, 224)) -> str:
+    estimates = _Estimates()
+    logger = logging.getLogger("normswap")
+    logger.addHandler(estimates)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    rows, wall_ratios, cpu_ratios = [], [], []
+    try:
+        for name, build in FAST_MODELS.items():
+            torch.manual_seed(0)
+            model = build().eval()
+            data = [torch.randn(shape) for _ in range(batches)]
+
+            def plain() -> None:
+                with torch.no_grad():
+                    for x in data:
+                        model(x)
+
+            def sequential() -> None:
+                recalibrate(model, data, method="sequential", progress=False)
+
+            plain()
+            sequential()
+            wall: dict[str, list[float]] = {"plain": [], "sequential": []}
+            cpu: dict[str, list[float]] = {"plain": [], "sequential": []}
+            for _ in range(rounds):
+                for key, fn in (("plain", plain), ("sequential", sequential)):
+                    began, began_cpu = time.perf_counter(), time.process_time()
+                    fn()
+                    wall[key].append(time.perf_counter() - began)
+                    cpu[key].append(time.process_time() - began_cpu)
+            estimates.values.clear()
+            estimates.held.clear()
+            peak = _peak_added(sequential)
+            estimate = estimates.values[-1] if estimates.values else 0
+            most = estimates.held[-1] if estimates.held else 0
+            held = sum(x.numel() * x.element_size() for x in data)
+            wall_ratio = statistics.median(wall["sequential"]) / statistics.median(wall["plain"])
+            cpu_ratio = statistics.median(cpu["sequential"]) / statistics.median(cpu["plain"])
+            wall_ratios.append(wall_ratio)
+            cpu_ratios.append(cpu_ratio)
+            rows.append([name, len(calibration_report(model).calibrated),
+                         f"{statistics.median(wall['plain']) * 1e3:.0f}", f"{wall_ratio:.2f}", f"{cpu_ratio:.2f}",
+                         f"{estimate / 1e6:.0f}", f"{(estimate - held) / 1e6:.0f}", f"{(most - held) / 1e6:.0f}",
+                         f"{peak / 1e6:.0f}"])
+            print(f"  fast {name}: wall {wall_ratio:.2f}x, cpu {cpu_ratio:.2f}x", file=sys.stderr, flush=True)
+    finally:
+        logger.removeHandler(estimates)
+        logger.setLevel(level)
+    header = ["model", "layers", "plain eval ms", "sequential / plain (wall)", "(CPU time)",
+              "estimate MB (batches + activations)", "of it activations MB", "activations at the fullest layer MB",
+              "peak RSS added MB"]
+    summary = (f"\n\nwall: median {statistics.median(wall_ratios):.2f}x, max {max(wall_ratios):.2f}x; CPU time: median "
+               f"{statistics.median(cpu_ratios):.2f}x, max {max(cpu_ratios):.2f}x")
+    return (f"{batches} batches of {'x'.join(map(str, shape))} per model, CPU, medians of {rounds} interleaved "
+            "rounds\n\n" + table(header, rows) + summary)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (set explicitly; default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["throughput", "exactness", "accuracy", "sequential"])
+                        choices=["throughput", "exactness", "accuracy", "sequential", "fast"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# normswap recalibrate benchmark\n\ntorch {torch.__version__}, timm {timm.__version__}, "
@@ -490,6 +623,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "sequential" not in args.skip:
         print("\n## Sequential recalibration: cost on the models users bring\n")
         print(bench_sequential(args.rounds), flush=True)
+    if "fast" not in args.skip:
+        print("\n## Sequential recalibration: small, fast models and resnet50, in one run\n")
+        print(bench_fast(args.rounds), flush=True)
 
 
 if __name__ == "__main__":

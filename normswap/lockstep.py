@@ -14,6 +14,11 @@ deterministic as a loop over the batches (the threads exist only to keep each fo
 waits). Each lane runs under the thread-local torch state of the thread that calls :meth:`Lockstep.run` (grad and
 inference mode, autocast, torch function and dispatch modes, the current CUDA device and stream), then under the
 context its caller gives (no_grad, autocast, device), so a forward in a lane computes what it would in a loop.
+A hand-over between threads costs tens of microseconds of CPU (a semaphore and the interpreter lock), so the run
+makes as few as it can: the lane that pauses last at a stop settles it itself, in its own thread, and hands over to
+the next lane directly; with ``alternate=True`` the lanes waiting at a stop go on in the reverse order of their
+arrival, so the lane that settled runs on without a hand-over (and with its activations still in the cache): a
+stop costs ``lanes - 1`` hand-overs instead of ``lanes + 1``, none with one lane.
 
 A stop can be settled several times per forward when its layer is called several times (``calls=``): round ``r``
 is settled once every lane that will call it an ``r``-th time has paused there. A lane that reaches a stop after its
@@ -126,6 +131,7 @@ class _Lane:
         self.state = "new"  # new, running, paused, finished
         self.arrival: Optional[Arrival] = None
         self.stop: Optional[int] = None
+        self.arrived = 0  # when it last paused (a running count), to order the lanes that go on
         self.visits: dict[int, int] = {}
         self.output: Any = None
         self.error: Optional[BaseException] = None
@@ -147,53 +153,53 @@ class Lockstep:
         choose: picks the stop to settle from the paused ones (``{stop: first step it was seen paused}``), or
             ``None`` when nothing is left anywhere; by default the one seen first (ties: the lower number). Under
             ``torch.distributed`` the caller makes all processes agree here.
+        alternate: let the lanes waiting at a stop go on in the reverse order of their arrival (fewer hand-overs;
+            see the module documentation) instead of in lane order. For callers whose ``on_arrive`` does not rely
+            on the order in which the lanes arrive.
     """
 
     def __init__(self, forwards: list[Callable[[], Any]], stops: dict[nn.Module, int], *,
                  calls: Optional[dict[int, int]] = None,
                  context: Callable[[], ContextManager] = contextlib.nullcontext,
                  on_arrive: Optional[Callable[[int, Arrival, int], None]] = None,
-                 choose: Optional[Callable[[dict[int, int]], Optional[int]]] = None) -> None:
+                 choose: Optional[Callable[[dict[int, int]], Optional[int]]] = None,
+                 alternate: bool = False) -> None:
         self.lanes = [_Lane(index, forward) for index, forward in enumerate(forwards)]
         self.stops = stops
         self.calls = dict(calls or {})
         self.context = context
         self.on_arrive = on_arrive
         self.choose = choose or _first_seen
+        self.alternate = alternate
         self.settled: dict[int, int] = {}
         self.queue: list[_Lane] = []
         self.main = threading.Semaphore(0)
         self.aborting = False
         self.local = threading.local()
         self.caller_state: Optional[_CallerState] = None
+        self.settle: Callable[[int, list[Arrival], bool], None] = lambda stop, arrivals, final: None
+        self.first_seen: dict[int, int] = {}
+        self.step = 0
+        self.arrivals = 0
+        self.failure: Optional[BaseException] = None
 
     def run(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
-        """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called in
-        this thread with the lanes paused there (``final`` on the stop's last round), before they go on. Returns
-        each lane's output. The first error of a lane or of ``settle`` stops every lane and is raised here."""
+        """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called with
+        the lanes paused there, in lane order (``final`` on the stop's last round), before they go on; it runs in
+        the thread of the lane that paused last, under that lane's state and context. Returns each lane's output.
+        The first error of a lane or of ``settle`` stops every lane and is raised here."""
         self.caller_state = _CallerState()
         handles = [module.register_forward_pre_hook(self._hook(stop)) for module, stop in self.stops.items()]
-        first_seen: dict[int, int] = {}
+        self.settle = settle
         try:
-            pending = list(self.lanes)
-            step = 0
-            while True:
-                self._run_lanes(pending)
-                failed = next((lane.error for lane in pending if lane.error is not None), None)
-                if failed is not None:
-                    raise failed
-                paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
-                for stop in sorted(paused - set(first_seen)):
-                    first_seen[stop] = step
-                stop = self.choose({stop: first_seen[stop] for stop in paused})
-                if stop is None:
-                    break
-                waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
-                rounds = self.settled.get(stop, 0) + 1
-                settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
-                self.settled[stop] = rounds
-                pending = waiting
-                step += 1
+            if self.lanes:
+                self.queue = list(self.lanes[1:])
+                self._resume(self.lanes[0])
+                self.main.acquire()
+            if self.failure is not None:
+                raise self.failure
+            for lane in self.lanes:
+                lane.thread.join()  # each has finished: its last act was to wake this thread
             return [lane.output for lane in self.lanes]
         except BaseException:
             self._abort()
@@ -201,6 +207,11 @@ class Lockstep:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def current_lane(self) -> Optional[int]:
+        """The index of the lane running in the calling thread; ``None`` outside the lanes."""
+        lane = getattr(self.local, "lane", None)
+        return lane.index if lane is not None else None
 
     def _hook(self, stop: int) -> Callable[[nn.Module, tuple], None]:
         def pause(module: nn.Module, args: tuple) -> None:
@@ -221,15 +232,6 @@ class Lockstep:
 
         return pause
 
-    def _run_lanes(self, lanes: list[_Lane]) -> None:
-        """Let each of ``lanes`` run in turn (start it, or release it from its stop) until it pauses again or
-        finishes; each hands over directly to the next, the last one back to this thread."""
-        if not lanes:
-            return
-        self.queue = list(lanes[1:])
-        self._resume(lanes[0])
-        self.main.acquire()
-
     def _resume(self, lane: _Lane) -> None:
         lane.state = "running"
         if lane.thread is None:
@@ -239,12 +241,48 @@ class Lockstep:
         else:
             lane.wake.release()
 
-    def _hand_over(self) -> None:
-        """Called by the running lane when it pauses or finishes: the next queued lane runs, or the main thread."""
-        if self.queue and not self.aborting:
-            self._resume(self.queue.pop(0))
-        else:
+    def _hand_over(self, current: _Lane) -> bool:
+        """Called by the running lane when it pauses or finishes: the next queued lane runs or, when every lane is
+        paused or finished, the next stop is settled here and its first lane runs; the main thread is woken when
+        nothing is left (or something failed). True when that next lane is ``current`` itself: it runs on."""
+        if self.aborting:
             self.main.release()
+            return False
+        following = self.queue.pop(0) if self.queue else self._settle_next()
+        if following is None:
+            self.main.release()
+            return False
+        if following is current:
+            current.state = "running"
+            return True
+        self._resume(following)
+        return False
+
+    def _settle_next(self) -> Optional[_Lane]:
+        """Every lane is paused or finished: settle the stop ``choose`` picks and queue the lanes waiting there;
+        returns the first of them, or ``None`` when the run is over or has failed (``failure``)."""
+        try:
+            failed = next((lane.error for lane in self.lanes if lane.error is not None), None)
+            if failed is not None:
+                raise failed
+            paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
+            for stop in sorted(paused - set(self.first_seen)):
+                self.first_seen[stop] = self.step
+            stop = self.choose({stop: self.first_seen[stop] for stop in paused})
+            if stop is None:
+                return None
+            waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
+            rounds = self.settled.get(stop, 0) + 1
+            self.settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
+            self.settled[stop] = rounds
+            self.step += 1
+        except BaseException as exc:  # raised by the main thread, which ends every lane
+            self.failure = exc
+            return None
+        if self.alternate:
+            waiting.sort(key=lambda lane: -lane.arrived)
+        self.queue = waiting[1:]
+        return waiting[0]
 
     def _body(self, lane: _Lane) -> None:
         self.local.lane = lane
@@ -260,12 +298,12 @@ class Lockstep:
         finally:
             lane.state = "finished"
             lane.arrival = None
-            self._hand_over()
+            self._hand_over(lane)
 
     def _pause(self, lane: _Lane, stop: int, arrival: Arrival) -> None:
-        lane.state, lane.stop, lane.arrival = "paused", stop, arrival
-        if not self.aborting:
-            self._hand_over()
+        self.arrivals += 1
+        lane.state, lane.stop, lane.arrival, lane.arrived = "paused", stop, arrival, self.arrivals
+        if not self.aborting and not self._hand_over(lane):
             lane.wake.acquire()
         lane.arrival = None
         if self.aborting:
@@ -278,7 +316,7 @@ class Lockstep:
         for lane in self.lanes:
             lane.wake.release()
         for lane in self.lanes:
-            if lane.thread is not None:
+            if lane.thread is not None and lane.thread is not threading.current_thread():
                 lane.thread.join()
 
 

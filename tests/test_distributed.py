@@ -107,13 +107,13 @@ def _worker(rank: int, port: int, out: Path) -> None:
             if rank == 1 and case == "forward":
                 interrupt_at_forward(converted, call=3)
             hook = interrupt_at_optimizer_step(3 if rank == 1 and case == "optimizer step" else 0)
-            results[case] = _outcome(lambda: refine(converted, original, data, steps=6, eval_every=2,
+            results[case] = _outcome(lambda: refine(converted, original, data, steps=6, eval_every=2, holdout=0.2,
                                                     progress=False))
             hook.remove()
             results[f"{case} unchanged"] = all(torch.equal(v, before[k]) for k, v in snapshot(converted).items())
         group = dist.new_group([0, 1])
         original, converted = converted_cnn()
-        report = refine_report(refine(converted, original, shard(rank), steps=4, process_group=group,
+        report = refine_report(refine(converted, original, shard(rank), steps=4, process_group=group, holdout=0.2,
                                       progress=False))
         results["group"] = (report.world_size, report.train_samples, snapshot(converted))
         ddp = torch.nn.parallel.DistributedDataParallel(small_cnn())
@@ -127,7 +127,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
         }
         if rank == 0:  # the common pattern: refine on one rank only while the others wait at a barrier
             original, converted = converted_cnn()
-            report = refine_report(refine(converted, original, shard(0), steps=4, distributed=False,
+            report = refine_report(refine(converted, original, shard(0), steps=4, distributed=False, holdout=0.2,
                                           progress=False))
             results["alone"] = (report.world_size, report.train_samples, snapshot(converted))
         dist.barrier()
@@ -160,7 +160,7 @@ def test_refine_over_a_process_group_and_on_one_rank_alone(ranks):
     world_size, samples, alone = ranks[0]["alone"]
     assert (world_size, samples) == (1, 32)
     original, converted = converted_cnn()
-    refine(converted, original, shard(0), steps=4, progress=False)  # the same run in a process of its own
+    refine(converted, original, shard(0), steps=4, holdout=0.2, progress=False)  # the same run in a process of its own
     for key, value in snapshot(converted).items():
         torch.testing.assert_close(alone[key], value, rtol=1e-5, atol=1e-6)
 

@@ -122,3 +122,34 @@ def test_an_interrupt_while_settling_ends_every_lane():
     with pytest.raises(KeyboardInterrupt):
         Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0}).run(settle)
     assert not lanes_left()
+
+
+def test_with_alternate_the_lane_that_settles_runs_on_first_and_the_others_follow_in_reverse_arrival_order():
+    model, batches = model_and_batches()
+    events = []
+    threads = {}
+
+    def arrive(stop, arrival, call):
+        events.append(f"lane {arrival.lane} at {stop}")
+        threads[arrival.lane] = threading.current_thread()
+
+    def settle(stop, arrivals, final):
+        events.append(f"settle {stop} in lane {next(k for k, t in threads.items() if t is threading.current_thread())}"
+                      f" with {[arrival.lane for arrival in arrivals]}")
+
+    outputs = Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1}, on_arrive=arrive,
+                       alternate=True).run(settle)
+    assert events == ["lane 0 at 0", "lane 1 at 0", "lane 2 at 0", "settle 0 in lane 2 with [0, 1, 2]",
+                      "lane 2 at 1", "lane 1 at 1", "lane 0 at 1", "settle 1 in lane 0 with [0, 1, 2]"]
+    with torch.no_grad():
+        assert all(torch.equal(out, model(x)) for out, x in zip(outputs, batches))
+    assert not lanes_left()
+
+
+def test_a_single_lane_never_waits_for_another_thread():
+    model, batches = model_and_batches()
+    lanes_running = []
+    Lockstep([lambda: model(batches[0])], {model[0]: 0, model[2]: 1, model[4]: 2}, alternate=True,
+             on_arrive=lambda stop, arrival, call: lanes_running.append(threading.current_thread().name)).run(
+        lambda stop, arrivals, final: lanes_running.append(threading.current_thread().name))
+    assert lanes_running == ["normswap-lane-0"] * 6  # settled in the lane itself, which simply went on

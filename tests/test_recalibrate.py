@@ -421,6 +421,43 @@ def test_sequential_is_stable_at_a_mean_of_a_thousand():
     assert_statistics(model, population_statistics(model, data, batch_statistics=False))
 
 
+def test_sequential_measures_large_images_per_sample_exactly_even_at_a_mean_of_a_thousand():
+    # 16x16 inputs: each layer's input is measured per sample and channel by GroupNorm's moments kernel
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1000.0)
+    data = images([3, 1, 4], shape=(3, 16, 16))
+    recalibrate(model, data, method="sequential")
+    assert_statistics(model, population_statistics(model, data, batch_statistics=False))
+    assert model[1].running_mean.min() > 990
+
+
+def test_sequential_logs_the_memory_it_will_hold_before_it_starts(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    data = images([2, 2, 2, 2], shape=(3, 10, 10))
+    with caplog.at_level("INFO", logger="normswap"):
+        recalibrate(model.eval(), data, method="sequential")
+    estimates = [record.normswap_memory_estimate for record in caplog.records
+                 if hasattr(record, "normswap_memory_estimate")]
+    # the four batches (2x3x10x10 float32 each) and, per batch, the conv output paused at the first BatchNorm
+    assert estimates == [4 * 2 * 3 * 10 * 10 * 4 + 4 * 2 * 8 * 8 * 8 * 4]
+    assert "will hold about 26.0 KB" in caplog.text
+
+
+def test_sequential_refuses_in_one_line_a_run_that_would_not_fit_and_changes_nothing(monkeypatch):
+    from normswap.recalibrate import sequential
+
+    model = resnet18()
+    before = state(model)
+    monkeypatch.setattr(sequential, "available_memory", lambda device: 3 * 2 * 64 * 16 * 16 * 4)
+    with pytest.raises(CalibrationError, match=r"would hold about .* more than .* free on cpu: calibrate on fewer "
+                                               r"batches \(batches=3 or so\) or use method='exact'") as raised:
+        recalibrate(model, images([2] * 8), method="sequential")
+    assert "\n" not in str(raised.value)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    recalibrate(model, images([2] * 8))  # the exact method holds one batch at a time: it runs
+
+
 # --- what changes and what does not ------------------------------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ def test_the_original_model_is_never_changed():
     before = snapshot(original)
     flags = [m.training for m in original.modules()]
     requires_grad = [p.requires_grad for p in original.parameters()]
-    refine(converted, original, images(48).split(16), steps=5, progress=False)
+    refine(converted, original, images(48).split(16), steps=5, holdout=0.2, progress=False)
     assert_same_state(original, before)
     assert [m.training for m in original.modules()] == flags
     assert [p.requires_grad for p in original.parameters()] == requires_grad
@@ -119,7 +119,7 @@ def test_the_state_kept_is_the_best_measured_on_the_holdout():
     original, converted = converted_cnn()
     data = images(1).expand(40, -1, -1, -1).contiguous()
     refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
-           loss="mse", progress=False)
+           loss="mse", holdout=0.2, progress=False)
     report = refine_report(converted)
     errors = [evaluation["error"] for evaluation in report.evaluations]
     assert [evaluation["step"] for evaluation in report.evaluations] == list(range(0, 41, 2))
@@ -134,7 +134,7 @@ def test_a_model_that_no_step_improves_is_left_unchanged():
     with torch.no_grad():
         nearly[8].bias.add_(1e-3)  # ...but for a tiny offset, which steps far too large only make worse
     before = snapshot(nearly)
-    refine(nearly, original, images(32).split(16), steps=6, lr=0.5, eval_every=2, progress=False)
+    refine(nearly, original, images(32).split(16), steps=6, lr=0.5, eval_every=2, holdout=0.2, progress=False)
     report = refine_report(nearly)
     losses = [evaluation["loss"] for evaluation in report.evaluations]
     assert len(losses) == 4 and min(losses[1:]) > losses[0]
@@ -149,7 +149,7 @@ def test_ctrl_c_stops_the_refinement_and_keeps_the_best_state_so_far():
     # student calls: the holdout before training (1), then per two steps: step, step, holdout (2, 3, 4, 5, 6, 7, ...)
     CallCounter(converted, at=12, error=KeyboardInterrupt())
     refine(converted, original, data.split(8), steps=40, lr=0.003, eval_every=2, patience=None,
-           loss="mse", progress=False)
+           loss="mse", holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.stopped == "interrupted" and report.steps == 7
     assert report.kept == "best" and report.best_step in (2, 4, 6)
@@ -162,7 +162,7 @@ def test_ctrl_c_before_any_improvement_leaves_the_model_unchanged():
     original, converted = converted_cnn()
     before = snapshot(converted)
     CallCounter(converted, at=4, error=KeyboardInterrupt())  # while measuring after two steps
-    refine(converted, original, images(32).split(16), steps=10, eval_every=2, progress=False)
+    refine(converted, original, images(32).split(16), steps=10, eval_every=2, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert (report.stopped, report.kept, report.steps) == ("interrupted", "unchanged", 2)
     assert_same_state(converted, before)
@@ -174,7 +174,7 @@ def test_an_error_during_refinement_restores_the_converted_model_exactly():
     before = snapshot(converted)
     CallCounter(converted, at=6, error=RuntimeError("the model broke"))
     with pytest.raises(RuntimeError, match="the model broke"):
-        refine(converted, original, images(32).split(16), steps=10, eval_every=2, progress=False)
+        refine(converted, original, images(32).split(16), steps=10, eval_every=2, holdout=0.2, progress=False)
     assert_same_state(converted, before)
     assert converted.training and all(p.requires_grad and p.grad is None for p in converted.parameters())
     assert [step["op"] for step in get_history(converted)] == ["plan"]
@@ -184,7 +184,7 @@ def test_the_same_seed_gives_the_same_weights_and_another_seed_other_weights():
     results = []
     for seed in (0, 0, 1):
         original, converted = converted_cnn()
-        refine(converted, original, images(64).split(16), steps=8, seed=seed, progress=False)
+        refine(converted, original, images(64).split(16), steps=8, seed=seed, holdout=0.2, progress=False)
         results.append(snapshot(converted))
     assert all(torch.equal(results[0][key], results[1][key]) for key in results[0])
     assert not all(torch.equal(results[0][key], results[2][key]) for key in results[0])
@@ -203,7 +203,7 @@ def test_batches_come_in_the_forms_recalibrate_takes_and_labels_are_ignored():
     results = {}
     for name, (batches, options) in forms.items():
         original, converted = converted_cnn()
-        refine(converted, original, batches, steps=6, progress=False, **options)
+        refine(converted, original, batches, steps=6, holdout=0.2, progress=False, **options)
         report = refine_report(converted)
         assert report.train_samples + report.holdout_samples == 48, name
         results[name] = snapshot(converted)
@@ -226,7 +226,7 @@ def test_inputs_that_are_dicts_of_keyword_arguments_are_pooled_and_passed_as_key
     original = TwoInputs().eval()
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
     batches = [{"image": x, "scale": torch.full((len(x), 1), 2.0)} for x in images(48).split(16)]
-    refine(converted, original, [(batch,) for batch in batches], steps=10, progress=False,
+    refine(converted, original, [(batch,) for batch in batches], steps=10, holdout=0.2, progress=False,
            input_fn=lambda batch: batch[0])
     report = refine_report(converted)
     assert report.batch_size == 64 and report.train_samples + report.holdout_samples == 48
@@ -248,7 +248,7 @@ def test_timm_fused_group_norm_act_layers_are_refined_with_their_activation():
     data = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1)).split(16)
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=8)
     assert type(converted.bn1).__name__ == "GroupNormAct"
-    refine(converted, original, data, steps=16, trainable="norm", lr=1e-2, loss="mse", progress=False)
+    refine(converted, original, data, steps=16, trainable="norm", lr=1e-2, loss="mse", holdout=0.2, progress=False)
     report = refine_report(converted)
     norm_parameters = sum(p.numel() for m in converted.modules() if type(m).__name__ == "GroupNormAct"
                           for p in m.parameters())
@@ -267,7 +267,7 @@ def test_a_monai_3d_network_converted_to_group_norm_is_refined_voxel_by_voxel():
     volumes = torch.randn(24, 1, 8, 8, 8, generator=torch.Generator().manual_seed(3)).split(6)
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
     assert not any(isinstance(m, nn.BatchNorm3d) for m in converted.modules())
-    refine(converted, original, volumes, steps=12, batch_size=6, progress=False)
+    refine(converted, original, volumes, steps=12, batch_size=6, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.agreement_before is not None  # per-voxel agreement over the 3 output channels
     assert report.loss_after < report.loss_before and report.agreement_after >= report.agreement_before
@@ -281,21 +281,21 @@ def test_a_transformers_model_with_dict_batches_and_a_model_output_is_refined_on
     original = randomize_norm_layers(ResNetForImageClassification(config), seed=3).eval()
     batches = [{"pixel_values": x} for x in images(64, size=32).split(16)]
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
-    refine(converted, original, batches, steps=16, lr=3e-3, progress=False)
+    refine(converted, original, batches, steps=16, lr=3e-3, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.loss_after < report.loss_before and report.agreement_before is not None
 
 
 def test_the_features_loss_matches_the_norm_layers_outputs_too():
     original, converted = converted_cnn()
-    refine(converted, original, images(64).split(16), steps=10, loss="features", progress=False)
+    refine(converted, original, images(64).split(16), steps=10, loss="features", holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.loss == "features" and report.loss_after < report.loss_before
 
 
 def test_autocast_on_the_cpu_trains_float32_weights():
     original, converted = converted_cnn()
-    refine(converted, original, images(64).split(16), steps=10, amp=True, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, amp=True, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.dtype == torch.float32 for p in converted.parameters())
@@ -303,7 +303,7 @@ def test_autocast_on_the_cpu_trains_float32_weights():
 
 def test_the_progress_bar_shows_the_steps(capsys):
     original, converted = converted_cnn()
-    refine(converted, original, images(32).split(16), steps=3, progress=True)
+    refine(converted, original, images(32).split(16), steps=3, holdout=0.2, progress=True)
     assert "refine" in capsys.readouterr().err
 
 
@@ -366,7 +366,7 @@ def test_regression_outputs_are_refined_with_the_mse_loss():
     torch.manual_seed(0)
     original = randomize_norm_layers(Regression(), seed=1).eval()
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=4)
-    refine(converted, original, images(64).split(16), steps=20, loss="mse", lr=1e-2, progress=False)
+    refine(converted, original, images(64).split(16), steps=20, loss="mse", lr=1e-2, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.agreement_before is None and report.loss_after < report.loss_before
 
@@ -479,7 +479,7 @@ def test_the_convert_command_reports_a_bad_refine_pattern_in_one_line(demo_model
 def test_refinement_on_the_gpu_gives_back_a_cpu_model_and_leaves_the_original_on_the_cpu():
     original, converted = converted_cnn()
     before = snapshot(original)
-    refine(converted, original, images(64).split(16), steps=10, device="cuda", progress=False)
+    refine(converted, original, images(64).split(16), steps=10, device="cuda", holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.device.type == "cpu" for p in (*converted.parameters(), *original.parameters()))
@@ -491,7 +491,69 @@ def test_refinement_on_the_gpu_gives_back_a_cpu_model_and_leaves_the_original_on
 def test_refinement_of_a_gpu_model_under_autocast(amp):
     original, converted = converted_cnn()
     original, converted = original.cuda(), converted.cuda()
-    refine(converted, original, images(64).split(16), steps=10, amp=amp, progress=False)
+    refine(converted, original, images(64).split(16), steps=10, amp=amp, holdout=0.2, progress=False)
     report = refine_report(converted)
     assert report.loss_after < report.loss_before
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in converted.parameters())
+
+
+def test_below_a_thousand_samples_nothing_is_held_out_the_schedule_runs_and_images_are_shifted():
+    original, converted = converted_cnn()
+    refine(converted, original, images(64).split(16), steps=12, progress=False)
+    report = refine_report(converted)
+    assert (report.holdout_samples, report.train_samples, report.evaluations) == (0, 64, [])
+    assert (report.kept, report.stopped, report.steps, report.augment) == ("last", "steps", 12, "shift")
+    assert "(images shifted)" in str(report)
+
+
+@pytest.mark.parametrize("augment, expected", [(None, [32, 32, 16]), ("shift", [32] * 10)])
+def test_without_augmentation_the_original_runs_once_over_the_training_data_not_at_every_step(augment, expected):
+    original, converted = converted_cnn()
+    calls = []
+    original.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    refine(converted, original, images(80).split(16), steps=10, batch_size=32, holdout=0, augment=augment,
+           progress=False)
+    report = refine_report(converted)
+    # without: one pass in batches of 32 before the first step; shifted images: the original on every batch
+    assert report.steps == 10 and calls == expected
+
+
+def test_cached_outputs_of_the_original_train_the_same_model_as_running_it_every_step():
+    results = []
+    for cached in (True, False):
+        original, converted = converted_cnn()
+        if not cached:  # an output that cannot be joined sample by sample is never kept
+            original.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+            converted.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+        refine(converted, original, images(48).split(16), steps=6, holdout=0, augment=None, progress=False)
+        results.append(snapshot(converted))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_shifting_needs_image_inputs():
+    original = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    converted = normswap.convert(copy.deepcopy(original), "gn", groups=2)
+    with pytest.raises(RefineError, match="augment='shift' needs the model input to be a batch of images"):
+        refine(converted, original, [torch.randn(16, 4)], augment="shift", progress=False)
+    refine(converted, original, [torch.randn(16, 4)], steps=3, progress=False)
+    report = refine_report(converted)
+    assert report.augment is None  # "auto" shifts only images
+
+
+def test_refine_logs_how_long_the_run_will_take_after_its_first_steps(caplog):
+    original, converted = converted_cnn()
+    with caplog.at_level("INFO", logger="normswap"):
+        refine(converted, original, images(48).split(16), steps=20, progress=False)
+    line = next(record.getMessage() for record in caplog.records if "will take about" in record.getMessage())
+    assert line.startswith("refine: 20 steps will take about ") and "fewer steps=" in line
+
+
+def test_the_state_kept_has_the_lowest_holdout_loss():
+    original, converted = converted_cnn()
+    refine(converted, original, images(64).split(16), steps=24, eval_every=2, patience=None, lr=3e-2,
+           holdout=0.25, progress=False)
+    report = refine_report(converted)
+    losses = [evaluation["loss"] for evaluation in report.evaluations]
+    assert report.loss_after == min(losses) and report.best_step == report.evaluations[losses.index(min(losses))][
+        "step"]

@@ -41,7 +41,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
         if rank == 1:  # a process that starts from other weights is brought to rank 0's
             with torch.no_grad():
                 converted[0].weight.mul_(1.5)
-        refine(converted, original, shard(rank), steps=12, eval_every=4, patience=None, progress=False)
+        refine(converted, original, shard(rank), steps=12, eval_every=4, patience=None, holdout=0.2, progress=False)
         report = refine_report(converted)
         results["after"], results["report"] = snapshot(converted), report.to_dict()
         for name, data in (("bad batch", shard(rank) + (["not a batch"] if rank == 1 else [])),

@@ -8,21 +8,35 @@ go on, now normalizing with the new statistics. A layer called several times per
 call, each run with its old statistics, and gets its new ones after the last call; that is found when a forward
 reaches a layer a second time: a forward of the first batch counts the calls and the calibration starts again
 (:func:`normswap.lockstep.run_counting_calls`).
+
+Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's
+forward pauses at its first layer, the activations it holds there (every module output still alive, measured by
+their storage) times the number of batches, plus the batches themselves, are the estimate of what the run will
+hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
+MemAvailable of ``/proc/meminfo``, or psutil; CUDA: ``mem_get_info``) is refused before any of them runs, naming
+``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward
+holds more there (an expansion, a skip connection), the run is refused before the other batches get there.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+import logging
+import weakref
+from typing import Any, Callable, Iterator, Optional
 
+import torch
 from torch import nn
 
-from ..data import batch_size_of, call_model, model_failures
+from ..data import batch_size_of, call_model, model_failures, output_tensors
 from ..errors import CalibrationError
 from ..lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from ..placement import Placement
 from ..progress import progress_bar
 from .distributed import FAILED, REVISITED, PeerFailure, PeerRevisited, Ranks
-from .statistics import Layer, add_input_statistics, check_finite, final_statistics, use_scratch_statistics
+from .statistics import (Layer, add_input_statistics, check_finite, final_statistics, merge_pending,
+                         use_scratch_statistics)
+
+log = logging.getLogger("normswap")
 
 
 def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], run: Placement,
@@ -30,7 +44,16 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
     """Eval-consistent calibration; returns the totals (batches, samples), the layers in the order they were
     calibrated, the passes (one per layer and call) and their cost in forwards over the data."""
     try:
-        held = [(index, run.move(model_input)) for index, model_input in inputs]
+        read = list(inputs)
+        held_bytes = sum(_nbytes(model_input, elsewhere=run.device) for _, model_input in read)
+        free = available_memory(run.device) if held_bytes else None  # batches read already are in memory
+        if free is not None and held_bytes > free:
+            raise CalibrationError(
+                f"the {len(read)} calibration batches take {_size(held_bytes)}, more than the {_size(free)} free on "
+                f"{run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) or use "
+                "method='exact', which holds one batch at a time")
+        held = [(index, run.move(model_input)) for index, model_input in read]
+        del read
     except BaseException:  # Ctrl-C and SIGTERM too: the other ranks must not wait for this one
         ranks.merge([], [0, 0], failed=True, quiet=True)
         raise
@@ -80,15 +103,20 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
         with model_failures(index, model_input):
             return call_model(model, model_input)
 
+    watch = _MemoryWatch(model, held, run)
+
     def measure(stop: int, arrival: Arrival, call: int) -> None:
+        if watch.watching and arrival.lane == 0:
+            watch.check(arrival.args[0])  # at every stop of the first batch
         add_input_statistics(layers[stop], arrival.args[0])
 
     with progress_bar(len(layers), "recalibrate", "layer", progress=progress, rank=ranks.rank) as bar:
         def settle(stop: int, arrivals: list[Arrival], final: bool) -> None:
             passes[0] += 1
+            layer = layers[stop]
+            merge_pending(layer)
             if not final:
                 return
-            layer = layers[stop]
             ranks.merge([layer], [0])
             check_finite([layer])
             for calibrated, (mean, var) in final_statistics([layer]).items():
@@ -100,8 +128,9 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
         lockstep = Lockstep([lambda index=index, x=x: lane(index, x) for index, x in held],
                             {layer.module: stop for stop, layer in enumerate(layers)}, calls=calls,
                             context=run.context, on_arrive=measure,
-                            choose=lambda paused: ranks.choose(paused, len(layers)))
+                            choose=lambda paused: ranks.choose(paused, len(layers)), alternate=True)
         try:
+            watch.start(lockstep.current_lane)
             lockstep.run(settle)
         except (PeerFailure, PeerRevisited):
             raise
@@ -111,6 +140,8 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
         except BaseException:
             ranks.choose({}, len(layers), status=FAILED)
             raise
+        finally:
+            watch.stop()
     return order, passes[0]
 
 
@@ -121,3 +152,132 @@ def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, An
     index, model_input = held[0]
     with run.context(), model_failures(index, model_input):
         return count_calls(model, model_input, [layer.module for layer in layers])
+
+
+class _MemoryWatch:
+    """The memory a sequential run holds. While the first batch's forward runs, forward hooks on every module
+    remember (weakly) the tensors they return; at each of its stops, the storages still alive are what one paused
+    forward holds there. At the first stop, that times the batches, plus the batches, is the estimate logged before
+    any other batch runs; a run whose other batches would need more than the device has free (there, or at a later
+    stop where the paused forwards hold more) is refused with :class:`CalibrationError`. ``held`` is the largest
+    estimate over the stops seen."""
+
+    def __init__(self, model: nn.Module, held: list[tuple[int, Any]], run: Placement) -> None:
+        self.model, self.held, self.run = model, held, run
+        self.outputs: list[weakref.ref] = []
+        self.handles: list[Any] = []
+        self.watching = False
+        self.lane: Callable[[], Optional[int]] = lambda: None
+        self.lane_input: set[int] = set()
+        self.batches = 0
+        self.activations: Optional[int] = None
+        self.most = 0
+        self.free: Optional[int] = None
+
+    def start(self, lane: Callable[[], Optional[int]]) -> None:
+        """Watch the first batch's forward; ``lane`` says which lane the calling thread runs."""
+        if not self.held:
+            return
+        self.watching, self.lane = True, lane
+        self.handles = [module.register_forward_hook(self._record) for module in self.model.modules()]
+        self.lane_input = {t.untyped_storage().data_ptr() for t in output_tensors(self.held[0][1])}
+        self.batches = sum(_nbytes(model_input) for _, model_input in self.held)
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.watching and self.lane() == 0:
+            self.outputs += [weakref.ref(t) for t in output_tensors(output)]
+
+    def check(self, arriving: torch.Tensor) -> None:
+        """At a stop of the first batch: measure what it holds; at the first, log the estimate; refuse a run whose
+        other batches cannot get there."""
+        alive = [tensor for tensor in (ref() for ref in self.outputs) if tensor is not None]
+        self.outputs = [weakref.ref(tensor) for tensor in alive]
+        storages = {}
+        for tensor in alive + [arriving]:
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage.nbytes())
+        for pointer in self.lane_input:
+            storages.pop(pointer, None)
+        activations = sum(storages.values())
+        earlier, self.activations = self.activations, activations
+        self.most = max(self.most, activations)
+        lanes = len(self.held)
+        if earlier is None:
+            self.free = available_memory(self.run.device)  # read once: it changes slowly, and reading takes time
+        free = self.free
+        if earlier is None:
+            log.info("sequential recalibration will hold about %s on %s: %d batch(es) (%s) and their paused "
+                     "forwards (%s each at the first layer)%s", _size(self.batches + activations * lanes),
+                     self.run.device, lanes, _size(self.batches), _size(activations),
+                     f"; {_size(free)} free" if free is not None else "",
+                     extra={"normswap_memory_estimate": self.batches + activations * lanes})
+        more = (activations - (earlier or 0)) * (lanes - 1)  # what the other batches add to get here
+        if free is not None and more > free:
+            fits = max(1, int(free // max(activations, 1)))
+            raise CalibrationError(
+                f"sequential recalibration would hold about {_size(self.batches + activations * lanes)} ({lanes} "
+                f"batches and {_size(activations)} of activations each, paused at a layer), more than the "
+                f"{_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
+                f"{min(fits, lanes - 1)} or so) or use method='exact', which holds one batch at a time")
+
+    @property
+    def held_most(self) -> int:
+        """The largest estimate over the stops the first batch reached: the batches and every paused forward."""
+        return self.batches + self.most * len(self.held)
+
+    def stop(self) -> None:
+        if self.activations is not None and self.handles:
+            log.debug("sequential recalibration held about %s at most", _size(self.held_most),
+                      extra={"normswap_memory_held": self.held_most})
+        self.watching = False
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.outputs = []
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on ``device``: CUDA's ``mem_get_info``; on the CPU MemAvailable from
+    ``/proc/meminfo`` (or psutil's figure where there is no such file); ``None`` where neither says.
+
+    >>> available_memory(torch.device("cpu")) is None or available_memory(torch.device("cpu")) > 0
+    True
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _nbytes(value: Any, *, elsewhere: Optional[torch.device] = None) -> int:
+    """The bytes of the tensors of a model input, each storage counted once (only those not yet on ``elsewhere``,
+    if given)."""
+    storages = {}
+    for tensor in output_tensors(value):
+        if elsewhere is not None and tensor.device == elsewhere:
+            continue
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), storage.nbytes())
+    return sum(storages.values())
+
+
+def _size(count: Optional[int]) -> str:
+    """``count`` bytes for a reader: ``512 B``, ``3.1 MB``, ``12.4 GB``."""
+    value = float(count or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"

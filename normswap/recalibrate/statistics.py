@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -54,6 +54,8 @@ class Layer:
     module: nn.Module
     names: list[str]
     moments: Optional[Moments] = None
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Inputs measured but not yet merged (:func:`add_input_statistics`): ``(values per row, row means, row M2)``."""
 
     @property
     def name(self) -> str:
@@ -61,6 +63,7 @@ class Layer:
 
     def reset(self, device: torch.device) -> None:
         self.moments = Moments(self.module.num_features, device)
+        self.pending = []
 
 
 def find_layers(model: nn.Module) -> tuple[list[Layer], dict[str, str]]:
@@ -92,21 +95,56 @@ def values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1] if x.dim() >= 2 and x.shape[1] else 0
 
 
+ROWWISE_MIN_VALUES = 128
+"""From this many values per sample and channel on, a contiguous CPU input is measured sample by sample with
+GroupNorm's one-pass moments kernel (one group per channel); below, or elsewhere, in two passes over the channels."""
+
+
 def add_input_statistics(layer: Layer, x: torch.Tensor) -> None:
-    """Merge the per-channel mean and sum of squared deviations of one input of ``layer``: two passes, the second
-    over the centered values (never ``E[x²] - E[x]²``), accumulated in float32 (float64 for float64 inputs). On CPU
-    this costs a third of a train-mode BatchNorm kernel in the default layout, and nothing of the activation is
-    kept."""
+    """Measure one input of ``layer``: per-channel means and sums of squared deviations (never ``E[x²] - E[x]²``),
+    kept in ``layer.pending`` until :func:`merge_pending` merges them in float64. Nothing of the activation is kept.
+
+    A contiguous float32/float64 CPU input with at least :data:`ROWWISE_MIN_VALUES` values per sample and channel is
+    measured per sample and channel by GroupNorm's kernel (one read for the moments, with C groups; on CPU about
+    1.3-1.7x a BatchNorm eval pass, where two passes cost 1.8-2.4x); otherwise the mean is taken first and the
+    squares of the centered values second, accumulated in float32 (float64 for float64 inputs)."""
     count = values_per_channel(x)
+    if count == 0:
+        return
+    channels = x.shape[1]
     if count == 1:
-        layer.moments.add(1, x.reshape(-1), torch.zeros_like(layer.moments.m2))
-    elif count > 1:
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims)
-        centered = x - mean.view([1, -1] + [1] * (x.dim() - 2))
-        layer.moments.add(count, mean, centered.mul_(centered).sum(dims))
+        value = x.reshape(1, channels).clone()  # a copy: the model may change its input in place later
+        layer.pending.append((1, value, torch.zeros_like(value)))
+        return
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    per_sample = count // x.shape[0]
+    if x.device.type == "cpu" and per_sample >= ROWWISE_MIN_VALUES and x.is_contiguous():
+        _, mean, rstd = torch.native_group_norm(x, None, None, x.shape[0], channels, per_sample, channels, 0.0)
+        rstd = rstd.double()
+        layer.pending.append((per_sample, mean.view(-1, channels), per_sample / (rstd * rstd).view(-1, channels)))
+        return
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims)
+    centered = x - mean.view([1, -1] + [1] * (x.dim() - 2))
+    layer.pending.append((count, mean.view(1, channels), centered.mul_(centered).sum(dims).view(1, channels)))
+
+
+def merge_pending(layer: Layer) -> None:
+    """Merge the inputs :func:`add_input_statistics` measured into ``layer.moments``: every row's count, mean and
+    M2 in float64, the rows' means combined in two passes (their mean first, then their squared deviations)."""
+    if not layer.pending:
+        return
+    device = layer.moments.mean.device
+    counts = torch.tensor([n for n, mean, _ in layer.pending for _ in range(mean.shape[0])], dtype=torch.float64,
+                          device=device)
+    means = torch.cat([mean.to(device, torch.float64) for _, mean, _ in layer.pending])
+    m2 = torch.cat([m2.to(device, torch.float64) for _, _, m2 in layer.pending])
+    layer.pending = []
+    total = counts.sum()
+    mean = counts @ means / total
+    deviation = means - mean
+    layer.moments.add(int(total.item()), mean, m2.sum(0) + counts @ (deviation * deviation))
 
 
 def check_finite(layers: list[Layer]) -> None:
