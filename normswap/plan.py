@@ -353,7 +353,7 @@ def _plan_row(module: nn.Module, names: list[str], path: str, to: str, options: 
     groups = None
     chosen = targets.target(to)
     if chosen.grouped:
-        groups = chosen.group_count(channels, options, name)
+        groups = targets.group_count(chosen, channels, options, name)
         if options["groups"] is not None and options["channels_per_group"] is None and groups != options["groups"]:
             note.append(f"{options['groups']} groups do not divide {channels}")
         if channels // groups == 1 and src.rank == 1:

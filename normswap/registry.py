@@ -36,12 +36,13 @@ import inspect
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from .errors import NormswapError
 
-if TYPE_CHECKING:  # the registry imports no torch: the command line's help lists the targets without waiting for it
-    from torch import nn
+Module = Any
+"""A ``torch.nn.Module`` in this module's annotations: the registry imports no torch, so that the command line's help
+lists the targets without waiting for it (and ``typing.get_type_hints`` resolves without torch)."""
 
 __all__ = ["FAMILIES", "LAYER_CLASSES", "LAZY", "PROVEN_FROZEN", "TARGETS", "TARGET_NAMES", "UNKNOWN", "UNPROVEN",
            "Family", "LayerClass", "Target", "by_key", "channels_of", "class_record", "eps_of", "probe_batch_norm",
@@ -51,11 +52,11 @@ RANK_ATTR = "normswap_rank"
 """Attribute of a SyncBatchNorm made by normswap: the rank (1, 2, 3) of the BatchNorm it replaced."""
 
 
-def _has_bias(module: nn.Module) -> bool:
+def _has_bias(module: Module) -> bool:
     return getattr(module, "bias", None) is not None
 
 
-def channels_of(module: nn.Module) -> int:
+def channels_of(module: Module) -> int:
     """The channel count of a norm layer (``num_features``, ``num_channels``, or its tensors' length)."""
     from torch import nn
 
@@ -80,8 +81,8 @@ class Family:
     converts: bool
     foldable: bool
     calibratable: bool
-    arguments: Callable[["LayerClass", nn.Module], dict[str, Any]]
-    construct: Callable[["LayerClass", type, dict[str, Any]], nn.Module]
+    arguments: Callable[["LayerClass", Module], dict[str, Any]]
+    construct: Callable[["LayerClass", type, dict[str, Any]], Module]
 
 
 def _no_activation(cls: type) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def _no_activation(cls: type) -> dict[str, Any]:
     return {"apply_act": False} if "apply_act" in inspect.signature(cls).parameters else {}
 
 
-def _batch_norm_arguments(record: "LayerClass", module: nn.Module) -> dict[str, Any]:
+def _batch_norm_arguments(record: "LayerClass", module: Module) -> dict[str, Any]:
     entry = dict(num_features=channels_of(module), eps=float(module.eps), momentum=module.momentum,
                  affine=bool(module.affine), track_running_stats=bool(module.track_running_stats),
                  bias=_has_bias(module))
@@ -98,7 +99,7 @@ def _batch_norm_arguments(record: "LayerClass", module: nn.Module) -> dict[str, 
     return entry
 
 
-def _construct_batch_norm(record: "LayerClass", cls: type, entry: dict[str, Any]) -> nn.Module:
+def _construct_batch_norm(record: "LayerClass", cls: type, entry: dict[str, Any]) -> Module:
     new = cls(entry["num_features"], eps=entry["eps"], momentum=entry["momentum"], affine=entry["affine"],
               track_running_stats=entry["track_running_stats"], **_no_activation(cls))
     if record.family == "sync" and entry.get("rank") is not None:
@@ -106,26 +107,26 @@ def _construct_batch_norm(record: "LayerClass", cls: type, entry: dict[str, Any]
     return new
 
 
-def _group_norm_arguments(record: "LayerClass", module: nn.Module) -> dict[str, Any]:
+def _group_norm_arguments(record: "LayerClass", module: Module) -> dict[str, Any]:
     return dict(num_groups=int(module.num_groups), num_channels=int(module.num_channels), eps=float(module.eps),
                 affine=bool(module.affine), bias=_has_bias(module))
 
 
-def _construct_group_norm(record: "LayerClass", cls: type, entry: dict[str, Any]) -> nn.Module:
+def _construct_group_norm(record: "LayerClass", cls: type, entry: dict[str, Any]) -> Module:
     if record.fused:
         return cls(entry["num_channels"], entry["num_groups"], eps=entry["eps"], affine=entry["affine"],
                    **_no_activation(cls))
     return cls(entry["num_groups"], entry["num_channels"], eps=entry["eps"], affine=entry["affine"])
 
 
-def _frozen_arguments(record: "LayerClass", module: nn.Module) -> dict[str, Any]:
+def _frozen_arguments(record: "LayerClass", module: Module) -> dict[str, Any]:
     entry: dict[str, Any] = dict(num_features=channels_of(module), eps=eps_of(module))
     if record.key.startswith("normswap."):
         entry.update(rank=module.rank, trainable_affine=bool(module.trainable_affine), bias=_has_bias(module))
     return entry
 
 
-def _construct_frozen(record: "LayerClass", cls: type, entry: dict[str, Any]) -> nn.Module:
+def _construct_frozen(record: "LayerClass", cls: type, entry: dict[str, Any]) -> Module:
     if record.key.startswith("normswap."):
         return cls(entry["num_features"], entry["eps"], rank=entry["rank"],
                    trainable_affine=entry["trainable_affine"], bias=entry["bias"])
@@ -141,11 +142,11 @@ def _construct_frozen(record: "LayerClass", cls: type, entry: dict[str, Any]) ->
     return new
 
 
-def _no_arguments(record: "LayerClass", module: nn.Module) -> dict[str, Any]:
+def _no_arguments(record: "LayerClass", module: Module) -> dict[str, Any]:
     return {}
 
 
-def _construct_folded(record: "LayerClass", cls: type, entry: dict[str, Any]) -> nn.Module:
+def _construct_folded(record: "LayerClass", cls: type, entry: dict[str, Any]) -> Module:
     from torch import nn
 
     return cls(nn.Identity(), nn.Identity()) if record.fused else cls()
@@ -203,11 +204,11 @@ class LayerClass:
         """What its layers are, in words: ``"BatchNorm"``, ``"GroupNorm"``, ``"frozen"``..."""
         return self.kind.label if self.kind is not None else self.family
 
-    def arguments(self, module: nn.Module) -> dict[str, Any]:
+    def arguments(self, module: Module) -> dict[str, Any]:
         """The constructor arguments of ``module`` (a layer of this class) that a manifest records."""
         return self.kind.arguments(self, module)
 
-    def construct(self, entry: dict[str, Any]) -> nn.Module:
+    def construct(self, entry: dict[str, Any]) -> Module:
         """A new layer of this class with the arguments ``entry`` records (its values are left to be loaded)."""
         return self.kind.construct(self, self.load(), entry)
 
@@ -270,7 +271,7 @@ run on one): reported with the reason, never converted."""
 _REGISTERED: dict[str, LayerClass] = {}
 _BY_KEY = {record.key: record for record in LAYER_CLASSES}
 _BY_CLASS: dict[type, Optional[LayerClass]] = {}
-_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple[Optional[float], str]]" = weakref.WeakKeyDictionary()
+_PROBED: "weakref.WeakKeyDictionary[Module, tuple[Optional[float], str]]" = weakref.WeakKeyDictionary()
 _TRANSFORMERS_FROZEN = "FrozenBatchNorm2d"
 
 
@@ -307,7 +308,7 @@ def by_key(key: str) -> LayerClass:
     return record
 
 
-def record_of(module: nn.Module) -> Optional[LayerClass]:
+def record_of(module: Module) -> Optional[LayerClass]:
     """The record of ``module``'s exact class (a subclass may compute something else), or ``None``."""
     return class_record(type(module))
 
@@ -382,7 +383,7 @@ def register_layer(cls: type, family: str = "frozen", *, key: Optional[str] = No
     return record
 
 
-def _has_batch_norm_state(module: nn.Module) -> bool:
+def _has_batch_norm_state(module: Module) -> bool:
     """True if ``module`` holds one-dimensional ``running_mean`` and ``running_var`` tensors of one length, and
     ``weight`` and ``bias`` of that length (or ``None``)."""
     import torch
@@ -458,7 +459,7 @@ def probe_batch_norm(module: Any, record: Optional[LayerClass] = None) -> Option
     return None
 
 
-def probed(module: nn.Module) -> tuple[Optional[float], str]:
+def probed(module: Module) -> tuple[Optional[float], str]:
     """The eps with which a module of no registered class that holds BatchNorm's state computes BatchNorm's eval
     output, and ``""``; or ``None`` and why it is not taken for BatchNorm. Cached per module."""
     found = _PROBED.get(module)
@@ -473,7 +474,7 @@ def probed(module: nn.Module) -> tuple[Optional[float], str]:
     return found
 
 
-def proven_record(module: nn.Module) -> Optional[LayerClass]:
+def proven_record(module: Module) -> Optional[LayerClass]:
     """:data:`PROVEN_FROZEN`, :data:`UNPROVEN` or ``None`` for a module of no registered class: what the probe
     makes of a module holding BatchNorm's state (``None`` for one that holds none)."""
     if not _has_batch_norm_state(module):
@@ -481,7 +482,7 @@ def proven_record(module: nn.Module) -> Optional[LayerClass]:
     return PROVEN_FROZEN if probed(module)[0] is not None else UNPROVEN
 
 
-def eps_of(module: nn.Module) -> float:
+def eps_of(module: Module) -> float:
     """The eps a norm layer computes with: its ``eps`` attribute, its class record's, or what the probe found."""
     stated = getattr(module, "eps", None)
     if isinstance(stated, (int, float)) and not isinstance(stated, bool):
@@ -500,7 +501,8 @@ class Target:
     """One value of ``to=``: the family layers become, the registry keys of the classes they become (``plain``
     for a layer without a fused activation, ``fused`` for one with; BatchNorm's plain class depends on the rank),
     the plan options only this target takes, and, by name, the functions of :mod:`normswap.targets` that build a
-    new layer from a source (``builder``) and give a GroupNorm target's group count (``groups``)."""
+    new layer from a source (``builder``) and give a GroupNorm target's group count (``groups``): see
+    :func:`normswap.targets.build` and :func:`normswap.targets.group_count`."""
 
     name: str
     family: str
@@ -515,18 +517,6 @@ class Target:
     def grouped(self) -> bool:
         """Layers become GroupNorm: the plan gives them a group count, ``affine=`` modes apply."""
         return self.groups is not None
-
-    def build(self, source: Any, row: Any) -> "nn.Module":
-        """The new layer for a source layer (a :class:`normswap.targets.SourceLayer`) as the plan row says."""
-        from . import targets
-
-        return getattr(targets, self.builder)(source, row)
-
-    def group_count(self, channels: int, options: dict[str, Any], layer: str) -> int:
-        """The group count of a layer of ``channels`` channels under the plan's ``options``."""
-        from . import targets
-
-        return getattr(targets, self.groups)(channels, options, layer)
 
     def layer_class(self, rank: Optional[int], fused: bool) -> type:
         """The class a layer of input rank ``rank`` (with a fused activation or not) becomes."""

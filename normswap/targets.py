@@ -304,11 +304,23 @@ def choose_groups(
     return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
 
 
+_BUILDERS = {function.__name__: function for function in (_build_group_norm, _build_frozen, _build_sync, _build_bn)}
+"""The builders a :class:`normswap.registry.Target` names (``builder``)."""
+
+_GROUP_COUNTS = {function.__name__: function for function in (_one_group, _group_per_channel, _chosen_groups)}
+"""The group counts a GroupNorm :class:`normswap.registry.Target` names (``groups``)."""
+
+
+def group_count(chosen: registry.Target, channels: int, options: dict[str, Any], layer: str) -> int:
+    """The group count a layer of ``channels`` channels gets under target ``chosen`` and the plan's ``options``."""
+    return _GROUP_COUNTS[chosen.groups](channels, options, layer)
+
+
 def build(module: nn.Module, row: "PlanRow", *, process_group: Any = None) -> nn.Module:
     """The replacement for ``module`` described by ``row``; ``module`` itself is not changed. ``process_group`` is
     the group a new SyncBatchNorm reduces over."""
     src = SourceLayer.read(module)
-    new = target(row.target).build(src, row)
+    new = _BUILDERS[target(row.target).builder](src, row)
     if isinstance(new, nn.SyncBatchNorm):
         new.process_group = process_group
     new.train(src.training)

@@ -62,9 +62,10 @@ def test_ci_runs_the_quickstart_commands_verbatim():
 
 
 def test_every_python_block_of_the_readme_is_run_here():
-    """A new Python block needs a test here, like the three below."""
+    """A new Python block needs a test here, like the four below."""
     starts = [block.split("\n", 1)[0] for block in blocks("python")]
-    assert starts == ["import copy, timm, normswap", "import copy, monai, normswap", "# calib.py"]
+    assert starts == ["import copy, timm, normswap", "import copy, monai, normswap", "# calib.py",
+                      "import torch, torch.nn.functional as F, normswap"]
 
 
 # --- the files the examples name ----------------------------------------------------------------------------------
@@ -306,3 +307,21 @@ def _frozen_but_layer4() -> bool:
     kinds = {name: type(module) for name, module in model.named_modules() if "bn" in name or "downsample.1" in name}
     return all((kind is nn.BatchNorm2d) == name.startswith("layer4.") for name, kind in kinds.items()) \
         and sum(kind is FrozenBatchNorm for kind in kinds.values()) == 53 - 10
+
+
+def test_a_norm_layer_of_your_own_registered_and_folded():
+    namespace = {"__name__": "readme_example"}
+    run_block(blocks("python")[3], namespace)
+    folded = namespace["folded"]
+    assert not any(type(module).__name__ == "MyFrozenBN" for module in folded.modules())
+    assert normswap.registry.by_key("mylab.MyFrozenBN").family == "frozen"
+    # the folded model computes what a conv followed by that frozen BatchNorm computes
+    conv, layer = nn.Conv2d(3, 8, 3), namespace["MyFrozenBN"](8)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(layer, name).copy_(torch.rand(8) + 0.5)
+    model = nn.Sequential(conv, layer, nn.ReLU()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(normswap.fold(model, example_input=x)(x), expected, rtol=1e-5, atol=1e-6)
