@@ -54,6 +54,14 @@ def save_resnet18(folder: Path) -> tuple[nn.Module, Path]:
     return model, checkpoint
 
 
+def save_resnet18_with_data(folder: Path) -> tuple[nn.Module, Path, Path]:
+    """:func:`save_resnet18`, and a labelled tensor data file of six 32x32 images beside it."""
+    model, checkpoint = save_resnet18(folder)
+    data = folder / "data.pt"
+    torch.save((torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))), data)
+    return model, checkpoint, data
+
+
 def gn_groups(to: str, groups: int) -> dict:
     """``{"groups": groups}`` for the GroupNorm target, which alone takes a group count."""
     return {"groups": groups} if to == "gn" else {}

@@ -13,7 +13,7 @@ from normswap.arch import ArchSpec
 from normswap.checkpoint import load, save
 from normswap.cli import main
 from normswap.history import set_arch
-from tests.helpers import save_resnet18
+from tests.helpers import save_resnet18_with_data
 
 ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 
@@ -21,10 +21,7 @@ ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
 @pytest.fixture
 def files(tmp_path):
     """A trained-looking resnet18 state dict, its model (eval mode), and a labelled tensor data file."""
-    model, checkpoint = save_resnet18(tmp_path)
-    data = tmp_path / "data.pt"
-    torch.save((torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))), data)
-    return model, checkpoint, data
+    return save_resnet18_with_data(tmp_path)
 
 
 def run(*args):

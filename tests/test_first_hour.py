@@ -26,7 +26,7 @@ import normswap
 from normswap.cli import main
 from normswap.inspection import inspect_model
 
-from .helpers import randomize_norm_layers, save_resnet18
+from .helpers import randomize_norm_layers, save_resnet18_with_data
 
 ROOT = Path(__file__).parent.parent
 ARCH = ["--arch", "resnet18", "--arch-kwargs", '{"num_classes": 10}']
@@ -48,10 +48,7 @@ def environment():
 @pytest.fixture
 def checkpoint(tmp_path):
     """A resnet18 state dict (10 classes, non-trivial statistics), its model and a labelled tensor data file."""
-    model, path = save_resnet18(tmp_path)
-    data = tmp_path / "data.pt"
-    torch.save((torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))), data)
-    return model, path, data
+    return save_resnet18_with_data(tmp_path)
 
 
 # --- help ----------------------------------------------------------------------------------------------------------
