@@ -293,26 +293,37 @@ def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]
     >>> [t.shape[0] for t in output_tensors({"boxes": torch.zeros(3, 4), "labels": torch.zeros(3).long()})]
     [3, 3]
     """
-    return _tensors_in(output, floating, 0)
+    found: list[torch.Tensor] = []
+    _collect_tensors(output, floating, 0, found)
+    return found
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
 
 
-def _tensors_in(value: Any, floating: bool, depth: int) -> list[torch.Tensor]:
-    """:func:`output_tensors`, positional and with the depth reached (it runs on every call a graph records)."""
+def _collect_tensors(value: Any, floating: bool, depth: int, found: list[torch.Tensor]) -> None:
+    """:func:`output_tensors` into ``found``, with the depth reached. It runs on every call a graph records, so it
+    appends to one list (no list per level) and handles the tensors and plain values directly inside a tuple or
+    list without a call per item: the arguments of most torch calls cost one call per container."""
     if isinstance(value, torch.Tensor):
-        return [value] if not floating or value.is_floating_point() else []
+        if not floating or value.is_floating_point():
+            found.append(value)
+        return
     if type(value) in _PLAIN or depth >= MAX_DEPTH:
-        return []
+        return
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors_in(item, floating, depth + 1)]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _tensors_in(item, floating, depth + 1)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in _tensors_in(getattr(value, f.name, None), floating,
-                                                                           depth + 1)]
-    return []
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                if not floating or item.is_floating_point():
+                    found.append(item)
+            elif type(item) not in _PLAIN:
+                _collect_tensors(item, floating, depth + 1, found)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _collect_tensors(item, floating, depth + 1, found)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _collect_tensors(getattr(value, f.name, None), floating, depth + 1, found)
 
 
 def main_output(output: Any) -> torch.Tensor:

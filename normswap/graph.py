@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -68,7 +69,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import registry, targets
 from .data import call_model, describe_input, iter_inputs, output_tensors
@@ -491,7 +491,10 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[Call] = []
         self.values_seen: list[Value] = []
         self.stack: list[Call] = []
-        self.known: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        # id(tensor) -> (weak reference, current value). Not torch's WeakTensorKeyDictionary: that builds a Python
+        # reference object on every lookup. A weak reference does not keep the activation alive; an entry whose
+        # reference died (its id may be reused by a new tensor) is simply not a match.
+        self.known: dict[int, tuple[weakref.ref, Value]] = {}
         self.thread = threading.get_ident()
         self.busy = False
         self.function_names: dict[Any, str] = {}
@@ -511,9 +514,14 @@ class _Recorder(TorchFunctionMode):
             before.remove()
             after.remove()
 
+    def known_value(self, tensor: torch.Tensor) -> Optional[Value]:
+        """The value last recorded for ``tensor`` (``None`` if it was not seen)."""
+        entry = self.known.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
     def value(self, tensor: torch.Tensor) -> Value:
         """The current value of ``tensor``, registered on first sight."""
-        found = self.known.get(tensor)
+        found = self.known_value(tensor)
         if found is None:
             registered = self.registered.get(id(tensor))
             name = registered[1] if registered is not None and registered[0] is tensor else None
@@ -529,14 +537,15 @@ class _Recorder(TorchFunctionMode):
         value = Value(len(self.values_seen), tuple(tensor.shape), producer, name=name, from_input=from_input,
                       version=_version(tensor))
         self.values_seen.append(value)
-        self.known[tensor] = value
+        self.known[id(tensor)] = (weakref.ref(tensor), value)
         return value
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if threading.get_ident() != self.thread:
             return
-        self.busy = True
-        try:
+        # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
+        # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
+        with torch._C.DisableTorchFunction():
             names = self.names.get(id(module)) or [type(module).__name__]
             call = Call(len(self.calls), names[0], self.stack[-1] if self.stack else None, module,
                         [self.value(t) for t in output_tensors(args)], positional=len(args))
@@ -544,19 +553,14 @@ class _Recorder(TorchFunctionMode):
             self.stack.append(call)
             if self.on_call is not None:
                 self.on_call()
-        finally:
-            self.busy = False
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         if threading.get_ident() != self.thread or not self.stack or self.stack[-1].module is not module:
             return
-        self.busy = True
-        try:
+        with torch._C.DisableTorchFunction():
             call = self.stack.pop()
             call.outputs = [self.value(t) for t in output_tensors(output)]
             call.end = len(self.calls) - 1
-        finally:
-            self.busy = False
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
@@ -569,7 +573,8 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.busy = True
         try:
-            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs))
+            # ((args,) without keyword arguments: the same tensors at the same depths, one container fewer to walk)
+            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs) if kwargs else (args,))
             inputs = [self.value(tensor) for tensor in tensors]
         finally:
             self.busy = False
@@ -584,7 +589,9 @@ class _Recorder(TorchFunctionMode):
     def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
         outputs = output_tensors(output)
         changed = [tensor for tensor, value in zip(tensors, inputs) if _version(tensor) != value.version]
-        if not changed and outputs and all(any(out is t for t in tensors) for out in outputs):
+        # identities as a set: one lookup per output instead of a generator over the inputs
+        input_ids = {id(tensor) for tensor in tensors}
+        if not changed and outputs and all(id(out) in input_ids for out in outputs):
             return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
         depends = any(value.from_input for value in inputs) and name not in _VALUE_FREE
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
@@ -597,7 +604,8 @@ class _Recorder(TorchFunctionMode):
                 value.readers.append(call)
         for tensor in changed:
             self._new_value(tensor, call, from_input=depends)
-        call.outputs = [self.known[out] if any(out is t for t in changed) else
+        changed_ids = {id(tensor) for tensor in changed}
+        call.outputs = [self.known[id(out)][1] if id(out) in changed_ids else
                         self._new_value(out, call, from_input=depends) for out in outputs]
 
 
