@@ -293,6 +293,8 @@ def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]
     >>> [t.shape[0] for t in output_tensors({"boxes": torch.zeros(3, 4), "labels": torch.zeros(3).long()})]
     [3, 3]
     """
+    if isinstance(output, torch.Tensor) and not floating:  # most calls' output: no walk at all
+        return [output]
     found: list[torch.Tensor] = []
     _collect_tensors(output, floating, 0, found)
     return found

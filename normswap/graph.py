@@ -452,14 +452,14 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
     Raises:
         GraphError: the model has uninitialized lazy modules, or fails on the input.
     """
-    lazy = [name for name, module in model.named_modules() if isinstance(module, nn.modules.lazy.LazyModuleMixin)
+    recorder = _Recorder(model)
+    lazy = [name for name, module in recorder.modules if isinstance(module, nn.modules.lazy.LazyModuleMixin)
             and module.has_uninitialized_params()]
     if lazy:
         raise GraphError(f"layer '{lazy[0]}' is an uninitialized lazy module: run the model once before folding")
-    recorder = _Recorder(model)
     bar = progress_bar(len(recorder.names), "running the model", "module", progress=progress)
     recorder.on_call = bar.update
-    with bar, _restored(model), torch.no_grad():
+    with bar, _restored(model, [module for _, module in recorder.modules]), torch.no_grad():
         model.eval()
         try:
             with recorder.recording(model_input):
@@ -480,13 +480,17 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        # one walk over the modules (each named_parameters or named_buffers would walk them again)
+        self.modules: list[tuple[str, nn.Module]] = list(model.named_modules(remove_duplicate=False))
         self.names: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
+        for name, module in self.modules:
             self.names.setdefault(id(module), []).append(name)
         self.registered: dict[int, tuple[torch.Tensor, str]] = {}
-        for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-            for name, tensor in named:
-                self.registered.setdefault(id(tensor), (tensor, name))
+        for kind in ("_parameters", "_buffers"):  # as named_parameters(), then named_buffers(), would list them
+            for prefix, module in self.modules:
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is not None:
+                        self.registered.setdefault(id(tensor), (tensor, f"{prefix}.{name}" if prefix else name))
         self.registered_values: dict[int, Value] = {}
         self.calls: list[Call] = []
         self.values_seen: list[Value] = []
@@ -496,7 +500,6 @@ class _Recorder(TorchFunctionMode):
         # reference died (its id may be reused by a new tensor) is simply not a match.
         self.known: dict[int, tuple[weakref.ref, Value]] = {}
         self.thread = threading.get_ident()
-        self.busy = False
         self.function_names: dict[Any, str] = {}
         self.on_call: Optional[Callable[[], Any]] = None
 
@@ -564,26 +567,20 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if self.busy or threading.get_ident() != self.thread:
+        if threading.get_ident() != self.thread:
             return func(*args, **kwargs)
         name = self.function_names.get(func)
         if name is None:
             name = self.function_names[func] = resolve_name(func) or getattr(func, "__name__", repr(func))
         if name in _METADATA:
             return func(*args, **kwargs)
-        self.busy = True
-        try:
-            # ((args,) without keyword arguments: the same tensors at the same depths, one container fewer to walk)
-            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs) if kwargs else (args,))
-            inputs = [self.value(tensor) for tensor in tensors]
-        finally:
-            self.busy = False
+        # torch takes this mode off its stack while this handler runs: the recording's own tensor reads (shape,
+        # version) and the calls inside ``func`` do not come back here, so no flag guards against that.
+        # ((args,) without keyword arguments: the same tensors at the same depths, one container fewer to walk)
+        tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs) if kwargs else (args,))
+        inputs = [self.value(tensor) for tensor in tensors]
         output = func(*args, **kwargs)
-        self.busy = True
-        try:
-            self._record(name, tensors, inputs, args, output)
-        finally:
-            self.busy = False
+        self._record(name, tensors, inputs, args, output)
         return output
 
     def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
@@ -623,16 +620,18 @@ def _version(tensor: torch.Tensor) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
-    """Put back, afterwards, everything a forward may change on the model: every module's attributes (a cached
-    anchor grid), its parameter, buffer and child entries, the values of its buffers, the training flags, and the
-    random number generators."""
-    modules = list(model.modules())
+def _restored(model: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put back, afterwards, everything a forward may change on ``model`` (whose modules, repeats allowed, are
+    ``modules``): every module's attributes (a cached anchor grid), its parameter, buffer and child entries, the
+    values of its buffers, the training flags, and the random number generators."""
+    modules = list({id(module): module for module in modules}.values())
     attributes = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers),
                    dict(module._modules)) for module in modules]
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    unique_buffers = {id(buffer): buffer for module in modules for buffer in module._buffers.values()
+                      if buffer is not None}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in unique_buffers.values()]
     versions = [_version(buffer) for buffer, _ in buffers]
-    devices = [t.device.index for t in list(model.parameters())[:1] if t.device.type == "cuda"]
+    devices = [t.device.index for t in [next(model.parameters(), None)] if t is not None and t.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         try:
             yield
