@@ -59,6 +59,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import threading
 import weakref
@@ -117,7 +118,7 @@ _VALUE_FREE = frozenset({
 _SHAPE_OF_OTHER = frozenset(f"torch.Tensor.{name}" for name in ("reshape_as", "view_as", "expand_as", "type_as"))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: thousands are made per capture
 class Value:
     """One tensor state seen during the forward: an activation, a parameter or a buffer.
 
@@ -142,7 +143,7 @@ class Value:
         return f"Value({self.index}, {list(self.shape)}, {what})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: thousands are made per capture
 class Call:
     """One call during the forward: of a module (``module`` is set) or of a torch function or tensor method.
 
@@ -340,9 +341,10 @@ def _checked_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 def _placement(model: nn.Module) -> dict[str, Any]:
     """``device`` and floating ``dtype`` of the model's first parameter or buffer."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)  # (no list of every tensor)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = next((t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()),
+                 torch.get_default_dtype())
     return {"device": device, "dtype": dtype}
 
 
@@ -517,14 +519,10 @@ class _Recorder(TorchFunctionMode):
             before.remove()
             after.remove()
 
-    def known_value(self, tensor: torch.Tensor) -> Optional[Value]:
-        """The value last recorded for ``tensor`` (``None`` if it was not seen)."""
-        entry = self.known.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else None
-
     def value(self, tensor: torch.Tensor) -> Value:
         """The current value of ``tensor``, registered on first sight."""
-        found = self.known_value(tensor)
+        entry = self.known.get(id(tensor))
+        found = entry[1] if entry is not None and entry[0]() is tensor else None
         if found is None:
             registered = self.registered.get(id(tensor))
             name = registered[1] if registered is not None and registered[0] is tensor else None
@@ -586,10 +584,10 @@ class _Recorder(TorchFunctionMode):
     def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
         outputs = output_tensors(output)
         changed = [tensor for tensor, value in zip(tensors, inputs) if _version(tensor) != value.version]
-        # identities as a set: one lookup per output instead of a generator over the inputs
-        input_ids = {id(tensor) for tensor in tensors}
-        if not changed and outputs and all(id(out) in input_ids for out in outputs):
-            return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
+        if not changed and outputs:
+            input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
+            if all(id(out) in input_ids for out in outputs):
+                return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
         depends = any(value.from_input for value in inputs) and name not in _VALUE_FREE
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
@@ -599,6 +597,9 @@ class _Recorder(TorchFunctionMode):
         for value in inputs:
             if not value.readers or value.readers[-1] is not call:
                 value.readers.append(call)
+        if not changed:  # the common case: every output is a new value
+            call.outputs = [self._new_value(out, call, from_input=depends) for out in outputs]
+            return
         for tensor in changed:
             self._new_value(tensor, call, from_input=depends)
         changed_ids = {id(tensor) for tensor in changed}

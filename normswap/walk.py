@@ -39,9 +39,9 @@ def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> li
     Children of a matching module are not searched (the fused activation of a norm layer is part of that layer).
     """
     found: dict[int, FoundModule] = {}
-    skip_prefixes: list[str] = []
+    skip_prefixes: tuple[str, ...] = ()  # str.startswith takes them all at once
     for name, module in model.named_modules(remove_duplicate=False):
-        if any(name.startswith(prefix) for prefix in skip_prefixes):
+        if name.startswith(skip_prefixes):
             continue
         if not predicate(module):
             continue
@@ -50,7 +50,7 @@ def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> li
             found[id(module)] = FoundModule(module, [name])
         elif name not in entry.names:
             entry.names.append(name)
-        skip_prefixes.append(name + "." if name else "")
+        skip_prefixes += (name + "." if name else "",)
     return list(found.values())
 
 
