@@ -529,7 +529,7 @@ class _Recorder(TorchFunctionMode):
             found = self._new_value(tensor, None, name=name)
             if name is not None:
                 self.registered_values[id(tensor)] = found
-        elif found.version != _version(tensor):
+        elif found.version is not None and found.version != tensor._version:  # (see _record)
             found = self._new_value(tensor, None, name=found.name, from_input=True)
         return found
 
@@ -583,12 +583,14 @@ class _Recorder(TorchFunctionMode):
 
     def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
         outputs = output_tensors(output)
-        changed = [tensor for tensor, value in zip(tensors, inputs) if _version(tensor) != value.version]
+        # (a value without a version is of an inference tensor, which has no counter and cannot change here)
+        changed = [tensor for tensor, value in zip(tensors, inputs)
+                   if value.version is not None and tensor._version != value.version]
         if not changed and outputs:
             input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
             if all(id(out) in input_ids for out in outputs):
                 return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
-        depends = any(value.from_input for value in inputs) and name not in _VALUE_FREE
+        depends = any([value.from_input for value in inputs]) and name not in _VALUE_FREE  # (a list: no generator)
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
         index = len(self.calls)
