@@ -2,6 +2,7 @@
 inputs made from the architecture, and a model left exactly as it was."""
 
 import copy
+import weakref
 
 import pytest
 import timm
@@ -63,6 +64,37 @@ def test_shape_queries_are_not_reads_and_calls_that_return_their_input_are_not_c
     graph = capture(Queries(), torch.randn(1, 3, 2, 2))
     assert [call.name for call in graph.calls] == [""], "only the model's own call"
     assert graph.is_output(graph.calls[0].inputs[0])
+
+
+def test_the_recording_keeps_no_activation_alive_and_a_new_tensor_in_a_freed_ones_place_is_a_new_value():
+    class Temporaries(nn.Module):
+        """Each step's temporary dies before the next is made, so CPython may give the next one its address."""
+
+        def __init__(self):
+            super().__init__()
+            self.freed = []
+
+        def forward(self, x):
+            total = x
+            for step in range(4):
+                temporary = x * float(step + 2)
+                died = weakref.ref(temporary)
+                total = total + temporary
+                del temporary
+                self.freed.append(died() is None)
+            return total
+
+    model = Temporaries()
+    x = torch.randn(3, 5)
+    graph = capture(model, x)
+    assert model.freed == [True] * 4, "the graph holds values, never the tensors of the forward"
+    products = [call for call in graph.calls if call.name == "torch.Tensor.mul"]
+    sums = [call for call in graph.calls if call.name == "torch.Tensor.add"]
+    assert len(products) == len(sums) == 4
+    for product, total in zip(products, sums):
+        assert total.inputs[1] is product.outputs[0], "each sum reads its own step's product, not an earlier one's"
+    assert graph.outputs == sums[-1].outputs
+    torch.testing.assert_close(model(x), x * (1 + 2 + 3 + 4 + 5))
 
 
 def test_call_counts_count_calls_not_names():
