@@ -196,6 +196,8 @@ class Lockstep:
                 self.queue = list(self.lanes[1:])
                 self._resume(self.lanes[0])
                 self.main.acquire()
+            else:  # no lane here: this thread takes part in every settle until the run is over everywhere
+                self._settle_next()
             if self.failure is not None:
                 raise self.failure
             for lane in self.lanes:
@@ -260,25 +262,30 @@ class Lockstep:
 
     def _settle_next(self) -> Optional[_Lane]:
         """Every lane is paused or finished: settle the stop ``choose`` picks and queue the lanes waiting there;
-        returns the first of them, or ``None`` when the run is over or has failed (``failure``)."""
-        try:
-            failed = next((lane.error for lane in self.lanes if lane.error is not None), None)
-            if failed is not None:
-                raise failed
-            paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
-            for stop in sorted(paused - set(self.first_seen)):
-                self.first_seen[stop] = self.step
-            stop = self.choose({stop: self.first_seen[stop] for stop in paused})
-            if stop is None:
+        returns the first of them, or ``None`` when the run is over or has failed (``failure``). A stop at which
+        no lane of this process waits (under ``torch.distributed``, another process's lanes may) is settled too,
+        and the next one chosen, so that every process takes part in every settle."""
+        while True:
+            try:
+                failed = next((lane.error for lane in self.lanes if lane.error is not None), None)
+                if failed is not None:
+                    raise failed
+                paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
+                for stop in sorted(paused - set(self.first_seen)):
+                    self.first_seen[stop] = self.step
+                stop = self.choose({stop: self.first_seen[stop] for stop in paused})
+                if stop is None:
+                    return None
+                waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
+                rounds = self.settled.get(stop, 0) + 1
+                self.settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
+                self.settled[stop] = rounds
+                self.step += 1
+            except BaseException as exc:  # raised by the main thread, which ends every lane
+                self.failure = exc
                 return None
-            waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
-            rounds = self.settled.get(stop, 0) + 1
-            self.settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
-            self.settled[stop] = rounds
-            self.step += 1
-        except BaseException as exc:  # raised by the main thread, which ends every lane
-            self.failure = exc
-            return None
+            if waiting:
+                break
         if self.alternate:
             waiting.sort(key=lambda lane: -lane.arrived)
         self.queue = waiting[1:]

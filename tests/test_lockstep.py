@@ -153,3 +153,27 @@ def test_a_single_lane_never_waits_for_another_thread():
              on_arrive=lambda stop, arrival, call: lanes_running.append(threading.current_thread().name)).run(
         lambda stop, arrivals, final: lanes_running.append(threading.current_thread().name))
     assert lanes_running == ["normswap-lane-0"] * 6  # settled in the lane itself, which simply went on
+
+
+@pytest.mark.parametrize("alternate", [False, True])
+def test_a_process_settles_every_stop_the_processes_agree_on_also_where_none_of_its_lanes_waits(alternate):
+    """Under torch.distributed, ``choose`` returns what all processes agreed on: a stop where only another process's
+    lanes wait is settled here too (with no arrivals), and a process without lanes takes part until the end."""
+    model, batches = model_and_batches()
+    agreed = [5, 0, 5, 1, None]  # stop 5 is another process's (a layer this model's lanes never reach)
+
+    def choose(paused):
+        return agreed.pop(0)
+
+    settled = []
+    outputs = Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1}, choose=choose,
+                       alternate=alternate).run(lambda stop, arrivals, final: settled.append((stop, len(arrivals))))
+    assert settled == [(5, 0), (0, 3), (5, 0), (1, 3)] and not agreed
+    with torch.no_grad():
+        assert all(torch.equal(out, model(x)) for out, x in zip(outputs, batches))
+
+    agreed = [0, 1, None]
+    settled.clear()
+    assert Lockstep([], {model[2]: 0, model[4]: 1}, choose=choose).run(
+        lambda stop, arrivals, final: settled.append((stop, len(arrivals)))) == []
+    assert settled == [(0, 0), (1, 0)] and not agreed and not lanes_left()
