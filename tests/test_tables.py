@@ -7,7 +7,8 @@ from torch import nn
 
 import normswap
 from normswap.inspection import format_reports, inspect_model
-from normswap.tables import printable, text_table
+from normswap.errors import shown
+from normswap.tables import text_table
 
 HOSTILE = "bn\x1b[2J\r"  # a layer name as a crafted file could carry it: clears the screen, moves the cursor
 
@@ -22,8 +23,8 @@ def test_columns_are_as_wide_as_their_widest_cell_two_spaces_apart_without_trail
 
 
 def test_what_is_not_printable_is_escaped_and_the_rest_kept():
-    assert printable(HOSTILE) == "bn\\x1b[2J\\r"
-    assert printable("schön 1×1") == "schön 1×1"
+    assert shown(HOSTILE) == "bn\\x1b[2J\\r"
+    assert shown("schön 1×1") == "schön 1×1"
     assert "\x1b" not in text_table(("layer",), [(HOSTILE,)])
 
 
