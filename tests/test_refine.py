@@ -70,7 +70,7 @@ class CallCounter:
 def test_refinement_brings_the_fitted_demo_model_close_to_the_original_without_labels(
         demo_model, fitted_demo, digits):
     refined = copy.deepcopy(fitted_demo)
-    refine(refined, demo_model, digits.train_images.split(64), steps=100, progress=False)
+    refine(refined, demo_model, digits.train_images.split(64), steps=100, holdout=0.2, progress=False)
     report = refine_report(refined)
     test = digits.test_images
     assert agreement(refined, demo_model, test) >= 0.97
@@ -497,13 +497,47 @@ def test_refinement_of_a_gpu_model_under_autocast(amp):
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in converted.parameters())
 
 
-def test_below_a_thousand_samples_nothing_is_held_out_the_schedule_runs_and_images_are_shifted():
-    original, converted = converted_cnn()
-    refine(converted, original, images(64).split(16), steps=12, progress=False)
+def test_below_a_thousand_samples_nothing_is_held_out_and_digits_are_shifted_by_what_the_original_tolerates(
+        demo_model, fitted_demo, digits):
+    converted = copy.deepcopy(fitted_demo)
+    refine(converted, demo_model, digits.train_images[:256].split(64), steps=12, progress=False)
     report = refine_report(converted)
-    assert (report.holdout_samples, report.train_samples, report.evaluations) == (0, 64, [])
-    assert (report.kept, report.stopped, report.steps, report.augment) == ("last", "steps", 12, "shift")
-    assert "(images shifted)" in str(report)
+    assert (report.holdout_samples, report.train_samples, report.evaluations) == (0, 256, [])
+    assert (report.kept, report.stopped, report.steps) == ("last", "steps", 12)
+    # the trained demo model answers 8x8 digits shifted by a pixel as it answers them: shifting shows more of it
+    assert (report.augment, report.shift) == ("shift", [1, 1])
+    assert "(images shifted by up to 1x1 pixels)" in str(report)
+
+
+def test_images_are_not_shifted_where_shifting_changes_the_originals_answers():
+    torch.manual_seed(0)
+    position_sensitive = randomize_norm_layers(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 5)), seed=1).eval()
+    converted = normswap.convert(copy.deepcopy(position_sensitive), "gn", groups=4)
+    calls = []
+    position_sensitive.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    refine(converted, position_sensitive, images(64).split(16), steps=6, progress=False)
+    report = refine_report(converted)
+    assert (report.augment, report.shift) == (None, None)
+    # the original's answers on the 64 images, four shifted rounds at 2 pixels and four at 1 (each kept fewer than
+    # 90% of its answers), then its outputs computed once before the first step: no step runs it
+    assert calls == [64] * 10 and report.steps == 6
+
+
+def test_augment_shift_asks_for_an_eighth_of_each_side():
+    original, converted = converted_cnn()
+    refine(converted, original, images(64, size=16).split(16), steps=3, augment="shift", progress=False)
+    assert refine_report(converted).shift == [2, 2]
+
+
+@pytest.mark.parametrize("steps, held", [(4, 16), (5, 0)])
+def test_a_fifth_is_held_out_only_where_the_rest_holds_every_sample_the_run_draws(steps, held):
+    original, converted = converted_cnn()
+    refine(converted, original, images(80).split(16), steps=steps, batch_size=16, progress=False)
+    report = refine_report(converted)
+    # 4 steps of 16 draw 64 samples, what the 64 left after a holdout of 16 hold; 5 steps draw more
+    assert (report.holdout_samples, report.train_samples) == (held, 80 - held)
+    assert bool(report.evaluations) == bool(held) and (report.kept == "last") == (not held)
 
 
 @pytest.mark.parametrize("augment, expected", [(None, [32, 32, 16]), ("shift", [32] * 10)])

@@ -75,6 +75,7 @@ def test_the_holdout_of_every_shard_is_measured_once_and_every_rank_sees_the_sam
         assert (report["world_size"], report["train_samples"], report["holdout_samples"]) == (WORLD, 64, 16)
         assert report["kept"] == "best" and report["loss_after"] < report["loss_before"]
     assert reports[0]["evaluations"] == reports[1]["evaluations"]
+    assert reports[0]["shift"] == reports[1]["shift"]  # measured on both shards together: one choice
     assert [e["step"] for e in reports[0]["evaluations"]] == [0, 4, 8, 12]
 
 
