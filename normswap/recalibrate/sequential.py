@@ -118,7 +118,6 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
             if not final:
                 return
             ranks.merge([layer], [0])
-            check_finite([layer])
             for calibrated, (mean, var) in final_statistics([layer]).items():
                 calibrated.module.running_mean.copy_(mean)
                 calibrated.module.running_var.copy_(var)
@@ -137,11 +136,14 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
         except Revisited:
             ranks.choose({}, len(layers), status=REVISITED)
             raise
-        except BaseException:
+        except BaseException as error:
             ranks.choose({}, len(layers), status=FAILED)
+            if isinstance(error, Exception):
+                check_finite(order)  # non-finite statistics on the way are the cause to name
             raise
         finally:
             watch.stop()
+    check_finite(order)  # once, at the end: the first layer (in forward order) non-finite values reached is named
     return order, passes[0]
 
 
