@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..data import batch_size_of, call_model, model_failures, output_tensors
-from ..errors import CalibrationError
+from ..errors import CalibrationError, byte_size
 from ..lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from ..placement import Placement
 from ..progress import progress_bar
@@ -49,7 +49,7 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
         free = available_memory(run.device) if held_bytes else None  # batches read already are in memory
         if free is not None and held_bytes > free:
             raise CalibrationError(
-                f"the {len(read)} calibration batches take {_size(held_bytes)}, more than the {_size(free)} free on "
+                f"the {len(read)} calibration batches take {byte_size(held_bytes)}, more than the {byte_size(free)} free on "
                 f"{run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) or use "
                 "method='exact', which holds one batch at a time")
         held = [(index, run.move(model_input)) for index, model_input in read]
@@ -209,17 +209,17 @@ class _MemoryWatch:
         free = self.free
         if earlier is None:
             log.info("sequential recalibration will hold about %s on %s: %d batch(es) (%s) and their paused "
-                     "forwards (%s each at the first layer)%s", _size(self.batches + activations * lanes),
-                     self.run.device, lanes, _size(self.batches), _size(activations),
-                     f"; {_size(free)} free" if free is not None else "",
+                     "forwards (%s each at the first layer)%s", byte_size(self.batches + activations * lanes),
+                     self.run.device, lanes, byte_size(self.batches), byte_size(activations),
+                     f"; {byte_size(free)} free" if free is not None else "",
                      extra={"normswap_memory_estimate": self.batches + activations * lanes})
         more = (activations - (earlier or 0)) * (lanes - 1)  # what the other batches add to get here
         if free is not None and more > free:
             fits = max(1, int(free // max(activations, 1)))
             raise CalibrationError(
-                f"sequential recalibration would hold about {_size(self.batches + activations * lanes)} ({lanes} "
-                f"batches and {_size(activations)} of activations each, paused at a layer), more than the "
-                f"{_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
+                f"sequential recalibration would hold about {byte_size(self.batches + activations * lanes)} ({lanes} "
+                f"batches and {byte_size(activations)} of activations each, paused at a layer), more than the "
+                f"{byte_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
                 f"{min(fits, lanes - 1)} or so) or use method='exact', which holds one batch at a time")
 
     @property
@@ -229,7 +229,7 @@ class _MemoryWatch:
 
     def stop(self) -> None:
         if self.activations is not None and self.handles:
-            log.debug("sequential recalibration held about %s at most", _size(self.held_most),
+            log.debug("sequential recalibration held about %s at most", byte_size(self.held_most),
                       extra={"normswap_memory_held": self.held_most})
         self.watching = False
         for handle in self.handles:
@@ -273,13 +273,3 @@ def _nbytes(value: Any, *, elsewhere: Optional[torch.device] = None) -> int:
         storage = tensor.untyped_storage()
         storages.setdefault(storage.data_ptr(), storage.nbytes())
     return sum(storages.values())
-
-
-def _size(count: Optional[int]) -> str:
-    """``count`` bytes for a reader: ``512 B``, ``3.1 MB``, ``12.4 GB``."""
-    value = float(count or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
