@@ -202,6 +202,31 @@ def test_timm_dropout_rates_are_found_too(name):
     assert identify(model).kwargs == {"num_classes": 3, "drop_rate": 0.2, "drop_path_rate": 0.1}
 
 
+def test_a_dropout_rate_no_description_shows_is_found_too():
+    """A timm ResNet applies ``drop_rate`` in its forward, not in a module: the description is the same without
+    it, so the rate the model keeps is compared too."""
+    import timm
+
+    assert identify(timm.create_model("test_resnet", drop_rate=0.3)).kwargs == {"num_classes": 1000,
+                                                                                "drop_rate": 0.3}
+
+
+def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
+    """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
+    and confirmed: the file rebuilds the model as it was built for fine-tuning."""
+    import timm
+
+    rates = {"drop_rate": 0.1, "pos_drop_rate": 0.2, "patch_drop_rate": 0.25, "attn_drop_rate": 0.3,
+             "proj_drop_rate": 0.4, "drop_path_rate": 0.05}
+    model = timm.create_model("test_vit", num_classes=4, **rates)
+    spec = identify(model)
+    assert spec.kwargs == {"num_classes": 4, **rates}
+    normswap.save(model, tmp_path / "vit.safetensors")
+    loaded = normswap.load(tmp_path / "vit.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_misfit_leaves_your_model_as_it_was(tmp_path):
     from monai.networks.nets import UNet
 

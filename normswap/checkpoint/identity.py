@@ -124,11 +124,11 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
             if built is None:
                 break
             if _structure(built) == structure:
-                if repr(built) == description:
+                if _described_alike(built, model, description):
                     return spec
                 for variant in _with_drop_rates(spec, model):
                     built = _rebuilt(variant, model, manifest, cpu)
-                    if built is not None and repr(built) == description:
+                    if built is not None and _described_alike(built, model, description):
                         return variant
                 break
             spec = _adjusted(spec, built, model)
@@ -137,9 +137,38 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
     return None
 
 
+def _described_alike(built: nn.Module, model: nn.Module, description: str) -> bool:
+    """True if ``built`` has ``model``'s description (``repr``) and its ``drop_rate``, which timm keeps as a plain
+    attribute (a ResNet applies it in its forward, where no ``repr`` shows it)."""
+    return repr(built) == description and getattr(built, "drop_rate", None) == getattr(model, "drop_rate", None)
+
+
+_DROPOUT_ARGUMENTS = {"head_drop": "drop_rate", "head.drop": "drop_rate", "pos_drop": "pos_drop_rate",
+                      "patch_drop": "patch_drop_rate", "attn_drop": "attn_drop_rate", "proj_drop": "proj_drop_rate",
+                      "drop1": "proj_drop_rate", "drop2": "proj_drop_rate"}
+"""timm's dropout layers by the name they end with, and the ``create_model`` argument that sets their rate
+(vision transformers: ``drop_rate`` for the head, ``pos_drop_rate``, ``patch_drop_rate``, ``attn_drop_rate``,
+``proj_drop_rate``)."""
+
+
+def _dropout_rates(model: nn.Module) -> dict[str, float]:
+    """The rates of the model's nonzero dropout layers that timm names after a ``create_model`` argument (the
+    first layer found decides; the spec they make is confirmed like any other)."""
+    rates: dict[str, float] = {}
+    for name, module in model.named_modules():
+        rate = getattr(module, "p", None) if isinstance(module, nn.Dropout) else getattr(module, "prob", None)
+        if not isinstance(rate, float) or not rate:
+            continue
+        argument = _DROPOUT_ARGUMENTS.get(name) or _DROPOUT_ARGUMENTS.get(name.rsplit(".", 1)[-1])
+        if argument is not None:
+            rates.setdefault(argument, rate)
+    return rates
+
+
 def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
     """``spec`` with the dropout and drop-path rates a timm model was built with, as far as the model tells them:
-    ``drop_rate`` is kept on the model; ``drop_path_rate`` is the largest drop-path probability, or that times
+    ``drop_rate`` is kept on the model (or read off its head's dropout), the other dropout rates off the layers
+    :data:`_DROPOUT_ARGUMENTS` names; ``drop_path_rate`` is the largest drop-path probability, or that times
     ``(n + 1) / n`` for models whose first block has none and whose ``n`` others stop one step short of the rate
     (EfficientNet). Each is confirmed like any other spec."""
     if spec.builder != "timm":
@@ -147,6 +176,7 @@ def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
     kwargs = dict(spec.kwargs)
     if isinstance(getattr(model, "drop_rate", None), float) and model.drop_rate:
         kwargs["drop_rate"] = model.drop_rate
+    kwargs.update(_dropout_rates(model))
     probabilities = [module.drop_prob for module in model.modules()
                      if isinstance(getattr(module, "drop_prob", None), float)]
     rates = [None]
