@@ -211,6 +211,20 @@ def test_a_dropout_rate_no_description_shows_is_found_too():
                                                                                 "drop_rate": 0.3}
 
 
+def test_a_detection_models_image_size_is_found(tmp_path):
+    """Fine-tuning a detector on a small card often starts with a smaller ``min_size``: it is read off the model's
+    transform and confirmed, so the file rebuilds the model that resizes as it did."""
+    import torchvision
+
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=256, max_size=512)
+    assert identify(model).kwargs == {"num_classes": 3, "min_size": 256, "max_size": 512}
+    normswap.save(model, tmp_path / "detector.safetensors")
+    loaded = normswap.load(tmp_path / "detector.safetensors")
+    assert loaded.transform.min_size == (256,) and loaded.transform.max_size == 512
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
     """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
     and confirmed: the file rebuilds the model as it was built for fine-tuning."""

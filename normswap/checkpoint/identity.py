@@ -126,7 +126,7 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
             if _structure(built) == structure:
                 if _described_alike(built, model, description):
                     return spec
-                for variant in _with_drop_rates(spec, model):
+                for variant in [*_with_drop_rates(spec, model), *_with_input_sizes(spec, model)]:
                     built = _rebuilt(variant, model, manifest, cpu)
                     if built is not None and _described_alike(built, model, description):
                         return variant
@@ -163,6 +163,19 @@ def _dropout_rates(model: nn.Module) -> dict[str, float]:
         if argument is not None:
             rates.setdefault(argument, rate)
     return rates
+
+
+def _with_input_sizes(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
+    """``spec`` with the image size a torchvision detection model resizes its inputs to (``min_size`` and
+    ``max_size``, read off its ``transform``; one ``min_size``, not the multi-scale training tuple); confirmed like
+    any other spec."""
+    transform = getattr(model, "transform", None)
+    min_size, max_size = getattr(transform, "min_size", None), getattr(transform, "max_size", None)
+    if spec.builder != "torchvision" or not isinstance(min_size, tuple) or len(min_size) != 1:
+        return []
+    if not isinstance(min_size[0], int) or not isinstance(max_size, int):
+        return []
+    return [ArchSpec(spec.name, {**spec.kwargs, "min_size": min_size[0], "max_size": max_size})]
 
 
 def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
