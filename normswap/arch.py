@@ -373,7 +373,10 @@ def _torchvision_factory(registered: str, function: Callable[..., nn.Module]) ->
         if kwargs.get("quantize"):
             raise ArchitectureError(f"normswap builds torchvision's {registered} unquantized (quantize=False): a "
                                     "quantized model has no norm layers to convert")
-        return function(**{**kwargs, **no_weights})
+        # googlenet and inception_v3 take init_weights: the weights come from a file, so skip their slow (and,
+        # left unset, warning) initialization
+        skipped_init = {"init_weights": False} if registered in ("googlenet", "inception_v3") else {}
+        return function(**{**skipped_init, **kwargs, **no_weights})
 
     return create
 

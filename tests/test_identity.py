@@ -225,6 +225,17 @@ def test_a_detection_models_image_size_is_found(tmp_path):
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
+def test_googlenet_without_its_auxiliary_classifiers_is_found(tmp_path):
+    import torchvision
+
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=5)
+    assert identify(model).kwargs == {"aux_logits": False, "num_classes": 5}
+    normswap.save(model, tmp_path / "googlenet.safetensors")
+    loaded = normswap.load(tmp_path / "googlenet.safetensors")
+    assert not hasattr(loaded, "aux1") or loaded.aux1 is None
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
     """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
     and confirmed: the file rebuilds the model as it was built for fine-tuning."""

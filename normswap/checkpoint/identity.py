@@ -86,9 +86,14 @@ def _rebuilt(spec: ArchSpec, model: nn.Module, manifest: dict[str, Any], cpu: bo
 
 def _adjusted(spec: ArchSpec, built: nn.Module, model: nn.Module) -> Optional[ArchSpec]:
     """``spec`` with the structure-changing arguments (``num_classes``, ``in_chans`` for timm) that make ``built``
-    have ``model``'s shapes, read off the first tensor whose shape differs; ``None`` when names differ."""
+    have ``model``'s shapes, read off the first tensor whose shape differs; ``aux_logits=False`` for a torchvision
+    googlenet or inception_v3 built without its auxiliary classifiers; ``None`` when names differ otherwise."""
     mine, theirs = _structure(built), _structure(model)
     if list(mine) != list(theirs):
+        if spec.builder == "torchvision" and getattr(model, "aux_logits", None) is False \
+                and spec.kwargs.get("aux_logits") is not False \
+                and [key for key in mine if not key.startswith(("aux1.", "aux2.", "AuxLogits."))] == list(theirs):
+            return ArchSpec(spec.name, {**spec.kwargs, "aux_logits": False})  # googlenet, inception_v3
         return None
     differ = [key for key in mine if mine[key] != theirs[key]]
     if not differ:
