@@ -236,6 +236,27 @@ def test_googlenet_without_its_auxiliary_classifiers_is_found(tmp_path):
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("test_resnet", {"features_only": True, "out_indices": [2, 3]}),  # a backbone for detection or segmentation
+    ("test_efficientnet", {"features_only": True, "out_indices": [1, 2, 3]}),
+    ("test_resnet", {"num_classes": 0, "global_pool": ""}),  # features without pooling
+    ("test_resnet", {"num_classes": 1000, "global_pool": "max"}),
+    ("test_vit", {"num_classes": 1000, "global_pool": "avg"}),  # moves the last LayerNorm after the pooling
+    ("test_vit", {"num_classes": 1000, "img_size": 96}),  # another input size: another position embedding
+])
+def test_timm_backbone_arguments_are_found(tmp_path, name, kwargs):
+    """What users build backbones with (``features_only``, ``out_indices``, ``global_pool``, ``img_size``) is read
+    off the model and confirmed, so the file rebuilds the backbone, not the classifier it came from."""
+    import timm
+
+    model = timm.create_model(name, **kwargs)
+    assert identify(model).kwargs == kwargs
+    normswap.save(model, tmp_path / "backbone.safetensors")
+    loaded = normswap.load(tmp_path / "backbone.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
     """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
     and confirmed: the file rebuilds the model as it was built for fine-tuning."""

@@ -34,7 +34,11 @@ def _candidates(model: nn.Module) -> list[ArchSpec]:
     if timm is not None and isinstance(config, dict) and isinstance(config.get("architecture"), str) \
             and TIMM_NAME.fullmatch(config["architecture"]) and timm.is_model(config["architecture"]):
         kwargs = {"num_classes": model.num_classes} if isinstance(getattr(model, "num_classes", None), int) else {}
+        kwargs.update(_timm_shape_arguments(model, config))
         found.append(ArchSpec(config["architecture"], kwargs))
+        pooling = _timm_pooling(model)
+        if pooling is not None:  # next, with the model's pooling (which can move or remove norm layers: a ViT's)
+            found.append(ArchSpec(config["architecture"], {**kwargs, "global_pool": pooling}))
     if cls.__module__.startswith("torchvision.models.") and "torchvision.models" in sys.modules:
         found += _torchvision_candidates(model)
     transformers = sys.modules.get("transformers")
@@ -46,6 +50,33 @@ def _candidates(model: nn.Module) -> list[ArchSpec]:
     if cls.__module__ == "ultralytics.nn.tasks" and isinstance(getattr(model, "yaml", None), dict):
         found.append(ArchSpec(name, {"cfg": json.loads(json.dumps(model.yaml)), "verbose": False}))
     return found
+
+
+def _timm_shape_arguments(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``create_model`` arguments that change a timm model's tensors and that it keeps: ``features_only`` and
+    ``out_indices`` of a feature extractor (a backbone for detection or segmentation), and the ``img_size`` of a
+    vision transformer built for another input size than its configuration's."""
+    found: dict[str, Any] = {}
+    out_indices = getattr(getattr(model, "feature_info", None), "out_indices", None)
+    if isinstance(out_indices, tuple) and all(isinstance(index, int) for index in out_indices):
+        found.update(features_only=True, out_indices=list(out_indices))
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    default = config.get("input_size")
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(side, int) for side in size) \
+            and isinstance(default, (tuple, list)) and tuple(default[1:]) != size:
+        found["img_size"] = size[0] if size[0] == size[1] else list(size)
+    return found
+
+
+def _timm_pooling(model: nn.Module) -> Optional[str]:
+    """The global pooling a timm model was built with (``global_pool``: ``""`` for none, ``"avg"``, ``"max"``...),
+    read off the model or its head."""
+    for owner in (model, getattr(model, "head", None)):
+        pool = getattr(owner, "global_pool", None)
+        pool = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+        if isinstance(pool, str):
+            return pool
+    return None
 
 
 def _torchvision_candidates(model: nn.Module) -> list[ArchSpec]:
@@ -188,7 +219,7 @@ def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
     ``drop_rate`` is kept on the model (or read off its head's dropout), the other dropout rates off the layers
     :data:`_DROPOUT_ARGUMENTS` names; ``drop_path_rate`` is the largest drop-path probability, or that times
     ``(n + 1) / n`` for models whose first block has none and whose ``n`` others stop one step short of the rate
-    (EfficientNet). Each is confirmed like any other spec."""
+    (EfficientNet); each also with the model's global pooling. Each is confirmed like any other spec."""
     if spec.builder != "timm":
         return []
     kwargs = dict(spec.kwargs)
@@ -201,4 +232,8 @@ def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
     if probabilities and max(probabilities) > 0:
         top, blocks = max(probabilities), len(probabilities)
         rates = [float(f"{top:.6g}"), float(f"{top * (blocks + 1) / blocks:.6g}")]
-    return [ArchSpec(spec.name, {**kwargs, **({"drop_path_rate": rate} if rate else {})}) for rate in rates]
+    variants = [ArchSpec(spec.name, {**kwargs, **({"drop_path_rate": rate} if rate else {})}) for rate in rates]
+    pooling = _timm_pooling(model)
+    if pooling is None:
+        return variants
+    return variants + [ArchSpec(variant.name, {**variant.kwargs, "global_pool": pooling}) for variant in variants]
