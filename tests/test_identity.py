@@ -66,6 +66,19 @@ def normswap_demo():
     return DigitsResNet()
 
 
+def smp_unet():
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet18", encoder_weights=None, classes=3, decoder_channels=(64, 32, 16, 8, 4))
+
+
+def smp_deeplab():
+    import segmentation_models_pytorch as smp
+
+    return smp.DeepLabV3Plus("mobilenet_v2", encoder_weights=None, in_channels=1, classes=2,
+                             aux_params={"classes": 2, "dropout": 0.2})
+
+
 ROWS = {
     "timm resnet18": (timm_resnet18, "resnet18", (1, 3, 64, 64)),
     "torchvision resnet18(num_classes=5)": (torchvision_resnet18, "torchvision.models:resnet18", (1, 3, 64, 64)),
@@ -76,6 +89,9 @@ ROWS = {
     "ultralytics DetectionModel": (ultralytics_detection, "ultralytics.nn.tasks:DetectionModel", (1, 3, 64, 64)),
     "ultralytics YOLO(...).model": (ultralytics_yolo, "ultralytics.nn.tasks:DetectionModel", (1, 3, 64, 64)),
     "normswap demo": (normswap_demo, "normswap.demo:DigitsResNet", (2, 1, 8, 8)),
+    "smp Unet (its constructor's arguments)": (smp_unet, "segmentation_models_pytorch:Unet", (1, 3, 64, 64)),
+    "smp DeepLabV3Plus with an auxiliary head": (smp_deeplab, "segmentation_models_pytorch:DeepLabV3Plus",
+                                                 (2, 1, 64, 64)),
 }
 
 
@@ -310,3 +326,13 @@ def test_timm_models_are_identified(name):
     import timm
 
     assert identify(timm.create_model(name, num_classes=7)) == ArchSpec(name, {"num_classes": 7})
+
+
+def test_a_file_naming_anything_but_an_smp_model_class_is_refused(tmp_path):
+    """segmentation_models_pytorch builds on a file's word only its model classes, and never with encoder weights."""
+    spec = ArchSpec.from_dict({"name": "segmentation_models_pytorch:Activation", "kwargs": {"name": "sigmoid"}})
+    with pytest.raises(normswap.errors.ArchitectureError, match="segmentation_models_pytorch has no model class"):
+        spec.build(device="meta")
+    built = ArchSpec.from_dict({"name": "segmentation_models_pytorch:Linknet",
+                                "kwargs": {"encoder_name": "resnet18", "classes": 2}}).build(device="meta")
+    assert built.segmentation_head[0].out_channels == 2

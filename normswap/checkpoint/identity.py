@@ -3,9 +3,10 @@
 ``save`` records an architecture whenever the model can say what it is — timm's ``pretrained_cfg`` (with the
 structure-changing arguments read off the model: ``num_classes``, ``in_chans``, dropout rates), the torchvision
 builder whose model matches (quantizable ones too), a transformers class and its configuration, an ultralytics
-model's own yaml, normswap's demo model — and only once a candidate, built on the meta device with the model's
-manifest applied, has every parameter and buffer name and shape and every module's description the model has.
-Nothing is guessed: a model that says nothing of how it was built (MONAI, smp, your own class) gets ``None``.
+model's own yaml, the arguments a segmentation_models_pytorch model keeps, normswap's demo model — and only once a
+candidate, built on the meta device with the model's manifest applied, has every parameter and buffer name and
+shape and every module's description the model has. Nothing is guessed: a model that says nothing of how it was
+built (MONAI, your own class) gets ``None``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _candidates(model: nn.Module) -> list[ArchSpec]:
                               {k: v for k, v in settings.items() if k not in TRANSFORMERS_SKIPPED}))
     if cls.__module__ == "ultralytics.nn.tasks" and isinstance(getattr(model, "yaml", None), dict):
         found.append(ArchSpec(name, {"cfg": json.loads(json.dumps(model.yaml)), "verbose": False}))
+    smp = sys.modules.get("segmentation_models_pytorch")
+    arguments = getattr(model, "_hub_mixin_config", None)  # what an smp model was constructed with
+    if smp is not None and getattr(smp, cls.__name__, None) is cls and isinstance(arguments, dict):
+        try:
+            kwargs = json.loads(json.dumps({**arguments, "encoder_weights": None}))
+        except (TypeError, ValueError):  # an argument that is not data (an activation given as a callable)
+            kwargs = None
+        if kwargs is not None:
+            found.append(ArchSpec(f"segmentation_models_pytorch:{cls.__name__}", kwargs))
     return found
 
 
@@ -142,7 +152,7 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
     """The spec that rebuilds ``model`` (a model built in Python, converted or not), confirmed on the meta device:
     every parameter and buffer name and shape, and every module's description (``repr``), as the model has them,
     once the model's manifest is applied. The first candidate confirmed is returned (two specs that pass build the
-    same module tree). ``None`` when the model says nothing of how it was built (MONAI, smp, your own class) or
+    same module tree). ``None`` when the model says nothing of how it was built (MONAI, your own class) or
     nothing confirms it.
 
     >>> import torchvision

@@ -569,9 +569,9 @@ def load(path: PathLike, arch: Union[str, ArchSpec, None] = None, *, arch_kwargs
     """Load a safetensors file written by :func:`~normswap.checkpoint.save`: build its architecture, match its
     manifest, load its weights strictly; on ``device`` if given.
 
-    ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics and normswap,
-    which normswap does not import on a file's word (the error names the value to pass); the file's keyword arguments
-    are used with it if it is a model class. ``model`` is a model you built in your code, with the structure the
+    ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics,
+    segmentation_models_pytorch and normswap, which normswap does not import on a file's word (the error names the
+    value to pass); the file's keyword arguments are used with it if it is a model class. ``model`` is a model you built in your code, with the structure the
     saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as you built it): it is converted
     to what the file's manifest describes, checked, and loaded strictly (in place; the model is returned).
 
