@@ -273,6 +273,47 @@ def test_timm_backbone_arguments_are_found(tmp_path, name, kwargs):
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
+TORCHVISION_ARGUMENTS = [
+    ("segmentation", "deeplabv3_mobilenet_v3_large", {"aux_loss": True, "num_classes": 3}),
+    ("detection", "ssdlite320_mobilenet_v3_large", {"num_classes": 3}),  # an SSD built in ssdlite's module
+    ("detection", "retinanet_resnet50_fpn", {"num_classes": 3}),  # head widths are anchors x classes
+    ("detection", "fcos_resnet50_fpn", {"num_classes": 3}),
+    ("detection", "keypointrcnn_resnet50_fpn", {"num_keypoints": 5}),
+    ("", "mobilenet_v3_small", {"num_classes": 5, "dropout": 0.5}),
+    ("", "efficientnet_b0", {"dropout": 0.2, "stochastic_depth_prob": 0.3}),
+    ("", "convnext_tiny", {"stochastic_depth_prob": 0.3}),
+    ("", "vit_b_32", {"image_size": 256}),
+]
+
+
+@pytest.mark.parametrize("module, name, kwargs", TORCHVISION_ARGUMENTS, ids=[row[1] for row in TORCHVISION_ARGUMENTS])
+def test_torchvision_builder_arguments_are_found(module, name, kwargs):
+    """Classes of a detector's head, keypoints, an auxiliary classifier, dropout, stochastic depth, a ViT's image
+    size: read off the model and confirmed, so a fine-tuned torchvision model is recorded as it was built."""
+    import torchvision
+
+    builder = getattr(getattr(torchvision.models, module) if module else torchvision.models, name)
+    extra = {"weights_backbone": None} if module else {}
+    with torch.device("meta"):
+        model = builder(weights=None, **extra, **kwargs)
+    spec = identify(model)
+    assert spec.name.endswith(f":{name}") and spec.kwargs == kwargs
+    assert repr(spec.build(device="meta")) == repr(model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("mobilenet_v3_small", {"num_classes": 5, "dropout": 0.5}),
+                                          ("ssdlite320_mobilenet_v3_large", {"num_classes": 3,
+                                                                             "weights_backbone": None})])
+def test_a_fine_tuned_torchvision_model_loads_without_arch(tmp_path, name, kwargs):
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    normswap.save(model, tmp_path / "model.safetensors")
+    loaded = normswap.load(tmp_path / "model.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
     """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
     and confirmed: the file rebuilds the model as it was built for fine-tuning."""

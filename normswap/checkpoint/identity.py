@@ -11,6 +11,7 @@ built (MONAI, your own class) gets ``None``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import Any, Optional
@@ -90,8 +91,9 @@ def _timm_pooling(model: nn.Module) -> Optional[str]:
 
 
 def _torchvision_candidates(model: nn.Module) -> list[ArchSpec]:
-    """The builders of the module that defines the model's class, those whose pretrained weights have about as many
-    parameters as the model first (so that the right one is usually built first)."""
+    """The builders of the module that defines the model's class, or that say they return it (ssdlite's SSD), those
+    whose pretrained weights have about as many parameters as the model first (so that the right one is usually
+    built first)."""
     from torchvision.models import get_model_builder, get_model_weights, list_models
 
     size = sum(parameter.numel() for parameter in model.parameters())
@@ -99,14 +101,38 @@ def _torchvision_candidates(model: nn.Module) -> list[ArchSpec]:
     for registered in list_models():
         function = get_model_builder(registered)
         public = function.__module__.rpartition(".")[0]
-        if function.__module__ != type(model).__module__ or not torchvision_builder(f"{public}:{function.__name__}"):
+        if function.__module__ != type(model).__module__ \
+                and inspect.signature(function).return_annotation is not type(model):
+            continue
+        if not torchvision_builder(f"{public}:{function.__name__}"):
             continue
         try:
             parameters = next(iter(get_model_weights(registered))).meta.get("num_params", 0)
         except (ValueError, StopIteration, AttributeError):
             parameters = 0
         ranked.append((abs(parameters - size), f"{public}:{function.__name__}"))
-    return [ArchSpec(name) for _, name in sorted(ranked)]
+    kwargs = _torchvision_shape_arguments(model)
+    return [ArchSpec(name, kwargs) for _, name in sorted(ranked)]
+
+
+def _torchvision_shape_arguments(model: nn.Module) -> dict[str, Any]:
+    """The builder arguments that change a torchvision model's tensors, where the model keeps them: the classes of
+    a RetinaNet's, FCOS's or SSD's head (whose output widths multiply them by the anchors), a Keypoint R-CNN's
+    keypoints, a segmentation model's auxiliary classifier, a vision transformer's image size."""
+    found: dict[str, Any] = {}
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    classes = getattr(head, "num_classes", getattr(head, "num_columns", None))
+    if isinstance(classes, int):
+        found["num_classes"] = classes
+    keypoints = getattr(getattr(getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None),
+                                "kps_score_lowres", None), "out_channels", None)
+    if isinstance(keypoints, int):
+        found["num_keypoints"] = keypoints
+    if isinstance(getattr(model, "aux_classifier", None), nn.Module):
+        found["aux_loss"] = True
+    if type(model).__name__ == "VisionTransformer" and isinstance(getattr(model, "image_size", None), int):
+        found["image_size"] = model.image_size
+    return found
 
 
 def _structure(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -172,7 +198,8 @@ def identify(model: nn.Module) -> Optional[ArchSpec]:
             if _structure(built) == structure:
                 if _described_alike(built, model, description):
                     return spec
-                for variant in [*_with_drop_rates(spec, model), *_with_input_sizes(spec, model)]:
+                for variant in [*_with_drop_rates(spec, model), *_with_input_sizes(spec, model),
+                                *_with_torchvision_rates(spec, model)]:
                     built = _rebuilt(variant, model, manifest, cpu)
                     if built is not None and _described_alike(built, model, description):
                         return variant
@@ -209,6 +236,26 @@ def _dropout_rates(model: nn.Module) -> dict[str, float]:
         if argument is not None:
             rates.setdefault(argument, rate)
     return rates
+
+
+def _with_torchvision_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
+    """``spec`` with the dropout of a torchvision classifier's head (``dropout``: its first dropout layer) and the
+    stochastic depth it was built with (``stochastic_depth_prob``: the largest probability, or that times ``n / (n -
+    1)`` where the ``n`` blocks stop one step short of it, as EfficientNet's do); confirmed like any other spec."""
+    if spec.builder != "torchvision":
+        return []
+    kwargs = dict(spec.kwargs)
+    dropout = next((module.p for module in getattr(model, "classifier", nn.Identity()).modules()
+                    if isinstance(module, nn.Dropout)), None)
+    if isinstance(dropout, float):
+        kwargs["dropout"] = dropout
+    depths = [module.p for module in model.modules() if type(module).__name__ == "StochasticDepth"
+              and isinstance(getattr(module, "p", None), float)]
+    if not depths or max(depths) == 0:
+        return [ArchSpec(spec.name, kwargs)] if kwargs != spec.kwargs else []
+    top, blocks = max(depths), len(depths)
+    return [ArchSpec(spec.name, {**kwargs, "stochastic_depth_prob": float(f"{rate:.6g}")})
+            for rate in (top, top * blocks / max(blocks - 1, 1))]
 
 
 def _with_input_sizes(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
