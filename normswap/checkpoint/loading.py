@@ -589,10 +589,11 @@ def load(path: PathLike, arch: Union[str, ArchSpec, None] = None, *, arch_kwargs
     manifest, load its weights strictly; on ``device`` if given.
 
     ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics,
-    segmentation_models_pytorch and normswap, which normswap does not import on a file's word (the error names the
-    value to pass); the file's keyword arguments are used with it if it is a model class. ``model`` is a model you built in your code, with the structure the
-    saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as you built it): it is converted
-    to what the file's manifest describes, checked, and loaded strictly (in place; the model is returned).
+    segmentation_models_pytorch and normswap, which normswap does not import on a file's word (the error names the value
+    to pass); the file's keyword arguments are used with it if it is a model class. ``model`` is a model you built in
+    your code, with the structure the saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as
+    you built it): it is converted to what the file's manifest describes, checked, and loaded strictly (in place; the
+    model is returned).
 
     Raises:
         CheckpointError: the file does not record an architecture and no ``arch`` or ``model`` is given, or it does

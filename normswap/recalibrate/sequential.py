@@ -9,13 +9,13 @@ call, each run with its old statistics, and gets its new ones after the last cal
 reaches a layer a second time: a forward of the first batch counts the calls and the calibration starts again
 (:func:`normswap.lockstep.run_counting_calls`).
 
-Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's
-forward pauses at its first layer, the activations it holds there (every tensor the local variables of its paused
-call stack hold, measured by their storage) times the number of batches, plus the batches themselves, are the estimate of what the run will
-hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
+Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's forward
+pauses at its first layer, the activations it holds there (every tensor the local variables of its paused call stack
+hold, measured by their storage) times the number of batches, plus the batches themselves, are the estimate of what the
+run will hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
 MemAvailable of ``/proc/meminfo``, or psutil; CUDA: ``mem_get_info``) is refused before any of them runs, naming
-``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward
-holds more there (an expansion, a skip connection), the run is refused before the other batches get there.
+``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward holds
+more there (an expansion, a skip connection), the run is refused before the other batches get there.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
         free = available_memory(run.device) if held_bytes else None  # batches read already are in memory
         if free is not None and held_bytes > free:
             raise CalibrationError(
-                f"the {len(read)} calibration batches take {byte_size(held_bytes)}, more than the {byte_size(free)} free on "
-                f"{run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) or use "
-                "method='exact', which holds one batch at a time")
+                f"the {len(read)} calibration batches take {byte_size(held_bytes)}, more than the {byte_size(free)} "
+                f"free on {run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) "
+                "or use method='exact', which holds one batch at a time")
         held = [(index, run.move(model_input)) for index, model_input in read]
         del read
     except BaseException:  # Ctrl-C and SIGTERM too: the other ranks must not wait for this one
@@ -236,10 +236,10 @@ the caller's frame holds too."""
 
 
 def _held_by_frames() -> list[torch.Tensor]:
-    """The tensors the local variables of the calling thread's function frames hold, except in normswap's own
-    frames and those of ``nn.Module.__call__``: on a lane's thread, what its paused forward keeps alive. (Before Python 3.13 reading a frame's variables
-    leaves a copy of them on the frame until the next read or the frame's end, so a tensor the model drops between
-    two stops of the first batch lives until the next one.)"""
+    """The tensors the local variables of the calling thread's function frames hold, except in normswap's own frames and
+    those of ``nn.Module.__call__``: on a lane's thread, what its paused forward keeps alive. (Before Python 3.13
+    reading a frame's variables leaves a copy of them on the frame until the next read or the frame's end, so a tensor
+    the model drops between two stops of the first batch lives until the next one.)"""
     found: list[torch.Tensor] = []
     frame = sys._getframe(1)
     while frame is not None:
