@@ -259,6 +259,8 @@ def test_googlenet_without_its_auxiliary_classifiers_is_found(tmp_path):
     ("test_resnet", {"num_classes": 1000, "global_pool": "max"}),
     ("test_vit", {"num_classes": 1000, "global_pool": "avg"}),  # moves the last LayerNorm after the pooling
     ("test_vit", {"num_classes": 1000, "img_size": 96}),  # another input size: another position embedding
+    ("test_resnet", {"num_classes": 1000, "output_stride": 16}),  # dilated last stage, for segmentation
+    ("test_resnet", {"features_only": True, "out_indices": [1, 2, 3], "output_stride": 8}),
 ])
 def test_timm_backbone_arguments_are_found(tmp_path, name, kwargs):
     """What users build backbones with (``features_only``, ``out_indices``, ``global_pool``, ``img_size``) is read

@@ -79,6 +79,20 @@ def _timm_shape_arguments(model: nn.Module, config: dict[str, Any]) -> dict[str,
     return found
 
 
+def _output_stride(model: nn.Module) -> Optional[int]:
+    """The ``output_stride`` a timm model was built with (dilated last stages, for segmentation), as its feature
+    information's largest reduction says, where that is below the usual 32; ``None`` otherwise."""
+    info = getattr(model, "feature_info", None)
+    if callable(getattr(info, "reduction", None)):
+        reductions = info.reduction()
+    elif isinstance(info, list):
+        reductions = [entry.get("reduction") for entry in info if isinstance(entry, dict)]
+    else:
+        return None
+    reductions = [reduction for reduction in reductions if isinstance(reduction, int)]
+    return max(reductions) if reductions and max(reductions) < 32 else None
+
+
 def _timm_pooling(model: nn.Module) -> Optional[str]:
     """The global pooling a timm model was built with (``global_pool``: ``""`` for none, ``"avg"``, ``"max"``...),
     read off the model or its head."""
@@ -276,13 +290,17 @@ def _with_drop_rates(spec: ArchSpec, model: nn.Module) -> list[ArchSpec]:
     ``drop_rate`` is kept on the model (or read off its head's dropout), the other dropout rates off the layers
     :data:`_DROPOUT_ARGUMENTS` names; ``drop_path_rate`` is the largest drop-path probability, or that times
     ``(n + 1) / n`` for models whose first block has none and whose ``n`` others stop one step short of the rate
-    (EfficientNet); each also with the model's global pooling. Each is confirmed like any other spec."""
+    (EfficientNet); the ``output_stride`` of dilated last stages; each also with the model's global pooling. Each is
+    confirmed like any other spec."""
     if spec.builder != "timm":
         return []
     kwargs = dict(spec.kwargs)
     if isinstance(getattr(model, "drop_rate", None), float) and model.drop_rate:
         kwargs["drop_rate"] = model.drop_rate
     kwargs.update(_dropout_rates(model))
+    stride = _output_stride(model)
+    if stride is not None:
+        kwargs["output_stride"] = stride
     probabilities = [module.drop_prob for module in model.modules()
                      if isinstance(getattr(module, "drop_prob", None), float)]
     rates = [None]
