@@ -12,6 +12,8 @@ A spec is a name and keyword arguments. normswap builds these names on its own, 
   ``CLASS(config)``: no hub (offline for the call, ``use_pretrained_backbone=False``), no remote code;
 - an ultralytics model class written ``ultralytics.nn.tasks:CLASS`` (``DetectionModel``...), whose ``cfg`` is the
   model's yaml as a dict: every layer it names must be a module class, its activation a plain ``nn.Class()``;
+- a segmentation_models_pytorch model class written ``segmentation_models_pytorch:CLASS`` (``Unet``, ``FPN``...:
+  a ``SegmentationModel``), whose keyword arguments are its constructor's, built with ``encoder_weights=None``;
 - normswap's own demo model, ``normswap.demo:DigitsResNet``.
 
 Any other name is an import path ``package.module:callable`` (``monai.networks.nets:UNet``). Importing it runs its
@@ -23,7 +25,8 @@ called) or a registered builder; a function or anything else gets only what the 
 defined in the package it is imported from (see :mod:`normswap.imports`).
 
 :func:`identify` tells, from a model built in Python, which spec rebuilds it (timm's ``pretrained_cfg``, the
-torchvision builder, the transformers class and config, the ultralytics yaml, normswap's demo), and confirms it by
+torchvision builder, the transformers class and config, the ultralytics yaml, the arguments a
+segmentation_models_pytorch model keeps, normswap's demo), and confirms it by
 building the spec on the meta device and comparing every parameter and buffer name and shape, and every module's
 description: a model it cannot confirm is not named at all.
 
@@ -80,6 +83,7 @@ NORMSWAP_BUILDERS = ("normswap.demo:DigitsResNet",)
 TIMM_NAME = re.compile(r"[\w][\w.\-]*")
 _TRANSFORMERS_CLASS = re.compile(r"transformers:[A-Z][A-Za-z0-9]*")
 _ULTRALYTICS_CLASS = re.compile(r"ultralytics\.nn\.tasks:[A-Z][A-Za-z0-9]*")
+_SMP_CLASS = re.compile(r"segmentation_models_pytorch:[A-Z][A-Za-z0-9]*")
 _MODEL_CLASS = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Z]\w*")
 """What a model class's import path looks like (``package.module:Class``): only such a name is suggested to type."""
 _ULTRALYTICS_KWARGS = ("cfg", "ch", "nc", "verbose")
@@ -228,14 +232,15 @@ class ArchSpec:
 
     @property
     def builder(self) -> str:
-        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"transformers"``, ``"ultralytics"``,
+        """Who builds this spec: ``"timm"``, ``"torchvision"``, ``"transformers"``, ``"ultralytics"``, ``"smp"``,
         ``"normswap"`` (the registered builders) or ``"import"`` (an import path, built only when the user typed
         it).
 
         >>> [ArchSpec(name).builder for name in ("resnet50", "torchvision.models.detection:fasterrcnn_resnet50_fpn",
         ...                                      "transformers:ResNetModel", "normswap.demo:DigitsResNet",
-        ...                                      "ultralytics.nn.tasks:DetectionModel", "monai.networks.nets:UNet")]
-        ['timm', 'torchvision', 'transformers', 'normswap', 'ultralytics', 'import']
+        ...                                      "ultralytics.nn.tasks:DetectionModel",
+        ...                                      "segmentation_models_pytorch:Unet", "monai.networks.nets:UNet")]
+        ['timm', 'torchvision', 'transformers', 'normswap', 'ultralytics', 'smp', 'import']
         """
         if not self.is_import_path:
             return "timm"
@@ -245,6 +250,8 @@ class ArchSpec:
             return "transformers"
         if _ULTRALYTICS_CLASS.fullmatch(self.name):
             return "ultralytics"
+        if _SMP_CLASS.fullmatch(self.name):
+            return "smp"
         if torchvision_builder(self.name) is not None:
             return "torchvision"
         return "import"
@@ -252,7 +259,7 @@ class ArchSpec:
     @property
     def is_registered(self) -> bool:
         """True if normswap builds this spec on a file's word (timm, torchvision, transformers, ultralytics,
-        normswap's demo)."""
+        segmentation_models_pytorch, normswap's demo)."""
         return self.builder != "import"
 
     def check_buildable(self) -> None:
@@ -314,6 +321,8 @@ class ArchSpec:
         if builder == "ultralytics":
             return _ultralytics_factory(self.name.partition(":")[2], self.kwargs,
                                         from_file=self.from_file or "cfg" in self.file_keys)
+        if builder == "smp":
+            return _smp_factory(self.name.partition(":")[2])
         factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
         if self.file_keys and not (inspect.isclass(factory) and issubclass(factory, nn.Module)):
             keys = ", ".join(shown(key) for key in sorted(self.file_keys))
@@ -373,7 +382,10 @@ def _torchvision_factory(registered: str, function: Callable[..., nn.Module]) ->
         if kwargs.get("quantize"):
             raise ArchitectureError(f"normswap builds torchvision's {registered} unquantized (quantize=False): a "
                                     "quantized model has no norm layers to convert")
-        return function(**{**kwargs, **no_weights})
+        # googlenet and inception_v3 take init_weights: the weights come from a file, so skip their slow (and,
+        # left unset, warning) initialization
+        skipped_init = {"init_weights": False} if registered in ("googlenet", "inception_v3") else {}
+        return function(**{**skipped_init, **kwargs, **no_weights})
 
     return create
 
@@ -432,6 +444,23 @@ def _ultralytics_factory(name: str, kwargs: dict[str, Any], from_file: bool) -> 
 
     def create(**arguments: Any) -> nn.Module:
         return cls(**{"verbose": False, **arguments})
+
+    return create
+
+
+def _smp_factory(name: str) -> Callable[..., nn.Module]:
+    """A segmentation_models_pytorch model class (a ``SegmentationModel``), built without encoder weights."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        raise ArchitectureError(f"building segmentation_models_pytorch:{name} needs the segmentation_models_pytorch "
+                                "package: pip install segmentation-models-pytorch") from None
+    cls = getattr(smp, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, smp.base.SegmentationModel)):
+        raise ArchitectureError(f"segmentation_models_pytorch has no model class '{shown(name)}'")
+
+    def create(**kwargs: Any) -> nn.Module:
+        return cls(**{**kwargs, "encoder_weights": None})
 
     return create
 

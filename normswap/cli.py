@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import NormswapError, shown
+from .errors import NormswapError, byte_size, shown
 from .registry import TARGET_NAMES, TARGETS
 
 __all__ = [
@@ -288,10 +288,6 @@ def write_model(model: Any, path: Path, force: bool) -> int:
     return save(model, path, overwrite=force).stat().st_size
 
 
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
-
-
 def _groups_summary(plan: Any) -> dict[str, int]:
     counts = Counter(row.groups for row in plan.rows if row.groups is not None)
     return {str(groups): n for groups, n in sorted(counts.items(), key=lambda item: -item[1])}
@@ -349,7 +345,7 @@ def _run_conversion(checkpoint: Path, to: str, plan_options: dict[str, Any], *, 
     chosen = ", ".join(f"{g} x{n}" for g, n in groups.items())
     click.echo(f"converted {len(conversion)} layer(s) to {to}" + (f" (groups: {chosen})" if chosen else "")
                + (f", {len(conversion.skipped)} skipped" if conversion.skipped else ""))
-    click.echo(f"wrote {out} ({_size(n_bytes)})")
+    click.echo(f"wrote {out} ({byte_size(n_bytes)})")
 
 
 def _conversion_options(command: Callable) -> Callable:
@@ -519,7 +515,7 @@ def fold(checkpoint: Path, freeze_rest: bool, within: Optional[str], input_shape
                    "left": len(folding.left), "warnings": problems, "fold": folding.to_dict()})
         return
     click.echo(str(folding))
-    click.echo(f"wrote {out} ({_size(n_bytes)})")
+    click.echo(f"wrote {out} ({byte_size(n_bytes)})")
 
 
 def _nothing_folded(folding: Any) -> str:
@@ -571,7 +567,7 @@ def recalibrate(checkpoint: Path, data_source: str, batches: Optional[int], batc
         emit_json({"output": str(out), "bytes": n_bytes, **report.to_dict()})
         return
     click.echo(str(report))
-    click.echo(f"wrote {out} ({_size(n_bytes)})")
+    click.echo(f"wrote {out} ({byte_size(n_bytes)})")
 
 
 def _open_for_comparison(path: Path, source: CheckpointSource) -> Any:
@@ -792,7 +788,7 @@ def apply_recipe(recipe: Path, checkpoint: Optional[Path], data_source: Optional
         click.echo(f"rule {', '.join(p.options['include'])} -> {p.target}: {len(p)} layer(s)")
     for step in spec.steps:
         click.echo(f"step: {step['op']}")
-    click.echo(f"wrote {out} ({_size(n_bytes)})")
+    click.echo(f"wrote {out} ({byte_size(n_bytes)})")
 
 
 @main.command()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import inspect
 import logging
 import os
@@ -271,7 +272,7 @@ def floating_dtype(model: nn.Module) -> Optional[torch.dtype]:
     >>> floating_dtype(torch.nn.Linear(2, 2).half())
     torch.float16
     """
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):  # (lazily: the first one usually answers)
         if tensor.is_floating_point():
             return tensor.dtype
     return None

@@ -72,3 +72,19 @@ def shown(text: str) -> str:
     """
     text = str(text)
     return text if text.isprintable() else repr(text)[1:-1]
+
+
+def byte_size(count: float) -> str:
+    """``count`` bytes for a reader, in decimal units (the one way every message writes a size).
+
+    >>> byte_size(512), byte_size(26_000), byte_size(3_141_592), byte_size(12.4e9), byte_size(2.5e13)
+    ('512 B', '26.0 kB', '3.1 MB', '12.4 GB', '25.0 TB')
+    """
+    value = float(count)
+    if abs(value) < 1000:
+        return f"{value:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if abs(value) < 1000:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1000:.1f} TB"

@@ -59,6 +59,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -308,6 +309,11 @@ class _Candidate:
     def bn_name(self) -> str:
         return self.names[0]
 
+    @functools.cached_property
+    def layer(self) -> targets.SourceLayer:
+        """The norm layer as :class:`~normswap.targets.SourceLayer` reads it (once: planning asks several times)."""
+        return targets.SourceLayer.read(self.bn)
+
 
 def plan_fold(
     model: nn.Module,
@@ -376,7 +382,7 @@ def plan_fold(
             result.captured, result.capture_error = False, f"{exc}{hint}"
     shared = _shared_parameters(model)
     for cand in candidates:
-        cand.reason = _layer_reason(cand.bn)
+        cand.reason = _layer_reason(cand)
         if cand.reason is None and within and not any(name.startswith(prefix) for name in cand.names):
             cand.reason = f"outside {within}"
         if cand.reason is None:
@@ -389,7 +395,7 @@ def plan_fold(
         else:
             kind = targets.classify(cand.bn)
             freezable = freeze_rest and kind.foldable and kind.family != "frozen" \
-                and targets.SourceLayer.read(cand.bn).has_stats
+                and cand.layer.has_stats
             result.left.append(LeftLayer(list(cand.names), cand.source, cand.reason, freezable))
     _freeze_plan(model, result.left)  # a layer that cannot be frozen raises here, before anything changes
     return result
@@ -401,8 +407,9 @@ def _is_candidate(module: nn.Module) -> bool:
     return kind is not None and (kind.foldable or kind in (registry.LAZY, registry.UNKNOWN, registry.UNPROVEN))
 
 
-def _layer_reason(bn: nn.Module) -> Optional[str]:
+def _layer_reason(cand: _Candidate) -> Optional[str]:
     """Why this norm layer cannot be folded whatever feeds it, or ``None``."""
+    bn = cand.bn
     kind = targets.classify(bn)
     if kind is registry.LAZY:
         return "uninitialized lazy layer"
@@ -410,7 +417,7 @@ def _layer_reason(bn: nn.Module) -> Optional[str]:
         return "a BatchNorm subclass normswap does not know (its forward may differ)"
     if kind is registry.UNPROVEN:
         return registry.probed(bn)[1]
-    if not targets.SourceLayer.read(bn).has_stats:
+    if not cand.layer.has_stats:
         return "no running statistics (track_running_stats=False)"
     if _has_hooks(bn):
         return "has hooks"
@@ -483,7 +490,7 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[
     if decision is not None:
         return f"the forward branches on tensor values ({_short(decision.name)}{_where(decision)}), which could " \
                f"wire {label} differently for other inputs"
-    features = targets.SourceLayer.read(cand.bn).num_features
+    features = cand.layer.num_features
     if _output_channels(conv) != features:
         return f"{label} has {_output_channels(conv)} output channels, the layer has {features}"
     rank = len(value.shape)
@@ -528,7 +535,7 @@ def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, prod
 
 
 def _pair(cand: _Candidate) -> FoldPair:
-    src = targets.SourceLayer.read(cand.bn)
+    src = cand.layer
     keeps = None
     if src.act is not None:
         kept = [type(m).__name__ for m in (src.drop, src.act) if m is not None and not isinstance(m, nn.Identity)]

@@ -533,10 +533,14 @@ class _Recorder(TorchFunctionMode):
             found = self._new_value(tensor, None, name=found.name, from_input=True)
         return found
 
-    def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], *, name: Optional[str] = None,
+    def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], name: Optional[str] = None,
                    from_input: bool = False) -> Value:
-        value = Value(len(self.values_seen), tuple(tensor.shape), producer, name=name, from_input=from_input,
-                      version=_version(tensor))
+        try:
+            version: Optional[int] = tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+        # (positional arguments, and the shape as torch gives it, a tuple: this runs for every tensor recorded)
+        value = Value(len(self.values_seen), tensor.shape, producer, [], name, from_input, version)
         self.values_seen.append(value)
         self.known[id(tensor)] = (weakref.ref(tensor), value)
         return value
@@ -587,20 +591,26 @@ class _Recorder(TorchFunctionMode):
         changed = [tensor for tensor, value in zip(tensors, inputs)
                    if value.version is not None and tensor._version != value.version]
         if not changed and outputs:
-            input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
-            if all(id(out) in input_ids for out in outputs):
-                return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
+            if len(outputs) == 1:  # most calls: one output, looked for among the inputs without building a set
+                if any([outputs[0] is tensor for tensor in tensors]):
+                    return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
+            else:
+                input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
+                if all([id(out) in input_ids for out in outputs]):
+                    return
         depends = any([value.from_input for value in inputs]) and name not in _VALUE_FREE  # (a list: no generator)
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
         index = len(self.calls)
-        call = Call(index, name, self.stack[-1] if self.stack else None, inputs=inputs, end=index, decides=decides)
+        call = Call(index, name, self.stack[-1] if self.stack else None, None, inputs, [], index, 0, decides)
         self.calls.append(call)
         for value in inputs:
-            if not value.readers or value.readers[-1] is not call:
-                value.readers.append(call)
+            readers = value.readers
+            if not readers or readers[-1] is not call:
+                readers.append(call)
         if not changed:  # the common case: every output is a new value
-            call.outputs = [self._new_value(out, call, from_input=depends) for out in outputs]
+            new_value = self._new_value
+            call.outputs = [new_value(out, call, None, depends) for out in outputs]
             return
         for tensor in changed:
             self._new_value(tensor, call, from_input=depends)

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -85,6 +86,6 @@ def model_device(*modules: nn.Module) -> Optional[torch.device]:
     (device(type='cpu'), None)
     """
     for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
+        for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: only the first is needed)
             return tensor.device
     return None

@@ -358,22 +358,28 @@ def test_file_driven_sizes_are_refused_before_anything_is_allocated(tmp_path):
                        arch={"name": "normswap.demo:DigitsResNet", "kwargs": {}}, input_shape=[1, 1, 10 ** 5, 10 ** 5])
     deep = header_file(tmp_path / "deep.safetensors", demo_tensors(),
                        arch={"name": "normswap.demo:DigitsResNet", "kwargs": {}}, input_shape=[1] * 10 ** 6)
+    # a RegNet cannot be built on the meta device: on the CPU, its build may allocate only what the file's size allows
+    regnet = header_file(tmp_path / "regnet.safetensors", small_cnn().state_dict(),
+                         arch={"name": "torchvision.models:regnet_y_400mf", "kwargs": {"num_classes": 10 ** 8}})
     commands = [["convert", str(huge_head), "--to", "gn"], ["fold", str(wide)], ["fold", str(deep)],
-                ["fold", str(wide), "--input-shape", "2,1,8,8", "--dry-run"]]
+                ["fold", str(wide), "--input-shape", "2,1,8,8", "--dry-run"], ["convert", str(regnet), "--to", "gn"]]
     environment = {**os.environ, "PYTHONPATH": str(pathlib.Path(normswap.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", _BOUNDED, json.dumps(commands)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600, env=environment)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    (head_code, head_err), (wide_code, wide_err), (deep_code, deep_err), (given_code, _) = report["results"]
+    (head_code, head_err), (wide_code, wide_err), (deep_code, deep_err), (given_code, _), (regnet_code, regnet_err) \
+        = report["results"]
     assert head_code == 1 and head_err.count("\n") == 1
     assert "none of the model's 173 keys are in" in head_err  # the meta model's: nothing was allocated for it
     assert wide_code == 1 and wide_err.count("\n") == 1 and "more than 2^26 elements" in wide_err \
         and "--input-shape" in wide_err
     assert deep_code == 1 and deep_err.count("\n") == 1 and "1000000 dimensions" in deep_err
     assert given_code == 0  # the shape the user gives is used
+    assert regnet_code == 1 and regnet_err.count("\n") == 1 and "would allocate more than" in regnet_err
     assert report["peak_bytes"] < 2 << 30
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.safetensors", "swin.safetensors", "wide.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.safetensors", "regnet.safetensors",
+                                                          "swin.safetensors", "wide.safetensors"]
 
 
 def test_a_transformers_config_never_reaches_the_network(tmp_path, monkeypatch):

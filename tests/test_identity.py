@@ -66,6 +66,19 @@ def normswap_demo():
     return DigitsResNet()
 
 
+def smp_unet():
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet18", encoder_weights=None, classes=3, decoder_channels=(64, 32, 16, 8, 4))
+
+
+def smp_deeplab():
+    import segmentation_models_pytorch as smp
+
+    return smp.DeepLabV3Plus("mobilenet_v2", encoder_weights=None, in_channels=1, classes=2,
+                             aux_params={"classes": 2, "dropout": 0.2})
+
+
 ROWS = {
     "timm resnet18": (timm_resnet18, "resnet18", (1, 3, 64, 64)),
     "torchvision resnet18(num_classes=5)": (torchvision_resnet18, "torchvision.models:resnet18", (1, 3, 64, 64)),
@@ -76,6 +89,9 @@ ROWS = {
     "ultralytics DetectionModel": (ultralytics_detection, "ultralytics.nn.tasks:DetectionModel", (1, 3, 64, 64)),
     "ultralytics YOLO(...).model": (ultralytics_yolo, "ultralytics.nn.tasks:DetectionModel", (1, 3, 64, 64)),
     "normswap demo": (normswap_demo, "normswap.demo:DigitsResNet", (2, 1, 8, 8)),
+    "smp Unet (its constructor's arguments)": (smp_unet, "segmentation_models_pytorch:Unet", (1, 3, 64, 64)),
+    "smp DeepLabV3Plus with an auxiliary head": (smp_deeplab, "segmentation_models_pytorch:DeepLabV3Plus",
+                                                 (2, 1, 64, 64)),
 }
 
 
@@ -202,6 +218,120 @@ def test_timm_dropout_rates_are_found_too(name):
     assert identify(model).kwargs == {"num_classes": 3, "drop_rate": 0.2, "drop_path_rate": 0.1}
 
 
+def test_a_dropout_rate_no_description_shows_is_found_too():
+    """A timm ResNet applies ``drop_rate`` in its forward, not in a module: the description is the same without
+    it, so the rate the model keeps is compared too."""
+    import timm
+
+    assert identify(timm.create_model("test_resnet", drop_rate=0.3)).kwargs == {"num_classes": 1000,
+                                                                                "drop_rate": 0.3}
+
+
+def test_a_detection_models_image_size_is_found(tmp_path):
+    """Fine-tuning a detector on a small card often starts with a smaller ``min_size``: it is read off the model's
+    transform and confirmed, so the file rebuilds the model that resizes as it did."""
+    import torchvision
+
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=256, max_size=512)
+    assert identify(model).kwargs == {"num_classes": 3, "min_size": 256, "max_size": 512}
+    normswap.save(model, tmp_path / "detector.safetensors")
+    loaded = normswap.load(tmp_path / "detector.safetensors")
+    assert loaded.transform.min_size == (256,) and loaded.transform.max_size == 512
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+def test_googlenet_without_its_auxiliary_classifiers_is_found(tmp_path):
+    import torchvision
+
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=5)
+    assert identify(model).kwargs == {"aux_logits": False, "num_classes": 5}
+    normswap.save(model, tmp_path / "googlenet.safetensors")
+    loaded = normswap.load(tmp_path / "googlenet.safetensors")
+    assert not hasattr(loaded, "aux1") or loaded.aux1 is None
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("test_resnet", {"features_only": True, "out_indices": [2, 3]}),  # a backbone for detection or segmentation
+    ("test_efficientnet", {"features_only": True, "out_indices": [1, 2, 3]}),
+    ("test_resnet", {"num_classes": 0, "global_pool": ""}),  # features without pooling
+    ("test_resnet", {"num_classes": 1000, "global_pool": "max"}),
+    ("test_vit", {"num_classes": 1000, "global_pool": "avg"}),  # moves the last LayerNorm after the pooling
+    ("test_vit", {"num_classes": 1000, "img_size": 96}),  # another input size: another position embedding
+    ("test_resnet", {"num_classes": 1000, "output_stride": 16}),  # dilated last stage, for segmentation
+    ("test_resnet", {"features_only": True, "out_indices": [1, 2, 3], "output_stride": 8}),
+])
+def test_timm_backbone_arguments_are_found(tmp_path, name, kwargs):
+    """What users build backbones with (``features_only``, ``out_indices``, ``global_pool``, ``img_size``) is read
+    off the model and confirmed, so the file rebuilds the backbone, not the classifier it came from."""
+    import timm
+
+    model = timm.create_model(name, **kwargs)
+    assert identify(model).kwargs == kwargs
+    normswap.save(model, tmp_path / "backbone.safetensors")
+    loaded = normswap.load(tmp_path / "backbone.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+TORCHVISION_ARGUMENTS = [
+    ("segmentation", "deeplabv3_mobilenet_v3_large", {"aux_loss": True, "num_classes": 3}),
+    ("detection", "ssdlite320_mobilenet_v3_large", {"num_classes": 3}),  # an SSD built in ssdlite's module
+    ("detection", "retinanet_resnet50_fpn", {"num_classes": 3}),  # head widths are anchors x classes
+    ("detection", "fcos_resnet50_fpn", {"num_classes": 3}),
+    ("detection", "keypointrcnn_resnet50_fpn", {"num_keypoints": 5}),
+    ("", "mobilenet_v3_small", {"num_classes": 5, "dropout": 0.5}),
+    ("", "efficientnet_b0", {"dropout": 0.2, "stochastic_depth_prob": 0.3}),
+    ("", "convnext_tiny", {"stochastic_depth_prob": 0.3}),
+    ("", "vit_b_32", {"image_size": 256}),
+]
+
+
+@pytest.mark.parametrize("module, name, kwargs", TORCHVISION_ARGUMENTS, ids=[row[1] for row in TORCHVISION_ARGUMENTS])
+def test_torchvision_builder_arguments_are_found(module, name, kwargs):
+    """Classes of a detector's head, keypoints, an auxiliary classifier, dropout, stochastic depth, a ViT's image
+    size: read off the model and confirmed, so a fine-tuned torchvision model is recorded as it was built."""
+    import torchvision
+
+    builder = getattr(getattr(torchvision.models, module) if module else torchvision.models, name)
+    extra = {"weights_backbone": None} if module else {}
+    with torch.device("meta"):
+        model = builder(weights=None, **extra, **kwargs)
+    spec = identify(model)
+    assert spec.name.endswith(f":{name}") and spec.kwargs == kwargs
+    assert repr(spec.build(device="meta")) == repr(model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("mobilenet_v3_small", {"num_classes": 5, "dropout": 0.5}),
+                                          ("ssdlite320_mobilenet_v3_large", {"num_classes": 3,
+                                                                             "weights_backbone": None})])
+def test_a_fine_tuned_torchvision_model_loads_without_arch(tmp_path, name, kwargs):
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    normswap.save(model, tmp_path / "model.safetensors")
+    loaded = normswap.load(tmp_path / "model.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+def test_a_vision_transformers_dropout_rates_are_found(tmp_path):
+    """Head, position, patch, attention and projection dropout of a timm ViT, read off the layers named after them
+    and confirmed: the file rebuilds the model as it was built for fine-tuning."""
+    import timm
+
+    rates = {"drop_rate": 0.1, "pos_drop_rate": 0.2, "patch_drop_rate": 0.25, "attn_drop_rate": 0.3,
+             "proj_drop_rate": 0.4, "drop_path_rate": 0.05}
+    model = timm.create_model("test_vit", num_classes=4, **rates)
+    spec = identify(model)
+    assert spec.kwargs == {"num_classes": 4, **rates}
+    normswap.save(model, tmp_path / "vit.safetensors")
+    loaded = normswap.load(tmp_path / "vit.safetensors")
+    assert repr(loaded) == repr(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
 def test_a_misfit_leaves_your_model_as_it_was(tmp_path):
     from monai.networks.nets import UNet
 
@@ -239,3 +369,13 @@ def test_timm_models_are_identified(name):
     import timm
 
     assert identify(timm.create_model(name, num_classes=7)) == ArchSpec(name, {"num_classes": 7})
+
+
+def test_a_file_naming_anything_but_an_smp_model_class_is_refused(tmp_path):
+    """segmentation_models_pytorch builds on a file's word only its model classes, and never with encoder weights."""
+    spec = ArchSpec.from_dict({"name": "segmentation_models_pytorch:Activation", "kwargs": {"name": "sigmoid"}})
+    with pytest.raises(normswap.errors.ArchitectureError, match="segmentation_models_pytorch has no model class"):
+        spec.build(device="meta")
+    built = ArchSpec.from_dict({"name": "segmentation_models_pytorch:Linknet",
+                                "kwargs": {"encoder_name": "resnet18", "classes": 2}}).build(device="meta")
+    assert built.segmentation_head[0].out_channels == 2

@@ -441,7 +441,7 @@ def test_sequential_logs_the_memory_it_will_hold_before_it_starts(caplog):
                  if hasattr(record, "normswap_memory_estimate")]
     # the four batches (2x3x10x10 float32 each) and, per batch, the conv output paused at the first BatchNorm
     assert estimates == [4 * 2 * 3 * 10 * 10 * 4 + 4 * 2 * 8 * 8 * 8 * 4]
-    assert "will hold about 26.0 KB" in caplog.text
+    assert "will hold about 26.0 kB" in caplog.text
 
 
 def test_sequential_refuses_in_one_line_a_run_that_would_not_fit_and_changes_nothing(monkeypatch):

@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from ..errors import OutputError, spelled
+from ..errors import OutputError, byte_size, spelled
 
 __all__ = ["TEMPORARY_SUFFIX", "Terminated", "atomic_write", "check_output", "interruptible"]
 
@@ -97,17 +97,13 @@ def _exists(path: Path) -> OutputError:
     return OutputError(f"{path} already exists: pass {spelled('overwrite=True', '--force')} to replace it")
 
 
-def _megabytes(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB"
-
-
 def _check_space(path: Path, size: Optional[int]) -> None:
     if size is None:
         return
     free = shutil.disk_usage(path.parent).free
     if free < size:
-        raise OutputError(f"not enough space to write {path}: it needs {_megabytes(size)}, the disk has "
-                          f"{_megabytes(free)} free")
+        raise OutputError(f"not enough space to write {path}: it needs {byte_size(size)}, the disk has "
+                          f"{byte_size(free)} free")
 
 
 def _create_temporary(path: Path) -> Path:
@@ -181,9 +177,9 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         if exc.errno in _NO_SPACE:
-            needed = f"it needs {_megabytes(size)}, " if size is not None else ""
+            needed = f"it needs {byte_size(size)}, " if size is not None else ""
             raise OutputError(f"the disk is full: cannot write {path} ({needed}"
-                              f"{_megabytes(shutil.disk_usage(path.parent).free)} free)") from None
+                              f"{byte_size(shutil.disk_usage(path.parent).free)} free)") from None
         if exc.strerror is None:
             raise
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None

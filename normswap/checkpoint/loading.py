@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -40,6 +41,7 @@ from ..arch import ArchSpec
 from ..errors import ArchitectureError, CheckpointError, shown, spelled
 from ..history import STRUCTURAL_OPS, get_arch, set_arch, set_history, set_input_shape, set_source, validate_history
 from . import containers, formats
+from .allocation import allocation_limit
 from .folders import is_model_folder, keys_for_model, read_folder
 from .formats import file_sha256
 from .identity import identify
@@ -405,9 +407,23 @@ def _holds_unloadable_tensors(model: nn.Module) -> bool:
     return any(isinstance(value, torch.Tensor) for module in model.modules() for value in vars(module).values())
 
 
+_CPU_BUILD_ROOM = 3
+_CPU_BUILD_SLACK = 256 * 2**20
+"""What building a file's architecture on the CPU may allocate: three times the file's size (weights saved in half
+precision, buffers it does not store) plus 256 MiB."""
+
+
+def _file_bytes(path: Path) -> int:
+    """The size of a checkpoint file, or of every file in a model folder."""
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    return path.stat().st_size
+
+
 def _build(spec: ArchSpec, contents: CheckpointContents, device: Optional[str] = "meta") -> tuple[nn.Module, bool]:
     """The architecture with the file's manifest applied, and whether it is on the meta device: there when possible
-    (no memory, no init), else on the CPU."""
+    (no memory, no init), else on the CPU, where a spec the file records may allocate only what its size allows
+    (:mod:`normswap.checkpoint.allocation`)."""
     model = None
     if device == "meta":
         try:
@@ -416,7 +432,10 @@ def _build(spec: ArchSpec, contents: CheckpointContents, device: Optional[str] =
             log.debug("building %s on the meta device failed (%s); building it on the CPU", spec, exc)
     on_meta = model is not None
     if model is None:
-        model = spec.build()
+        with allocation_limit(_CPU_BUILD_ROOM * _file_bytes(contents.path) + _CPU_BUILD_SLACK,
+                              f"{spec.short()} on the CPU") if spec.from_file or spec.file_keys \
+                else contextlib.nullcontext():
+            model = spec.build()
     manifest = contents.manifest
     if manifest is None:
         contents._check_no_steps()
@@ -569,11 +588,12 @@ def load(path: PathLike, arch: Union[str, ArchSpec, None] = None, *, arch_kwargs
     """Load a safetensors file written by :func:`~normswap.checkpoint.save`: build its architecture, match its
     manifest, load its weights strictly; on ``device`` if given.
 
-    ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics and normswap,
-    which normswap does not import on a file's word (the error names the value to pass); the file's keyword arguments
-    are used with it if it is a model class. ``model`` is a model you built in your code, with the structure the
-    saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as you built it): it is converted
-    to what the file's manifest describes, checked, and loaded strictly (in place; the model is returned).
+    ``arch`` is needed only for an architecture outside timm, torchvision, transformers, ultralytics,
+    segmentation_models_pytorch and normswap, which normswap does not import on a file's word (the error names the value
+    to pass); the file's keyword arguments are used with it if it is a model class. ``model`` is a model you built in
+    your code, with the structure the saved model had before normswap changed it (``monai.networks.nets.UNet(...)`` as
+    you built it): it is converted to what the file's manifest describes, checked, and loaded strictly (in place; the
+    model is returned).
 
     Raises:
         CheckpointError: the file does not record an architecture and no ``arch`` or ``model`` is given, or it does

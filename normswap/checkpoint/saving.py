@@ -6,8 +6,8 @@ DistributedDataParallel and DataParallel, timm's ``ModelEma*``, ``torch.optim.sw
 
 - ``arch``: the architecture spec the model was built from, the one passed to ``save``, or the one the model itself
   says it is (:func:`normswap.checkpoint.identity.identify`: timm, torchvision, transformers, ultralytics,
-  normswap's demo, confirmed on the meta device); a model that says nothing of how it was built (MONAI, smp, your own class) is saved without
-  one, with a warning naming ``arch=``;
+  segmentation_models_pytorch, normswap's demo, confirmed on the meta device); a model that says nothing of how it
+  was built (MONAI, your own class) is saved without one, with a warning naming ``arch=``;
 - ``manifest``: the structure, derived from the module tree at this moment (:mod:`normswap.checkpoint.manifest`);
 - ``module_versions``: each module's state-dict ``_version`` that is not 1 (modules such as torchvision's MNASNet read
   it when loading);

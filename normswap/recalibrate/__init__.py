@@ -163,7 +163,7 @@ def recalibrate(
     try:
         try:
             totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
-                                                     ranks, progress, length(data, batches))
+                                                     ranks, progress, length(data, batches), snapshot)
         except ModelFailure as failure:
             if not (layout_chosen and first and failure.index == first[0][0]):
                 raise
@@ -171,7 +171,7 @@ def recalibrate(
             snapshot.restore()
             run = replace(run, channels_last=False)
             totals, order, passes, cost = _calibrate(root, layers, itertools.chain(first, inputs), method, run,
-                                                     ranks, progress, length(data, batches))
+                                                     ranks, progress, length(data, batches), snapshot)
         results = final_statistics(order)
     finally:
         snapshot.restore()
@@ -197,11 +197,11 @@ def recalibrate(
 
 
 def _calibrate(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int, Any]], method: str, run: Placement,
-               ranks: Ranks, progress: Optional[bool],
-               batches: Optional[int]) -> tuple[list[int], list[Layer], int, float]:
-    """One calibration run on a model whose state the caller has snapshotted; returns the totals, the layers in
-    forward order, the passes and their cost in forward passes."""
-    place(model, run)
+               ranks: Ranks, progress: Optional[bool], batches: Optional[int],
+               snapshot: Snapshot) -> tuple[list[int], list[Layer], int, float]:
+    """One calibration run on a model whose state ``snapshot`` holds; returns the totals, the layers in forward
+    order, the passes and their cost in forward passes."""
+    place(model, run, snapshot)
     model.eval()
     if method == "exact":
         totals, order = calibrate_exact(model, layers, inputs, run, ranks, progress, batches)

@@ -3,6 +3,7 @@ afterwards), one forward with its failures named by batch, progress bar settings
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
@@ -21,15 +22,15 @@ def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
 
 class Snapshot:
     """Everything recalibration changes on a model while it runs, to put back exactly afterwards: the training flag
-    of every module, the buffer objects of every module, the storage of every parameter, and the momentum,
-    ``track_running_stats`` and ``forward`` of the layers being calibrated. The original buffer tensors themselves
-    are never written while the run lasts."""
+    of every module, the buffer objects of every module, the storage of every parameter :func:`place` moved, and
+    the momentum, ``track_running_stats`` and ``forward`` of the layers being calibrated. The original buffer
+    tensors themselves are never written while the run lasts."""
 
     def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
         modules = list(model.modules())
         self.training = [(module, module.training) for module in modules]
         self.buffers = [(module, dict(module._buffers)) for module in modules]
-        self.parameters = [(parameter, parameter.data) for parameter in model.parameters()]
+        self.parameters: list[tuple[nn.Parameter, torch.Tensor]] = []  # filled by place(), where it moves them
         self.layers = [
             (layer.module, layer.module.momentum, layer.module.track_running_stats,
              layer.module.__dict__.get("forward"))
@@ -43,6 +44,7 @@ class Snapshot:
             module._buffers.update(buffers)
         for parameter, data in self.parameters:
             parameter.data = data
+        self.parameters = []
         for module, momentum, track_running_stats, forward in self.layers:
             module.momentum = momentum
             module.track_running_stats = track_running_stats
@@ -52,9 +54,10 @@ class Snapshot:
                 module.__dict__["forward"] = forward
 
 
-def place(model: nn.Module, run: Placement) -> None:
-    """Put every parameter and buffer on the run's device and layout (new tensors; the snapshot keeps the old)."""
-    if not run.channels_last and all(t.device == run.device for t in list(model.parameters()) + list(model.buffers())):
+def place(model: nn.Module, run: Placement, snapshot: Snapshot) -> None:
+    """Put every parameter and buffer on the run's device and layout (new tensors; ``snapshot`` keeps the old)."""
+    if not run.channels_last and all(t.device == run.device for t in itertools.chain(model.parameters(),
+                                                                                      model.buffers())):
         return
 
     def placed(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,7 @@ def place(model: nn.Module, run: Placement) -> None:
             if buffer is not None:
                 module._buffers[name] = placed(buffer)
     for parameter in model.parameters():
+        snapshot.parameters.append((parameter, parameter.data))
         parameter.data = placed(parameter.data)
 
 

@@ -9,26 +9,29 @@ call, each run with its old statistics, and gets its new ones after the last cal
 reaches a layer a second time: a forward of the first batch counts the calls and the calibration starts again
 (:func:`normswap.lockstep.run_counting_calls`).
 
-Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's
-forward pauses at its first layer, the activations it holds there (every module output still alive, measured by
-their storage) times the number of batches, plus the batches themselves, are the estimate of what the run will
-hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
+Every batch and the activations its paused forward holds stay in memory until the end. When the first batch's forward
+pauses at its first layer, the activations it holds there (every tensor the local variables of its paused call stack
+hold, measured by their storage) times the number of batches, plus the batches themselves, are the estimate of what the
+run will hold; it is logged, and a run whose other batches would need more than the calibration device has free (CPU:
 MemAvailable of ``/proc/meminfo``, or psutil; CUDA: ``mem_get_info``) is refused before any of them runs, naming
-``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward
-holds more there (an expansion, a skip connection), the run is refused before the other batches get there.
+``batches=`` and ``method="exact"``. The first batch is watched at every later layer too: where its paused forward holds
+more there (an expansion, a skip connection), the run is refused before the other batches get there.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
-import weakref
-from typing import Any, Callable, Iterator, Optional
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..data import batch_size_of, call_model, model_failures, output_tensors
-from ..errors import CalibrationError
+from ..errors import CalibrationError, byte_size
 from ..lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from ..placement import Placement
 from ..progress import progress_bar
@@ -49,9 +52,9 @@ def calibrate_sequential(model: nn.Module, layers: list[Layer], inputs: Iterator
         free = available_memory(run.device) if held_bytes else None  # batches read already are in memory
         if free is not None and held_bytes > free:
             raise CalibrationError(
-                f"the {len(read)} calibration batches take {_size(held_bytes)}, more than the {_size(free)} free on "
-                f"{run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) or use "
-                "method='exact', which holds one batch at a time")
+                f"the {len(read)} calibration batches take {byte_size(held_bytes)}, more than the {byte_size(free)} "
+                f"free on {run.device}, where sequential recalibration holds them all: pass fewer batches (batches=) "
+                "or use method='exact', which holds one batch at a time")
         held = [(index, run.move(model_input)) for index, model_input in read]
         del read
     except BaseException:  # Ctrl-C and SIGTERM too: the other ranks must not wait for this one
@@ -118,7 +121,6 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
             if not final:
                 return
             ranks.merge([layer], [0])
-            check_finite([layer])
             for calibrated, (mean, var) in final_statistics([layer]).items():
                 calibrated.module.running_mean.copy_(mean)
                 calibrated.module.running_var.copy_(var)
@@ -130,18 +132,21 @@ def _in_step(model: nn.Module, layers: list[Layer], held: list[tuple[int, Any]],
                             context=run.context, on_arrive=measure,
                             choose=lambda paused: ranks.choose(paused, len(layers)), alternate=True)
         try:
-            watch.start(lockstep.current_lane)
+            watch.start()
             lockstep.run(settle)
         except (PeerFailure, PeerRevisited):
             raise
         except Revisited:
             ranks.choose({}, len(layers), status=REVISITED)
             raise
-        except BaseException:
+        except BaseException as error:
             ranks.choose({}, len(layers), status=FAILED)
+            if isinstance(error, Exception):
+                check_finite(order)  # non-finite statistics on the way are the cause to name
             raise
         finally:
             watch.stop()
+    check_finite(order)  # once, at the end: the first layer (in forward order) non-finite values reached is named
     return order, passes[0]
 
 
@@ -155,50 +160,41 @@ def _count_calls(model: nn.Module, layers: list[Layer], held: list[tuple[int, An
 
 
 class _MemoryWatch:
-    """The memory a sequential run holds. While the first batch's forward runs, forward hooks on every module
-    remember (weakly) the tensors they return; at each of its stops, the storages still alive are what one paused
-    forward holds there. At the first stop, that times the batches, plus the batches, is the estimate logged before
-    any other batch runs; a run whose other batches would need more than the device has free (there, or at a later
-    stop where the paused forwards hold more) is refused with :class:`CalibrationError`. ``held`` is the largest
-    estimate over the stops seen."""
+    """The memory a sequential run holds. At each stop of the first batch's forward, the tensors its Python frames
+    hold (every local variable of the model's code on the paused call stack that is a tensor, or a tuple, list or
+    dict holding tensors; not the batch itself, the model's parameters and buffers, or normswap's own frames),
+    counted by storage, are what one paused forward holds there. At the first stop, that times the batches, plus
+    the batches, is the estimate logged before any other batch runs; a run whose other batches would need more than
+    the device has free (there, or at a later stop where the paused forwards hold more) is refused with
+    :class:`CalibrationError`. ``held_most`` is the largest estimate over the stops seen. Nothing is hooked: the
+    forwards run as they would without the watch."""
 
     def __init__(self, model: nn.Module, held: list[tuple[int, Any]], run: Placement) -> None:
         self.model, self.held, self.run = model, held, run
-        self.outputs: list[weakref.ref] = []
-        self.handles: list[Any] = []
         self.watching = False
-        self.lane: Callable[[], Optional[int]] = lambda: None
-        self.lane_input: set[int] = set()
+        self.skipped: set[int] = set()
         self.batches = 0
         self.activations: Optional[int] = None
         self.most = 0
         self.free: Optional[int] = None
 
-    def start(self, lane: Callable[[], Optional[int]]) -> None:
-        """Watch the first batch's forward; ``lane`` says which lane the calling thread runs."""
+    def start(self) -> None:
+        """Watch the first batch's forward."""
         if not self.held:
             return
-        self.watching, self.lane = True, lane
-        self.handles = [module.register_forward_hook(self._record) for module in self.model.modules()]
-        self.lane_input = {t.untyped_storage().data_ptr() for t in output_tensors(self.held[0][1])}
+        self.watching = True
+        model_tensors = itertools.chain(self.model.parameters(), self.model.buffers(), output_tensors(self.held[0][1]))
+        self.skipped = {tensor.untyped_storage().data_ptr() for tensor in model_tensors}
         self.batches = sum(_nbytes(model_input) for _, model_input in self.held)
 
-    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.watching and self.lane() == 0:
-            self.outputs += [weakref.ref(t) for t in output_tensors(output)]
-
     def check(self, arriving: torch.Tensor) -> None:
-        """At a stop of the first batch: measure what it holds; at the first, log the estimate; refuse a run whose
-        other batches cannot get there."""
-        alive = [tensor for tensor in (ref() for ref in self.outputs) if tensor is not None]
-        self.outputs = [weakref.ref(tensor) for tensor in alive]
+        """At a stop of the first batch, in its thread: measure what it holds; at the first, log the estimate;
+        refuse a run whose other batches cannot get there."""
         storages = {}
-        for tensor in alive + [arriving]:
+        for tensor in [arriving, *_held_by_frames()]:
             storage = tensor.untyped_storage()
             storages.setdefault(storage.data_ptr(), storage.nbytes())
-        for pointer in self.lane_input:
-            storages.pop(pointer, None)
-        activations = sum(storages.values())
+        activations = sum(size for pointer, size in storages.items() if pointer not in self.skipped)
         earlier, self.activations = self.activations, activations
         self.most = max(self.most, activations)
         lanes = len(self.held)
@@ -207,17 +203,17 @@ class _MemoryWatch:
         free = self.free
         if earlier is None:
             log.info("sequential recalibration will hold about %s on %s: %d batch(es) (%s) and their paused "
-                     "forwards (%s each at the first layer)%s", _size(self.batches + activations * lanes),
-                     self.run.device, lanes, _size(self.batches), _size(activations),
-                     f"; {_size(free)} free" if free is not None else "",
+                     "forwards (%s each at the first layer)%s", byte_size(self.batches + activations * lanes),
+                     self.run.device, lanes, byte_size(self.batches), byte_size(activations),
+                     f"; {byte_size(free)} free" if free is not None else "",
                      extra={"normswap_memory_estimate": self.batches + activations * lanes})
         more = (activations - (earlier or 0)) * (lanes - 1)  # what the other batches add to get here
         if free is not None and more > free:
             fits = max(1, int(free // max(activations, 1)))
             raise CalibrationError(
-                f"sequential recalibration would hold about {_size(self.batches + activations * lanes)} ({lanes} "
-                f"batches and {_size(activations)} of activations each, paused at a layer), more than the "
-                f"{_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
+                f"sequential recalibration would hold about {byte_size(self.batches + activations * lanes)} ({lanes} "
+                f"batches and {byte_size(activations)} of activations each, paused at a layer), more than the "
+                f"{byte_size(free)} free on {self.run.device}: calibrate on fewer batches (batches="
                 f"{min(fits, lanes - 1)} or so) or use method='exact', which holds one batch at a time")
 
     @property
@@ -226,14 +222,37 @@ class _MemoryWatch:
         return self.batches + self.most * len(self.held)
 
     def stop(self) -> None:
-        if self.activations is not None and self.handles:
-            log.debug("sequential recalibration held about %s at most", _size(self.held_most),
+        if self.activations is not None and self.watching:
+            log.debug("sequential recalibration held about %s at most", byte_size(self.held_most),
                       extra={"normswap_memory_held": self.held_most})
         self.watching = False
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.outputs = []
+
+
+_OWN_CODE = str(Path(__file__).resolve().parents[1])
+"""Where normswap's own code lives: its frames on a lane's stack hold the batch and bookkeeping, no activations."""
+_MODULE_CALL = nn.Module.__call__.__code__.co_filename
+"""The file of ``nn.Module.__call__``: its two frames around every module call hold that call's arguments, which
+the caller's frame holds too."""
+
+
+def _held_by_frames() -> list[torch.Tensor]:
+    """The tensors the local variables of the calling thread's function frames hold, except in normswap's own frames and
+    those of ``nn.Module.__call__``: on a lane's thread, what its paused forward keeps alive. (Before Python 3.13
+    reading a frame's variables leaves a copy of them on the frame until the next read or the frame's end, so a tensor
+    the model drops between two stops of the first batch lives until the next one.)"""
+    found: list[torch.Tensor] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_flags & inspect.CO_OPTIMIZED and code.co_filename != _MODULE_CALL \
+                and not code.co_filename.startswith(_OWN_CODE):
+            for value in frame.f_locals.values():
+                if isinstance(value, torch.Tensor):
+                    found.append(value)
+                elif isinstance(value, (tuple, list, dict)):  # (modules and other objects are not looked into)
+                    found += output_tensors(value)
+        frame = frame.f_back
+    return found
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -271,13 +290,3 @@ def _nbytes(value: Any, *, elsewhere: Optional[torch.device] = None) -> int:
         storage = tensor.untyped_storage()
         storages.setdefault(storage.data_ptr(), storage.nbytes())
     return sum(storages.values())
-
-
-def _size(count: Optional[int]) -> str:
-    """``count`` bytes for a reader: ``512 B``, ``3.1 MB``, ``12.4 GB``."""
-    value = float(count or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"

@@ -54,8 +54,10 @@ class Layer:
     module: nn.Module
     names: list[str]
     moments: Optional[Moments] = None
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    """Inputs measured but not yet merged (:func:`add_input_statistics`): ``(values per row, row means, row M2)``."""
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+    """Inputs measured but not yet merged (:func:`add_input_statistics`): ``(values per row, row means, row M2,
+    False)``, or ``(values per row, row means, row reciprocal standard deviations, True)`` from GroupNorm's kernel.
+    A row is one sample's channels (``[N, C]``) or the whole input's (``[C]``)."""
 
     @property
     def name(self) -> str:
@@ -106,28 +108,29 @@ def add_input_statistics(layer: Layer, x: torch.Tensor) -> None:
 
     A contiguous float32/float64 CPU input with at least :data:`ROWWISE_MIN_VALUES` values per sample and channel is
     measured per sample and channel by GroupNorm's kernel (one read for the moments, with C groups; on CPU about
-    1.3-1.7x a BatchNorm eval pass, where two passes cost 1.8-2.4x); otherwise the mean is taken first and the
-    squares of the centered values second, accumulated in float32 (float64 for float64 inputs)."""
+    1.3-1.7x a BatchNorm eval pass, where two passes cost 1.8-2.4x), and only the kernel runs here: its means and
+    reciprocal deviations become float64 moments when :func:`merge_pending` merges every arrival at once; otherwise
+    the mean is taken first and the squares of the centered values second, accumulated in float32 (float64 for
+    float64 inputs)."""
     count = values_per_channel(x)
     if count == 0:
         return
     channels = x.shape[1]
     if count == 1:
         value = x.reshape(1, channels).clone()  # a copy: the model may change its input in place later
-        layer.pending.append((1, value, torch.zeros_like(value)))
+        layer.pending.append((1, value, torch.zeros_like(value), False))
         return
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     per_sample = count // x.shape[0]
     if x.device.type == "cpu" and per_sample >= ROWWISE_MIN_VALUES and x.is_contiguous():
         _, mean, rstd = torch.native_group_norm(x, None, None, x.shape[0], channels, per_sample, channels, 0.0)
-        rstd = rstd.double()
-        layer.pending.append((per_sample, mean.view(-1, channels), per_sample / (rstd * rstd).view(-1, channels)))
+        layer.pending.append((per_sample, mean, rstd, True))
         return
     dims = [0, *range(2, x.dim())]
     mean = x.mean(dims)
     centered = x - mean.view([1, -1] + [1] * (x.dim() - 2))
-    layer.pending.append((count, mean.view(1, channels), centered.mul_(centered).sum(dims).view(1, channels)))
+    layer.pending.append((count, mean, centered.mul_(centered).sum(dims), False))
 
 
 def merge_pending(layer: Layer) -> None:
@@ -135,16 +138,33 @@ def merge_pending(layer: Layer) -> None:
     M2 in float64, the rows' means combined in two passes (their mean first, then their squared deviations)."""
     if not layer.pending:
         return
-    device = layer.moments.mean.device
-    counts = torch.tensor([n for n, mean, _ in layer.pending for _ in range(mean.shape[0])], dtype=torch.float64,
-                          device=device)
-    means = torch.cat([mean.to(device, torch.float64) for _, mean, _ in layer.pending])
-    m2 = torch.cat([m2.to(device, torch.float64) for _, _, m2 in layer.pending])
-    layer.pending = []
-    total = counts.sum()
-    mean = counts @ means / total
-    deviation = means - mean
-    layer.moments.add(int(total.item()), mean, m2.sum(0) + counts @ (deviation * deviation))
+    pending, layer.pending = layer.pending, []
+    device, channels = layer.moments.mean.device, layer.moments.mean.shape[0]
+    rows = [(count, rstd) for count, mean, _, rstd in pending for _ in range(mean.numel() // channels)]
+    counts = [count for count, _ in rows]
+    means = torch.cat([mean.reshape(-1) for _, mean, _, _ in pending]).to(device, torch.float64).view(-1, channels)
+    spreads = torch.cat([spread.reshape(-1) for _, _, spread, _ in pending]).to(device, torch.float64)
+    spreads = spreads.view(-1, channels)
+    if any(rstd for _, rstd in rows):  # M2 = n / rstd² where GroupNorm's kernel measured the row
+        if all(rstd for _, rstd in rows):
+            per_row = counts[0] if len(set(counts)) == 1 else torch.tensor(
+                counts, dtype=torch.float64, device=device).view(-1, 1)
+            spreads = per_row / (spreads * spreads)
+        else:
+            rowwise = torch.tensor([rstd for _, rstd in rows], device=device).view(-1, 1)
+            per_row = torch.tensor(counts, dtype=torch.float64, device=device).view(-1, 1)
+            spreads = torch.where(rowwise, per_row / (spreads * spreads), spreads)
+    total = sum(counts)
+    if len(set(counts)) == 1:  # the common case: every row has as many values
+        mean = means.mean(0)
+        deviation = means - mean
+        m2 = spreads.sum(0) + counts[0] * (deviation * deviation).sum(0)
+    else:
+        weights = torch.tensor(counts, dtype=torch.float64, device=device)
+        mean = weights @ means / total
+        deviation = means - mean
+        m2 = spreads.sum(0) + weights @ (deviation * deviation)
+    layer.moments.add(total, mean, m2)
 
 
 def check_finite(layers: list[Layer]) -> None:
