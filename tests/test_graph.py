@@ -208,4 +208,3 @@ def test_example_inputs_are_packaged_as_the_libraries_models_take_them():
     assert str(find_example(transformers.ResNetModel(config))) == \
         "{pixel_values: 2x3x224x224} (the transformers config)"
     assert str(find_example(YOLO("yolov8n.yaml").model)) == "1x3x640x640 (ultralytics' documented input size)"
-
