@@ -168,7 +168,10 @@ def test_a_model_that_fails_or_has_uninitialized_lazy_layers_is_a_graph_error():
         capture(nn.Conv2d(3, 3, 1), torch.randn(1, 5, 2, 2))
     with pytest.raises(GraphError, match="layer '1' is an uninitialized lazy module"):
         capture(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), torch.randn(1, 3))
+    with pytest.raises(GraphError, match="mat1 and mat2 shapes cannot be multiplied"):  # inside a leaf layer
+        capture(nn.Sequential(nn.Flatten(), nn.Linear(5, 2)), torch.randn(1, 3))
     assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    assert torch._C._len_torch_function_stack() == 0
 
 
 def test_example_inputs_come_from_data_a_shape_or_the_architecture():
