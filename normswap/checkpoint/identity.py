@@ -80,8 +80,10 @@ def _timm_shape_arguments(model: nn.Module, config: dict[str, Any]) -> dict[str,
 
 
 def _output_stride(model: nn.Module) -> Optional[int]:
-    """The ``output_stride`` a timm model was built with (dilated last stages, for segmentation), as its feature
-    information's largest reduction says, where that is below the usual 32; ``None`` otherwise."""
+    """The ``output_stride`` a timm model was built with (its last stages kept at a finer stride, for
+    segmentation), as its feature information's largest reduction says, where that is below the usual 32 and the
+    stages do not all reduce alike (a vision transformer's blocks all reduce by its patch size); ``None``
+    otherwise."""
     info = getattr(model, "feature_info", None)
     if callable(getattr(info, "reduction", None)):
         reductions = info.reduction()
@@ -90,7 +92,9 @@ def _output_stride(model: nn.Module) -> Optional[int]:
     else:
         return None
     reductions = [reduction for reduction in reductions if isinstance(reduction, int)]
-    return max(reductions) if reductions and max(reductions) < 32 else None
+    if len(set(reductions)) < 2 or max(reductions) >= 32:
+        return None
+    return max(reductions)
 
 
 def _timm_pooling(model: nn.Module) -> Optional[str]:
