@@ -324,7 +324,7 @@ class ArchSpec:
         if builder == "smp":
             return _smp_factory(self.name.partition(":")[2])
         factory = imports.resolve(self.name, what="architecture", error=ArchitectureError)
-        if self.file_keys and not (inspect.isclass(factory) and issubclass(factory, nn.Module)):
+        if self.file_keys and not _is_module_class(factory):
             keys = ", ".join(shown(key) for key in sorted(self.file_keys))
             raise ArchitectureError(
                 f"{self.name} is {imports.describe_callable(factory)}, not a model class: normswap passes a file's "

@@ -535,12 +535,8 @@ class _Recorder(TorchFunctionMode):
 
     def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], name: Optional[str] = None,
                    from_input: bool = False) -> Value:
-        try:
-            version: Optional[int] = tensor._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = None
         # (positional arguments, and the shape as torch gives it, a tuple: this runs for every tensor recorded)
-        value = Value(len(self.values_seen), tensor.shape, producer, [], name, from_input, version)
+        value = Value(len(self.values_seen), tensor.shape, producer, [], name, from_input, _version(tensor))
         self.values_seen.append(value)
         self.known[id(tensor)] = (weakref.ref(tensor), value)
         return value

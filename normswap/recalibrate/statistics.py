@@ -145,15 +145,13 @@ def merge_pending(layer: Layer) -> None:
     means = torch.cat([mean.reshape(-1) for _, mean, _, _ in pending]).to(device, torch.float64).view(-1, channels)
     spreads = torch.cat([spread.reshape(-1) for _, _, spread, _ in pending]).to(device, torch.float64)
     spreads = spreads.view(-1, channels)
-    if any(rstd for _, rstd in rows):  # M2 = n / rstd² where GroupNorm's kernel measured the row
-        if all(rstd for _, rstd in rows):
-            per_row = counts[0] if len(set(counts)) == 1 else torch.tensor(
-                counts, dtype=torch.float64, device=device).view(-1, 1)
-            spreads = per_row / (spreads * spreads)
-        else:
-            rowwise = torch.tensor([rstd for _, rstd in rows], device=device).view(-1, 1)
-            per_row = torch.tensor(counts, dtype=torch.float64, device=device).view(-1, 1)
-            spreads = torch.where(rowwise, per_row / (spreads * spreads), spreads)
+    measured = [rstd for _, rstd in rows]
+    if any(measured):  # M2 = n / rstd² where GroupNorm's kernel measured the row
+        per_row = counts[0] if len(set(counts)) == 1 else torch.tensor(
+            counts, dtype=torch.float64, device=device).view(-1, 1)
+        derived = per_row / (spreads * spreads)
+        spreads = derived if all(measured) else torch.where(
+            torch.tensor(measured, device=device).view(-1, 1), derived, spreads)
     total = sum(counts)
     if len(set(counts)) == 1:  # the common case: every row has as many values
         mean = means.mean(0)
