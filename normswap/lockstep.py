@@ -4,21 +4,23 @@ Sequential recalibration and fitted affine weights both need, for each layer in 
 from *all* calibration batches (statistics, a least-squares fit) before any batch goes past that layer. Running one
 forward per layer, or re-running the model from the start for each layer, costs as many forwards as there are
 layers; replaying a traced graph does not see the model's real control flow. :class:`Lockstep` instead runs each
-batch's forward (a *lane*) exactly once, in its own thread, and pauses every lane at each *stop* (a forward
-pre-hook on a chosen module): when every lane is paused or finished, the stop reached first is *settled* (the
-caller computes what it needs from the inputs that arrived there) and the lanes waiting at it go on. Each batch's
-forward runs once, on any model that runs, whatever its control flow.
+batch's forward (a *lane*) exactly once, and pauses every lane at each *stop* (a forward pre-hook on a chosen
+module): when every lane is paused or finished, the stop reached first is *settled* (the caller computes what it
+needs from the inputs that arrived there) and the lanes waiting at it go on. Each batch's forward runs once, on any
+model that runs, whatever its control flow.
 
-Only one lane runs at a time, handed over explicitly, so the calls into the model are as sequential and
-deterministic as a loop over the batches (the threads exist only to keep each forward's Python stack while it
-waits). Each lane runs under the thread-local torch state of the thread that calls :meth:`Lockstep.run` (grad and
-inference mode, autocast, torch function and dispatch modes, the current CUDA device and stream), then under the
-context its caller gives (no_grad, autocast, device), so a forward in a lane computes what it would in a loop.
-A hand-over between threads costs tens of microseconds of CPU (a semaphore and the interpreter lock), so the run
-makes as few as it can: the lane that pauses last at a stop settles it itself, in its own thread, and hands over to
-the next lane directly; with ``alternate=True`` the lanes waiting at a stop go on in the reverse order of their
-arrival, so the lane that settled runs on without a hand-over (and with its activations still in the cache): a
-stop costs ``lanes - 1`` hand-overs instead of ``lanes + 1``, none with one lane.
+A lane is a greenlet (a coroutine with its own Python and C stack) on the thread that calls :meth:`Lockstep.run`:
+pausing is a switch back to that thread's own code, which costs about a microsecond, and every forward runs on the
+caller's thread, with its warm caches (a forward on a new thread pays for oneDNN's per-thread primitive caches and a
+fresh malloc arena: on a small CPU model, as much again as the forward itself). Only one lane runs at a time, so the
+calls into the model are as sequential and deterministic as a loop over the batches. The whole run is under the
+context its caller gives (no_grad, autocast, device), entered once, so each lane starts under the caller's
+thread-local torch state (grad and inference mode, autocast, torch function and dispatch modes, the current CUDA
+stream) with that context on top; what a forward changes of that state before it pauses (a ``with
+torch.autocast(..., enabled=False)`` around a stop) stays that lane's: it is put back for the other lanes and the
+settle, and restored when the lane goes on (:class:`_TorchState`). With ``alternate=True``
+the lanes waiting at a stop go on in the reverse order of their arrival, so the lane that arrived last runs on with
+its activations still in the cache.
 
 A stop can be settled several times per forward when its layer is called several times (``calls=``): round ``r``
 is settled once every lane that will call it an ``r``-th time has paused there. A lane that reaches a stop after its
@@ -41,14 +43,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Sequence, TypeVar
 
+import greenlet
 import torch
 from torch import nn
-from torch.overrides import _get_current_function_mode_stack
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .graph import capture
 
@@ -89,39 +89,60 @@ class Arrival:
     args: tuple
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+_AUTOCAST_DEVICES = tuple(device for device in ("cpu", "cuda", "mps", "xpu", "hpu")
+                          if torch._C._is_autocast_available(device))
 
 
-class _CallerState:
-    """The thread-local torch state of the thread that runs the lockstep, captured there, to be entered in each lane
-    thread: grad and inference mode, autocast (per device type, with the cast cache setting), the torch function
-    and dispatch modes (outermost first), the current CUDA device and stream (where CUDA is in use)."""
+class _TorchState(NamedTuple):
+    """The thread-local torch state a forward can change before it pauses, as one comparable value: grad and
+    inference mode, autocast (enabled devices and their dtypes, the cast cache), the torch function and dispatch
+    mode stacks, and the current CUDA stream (where CUDA is in use). Lanes share their thread, so each lane's state
+    is captured when it pauses and put back when it goes on; a forward that changes none of it costs one
+    :meth:`capture` per pause."""
 
-    def __init__(self) -> None:
-        self.grad = torch.is_grad_enabled()
-        self.inference = torch.is_inference_mode_enabled()
-        self.autocast = [(device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
-                         if torch.is_autocast_enabled(device)]
-        self.autocast_cache = torch.is_autocast_cache_enabled()
-        self.function_modes = _get_current_function_mode_stack()
-        self.dispatch_modes = _get_current_dispatch_mode_stack()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self.stream = torch.cuda.current_stream() if cuda else None
+    grad: bool
+    inference: bool
+    autocast: tuple
+    autocast_cache: bool
+    function_modes: tuple
+    dispatch_modes: tuple
+    stream: Any
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            if self.stream is not None:
-                stack.enter_context(torch.cuda.device(self.stream.device))
-                stack.enter_context(torch.cuda.stream(self.stream))
-            if self.inference:
-                stack.enter_context(torch.inference_mode())
-            stack.enter_context(torch.set_grad_enabled(self.grad))
-            for device, dtype in self.autocast:
-                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=self.autocast_cache))
-            for mode in (*self.function_modes, *self.dispatch_modes):
-                stack.enter_context(mode)
-            yield
+    @classmethod
+    def capture(cls) -> "_TorchState":
+        autocast = tuple((device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                         if torch.is_autocast_enabled(device)) if torch._C._is_any_autocast_enabled() else ()
+        functions = torch._C._len_torch_function_stack()
+        dispatches = torch._C._len_torch_dispatch_stack()
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+                   torch.is_autocast_cache_enabled(),
+                   tuple(torch._C._get_function_stack_at(i) for i in range(functions)) if functions else (),
+                   tuple(torch._C._get_dispatch_stack_at(i) for i in range(dispatches)) if dispatches else (),
+                   torch.cuda.current_stream() if torch.cuda.is_initialized() else None)
+
+    def enter(self, current: "_TorchState") -> None:
+        """Make this the thread's state where it is ``current``, but for the inference mode, which only a guard
+        object can change (``torch._C._InferenceMode``: it puts back the state it found when it is dropped)."""
+        torch._C._set_grad_enabled(self.grad)
+        if self.autocast != current.autocast:
+            wanted = dict(self.autocast)
+            for device in _AUTOCAST_DEVICES:
+                torch.set_autocast_enabled(device, device in wanted)
+                if device in wanted:
+                    torch.set_autocast_dtype(device, wanted[device])
+        torch.set_autocast_cache_enabled(self.autocast_cache)
+        if self.function_modes != current.function_modes:
+            for _ in current.function_modes:
+                torch._C._pop_torch_function_stack()
+            for mode in self.function_modes:
+                torch._C._push_on_torch_function_stack(mode)
+        if self.dispatch_modes != current.dispatch_modes:
+            for _ in current.dispatch_modes:
+                torch._C._pop_torch_dispatch_stack(None)
+            for mode in self.dispatch_modes:
+                torch._C._push_on_torch_dispatch_stack(mode)
+        if self.stream is not None and self.stream != current.stream:
+            torch.cuda.set_stream(self.stream)
 
 
 class _Lane:
@@ -135,37 +156,29 @@ class _Lane:
         self.visits: dict[int, int] = {}
         self.output: Any = None
         self.error: Optional[BaseException] = None
-        self.thread: Optional[threading.Thread] = None
-        # A plain lock as a one-slot semaphore, held while no wake-up is pending (released by the lane that hands
-        # over, acquired by this lane to wait): half the cost of threading.Semaphore, whose wait is Python code.
-        self.wake = threading.Lock()
-        self.wake.acquire()
-
-    def wake_up(self) -> None:
-        """Let this lane go on from where it waits (now, or when it next waits)."""
-        try:
-            self.wake.release()
-        except RuntimeError:  # a wake-up is pending already (an abort racing a hand-over)
-            pass
+        self.coroutine: Optional[greenlet.greenlet] = None
+        self.torch_state: Optional[_TorchState] = None  # as it was when the lane last paused
+        self.inference_guard: Optional[torch._C._InferenceMode] = None
 
 
 class Lockstep:
     """Run ``forwards`` (one callable per lane) in step at the ``stops`` (module -> stop number).
 
     Args:
-        forwards: each lane's forward, called once in its own thread.
+        forwards: each lane's forward, called once, in a greenlet of its own on the calling thread.
         stops: the modules to pause at, each with its stop number (several modules may share one: a layer of two
             models run side by side).
         calls: how many times per forward each stop's modules are called (default 1).
-        context: a context manager factory entered by each lane around its forward (``torch.no_grad``...).
+        context: a context manager factory entered once around the run: every lane's forward and every settle run
+            under it (``torch.no_grad``...).
         on_arrive: called in the lane, under its context, when it reaches a stop: ``on_arrive(stop, arrival,
             round)`` (measure the input there, then let it go).
         choose: picks the stop to settle from the paused ones (``{stop: first step it was seen paused}``), or
             ``None`` when nothing is left anywhere; by default the one seen first (ties: the lower number). Under
             ``torch.distributed`` the caller makes all processes agree here.
-        alternate: let the lanes waiting at a stop go on in the reverse order of their arrival (fewer hand-overs;
-            see the module documentation) instead of in lane order. For callers whose ``on_arrive`` does not rely
-            on the order in which the lanes arrive.
+        alternate: let the lanes waiting at a stop go on in the reverse order of their arrival (the last one still
+            has its activations in the cache) instead of in lane order. For callers whose ``on_arrive`` does not
+            rely on the order in which the lanes arrive.
     """
 
     def __init__(self, forwards: list[Callable[[], Any]], stops: dict[nn.Module, int], *,
@@ -182,53 +195,54 @@ class Lockstep:
         self.choose = choose or _first_seen
         self.alternate = alternate
         self.settled: dict[int, int] = {}
-        self.queue: list[_Lane] = []
-        self.main = threading.Semaphore(0)
-        self.aborting = False
-        self.local = threading.local()
-        self.caller_state: Optional[_CallerState] = None
-        self.settle: Callable[[int, list[Arrival], bool], None] = lambda stop, arrivals, final: None
         self.first_seen: dict[int, int] = {}
         self.step = 0
         self.arrivals = 0
-        self.failure: Optional[BaseException] = None
+        self.running: Optional[_Lane] = None
+        self.home: Optional[_TorchState] = None  # the state the run is under, where no lane is running
+        self.aborting = False
 
     def run(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
         """Run every lane to its end, settling stops as they fill: ``settle(stop, arrivals, final)`` is called with
-        the lanes paused there, in lane order (``final`` on the stop's last round), before they go on; it runs in
-        the thread of the lane that paused last, under that lane's state and context. Returns each lane's output.
-        The first error of a lane or of ``settle`` stops every lane and is raised here."""
-        self.caller_state = _CallerState()
+        the lanes paused there, in lane order (``final`` on the stop's last round), before they go on; it runs on
+        the calling thread, under ``context`` as the lanes do. Returns each lane's output. The first error of a lane
+        or of ``settle`` stops every lane and is raised here."""
+        scheduler = greenlet.getcurrent()
+        for lane in self.lanes:
+            lane.coroutine = greenlet.greenlet(lambda lane=lane: self._body(lane), parent=scheduler)
         handles = [module.register_forward_pre_hook(self._hook(stop)) for module, stop in self.stops.items()]
-        self.settle = settle
         try:
-            if self.lanes:
-                self.queue = list(self.lanes[1:])
-                self._resume(self.lanes[0])
-                self.main.acquire()
-            else:  # no lane here: this thread takes part in every settle until the run is over everywhere
-                self._settle_next()
-            if self.failure is not None:
-                raise self.failure
-            for lane in self.lanes:
-                lane.thread.join()  # each has finished: its last act was to wake this thread
-            return [lane.output for lane in self.lanes]
-        except BaseException:
-            self._abort()
-            raise
+            with self.context():
+                try:
+                    return self._schedule(settle)
+                except BaseException:
+                    self._abort()
+                    raise
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _schedule(self, settle: Callable[[int, list[Arrival], bool], None]) -> list[Any]:
+        """Let the lanes go on and settle stops until every lane has finished (and, under ``torch.distributed``,
+        ``choose`` says the run is over everywhere)."""
+        self.home = _TorchState.capture()
+        going_on = list(self.lanes)
+        while True:
+            for lane in going_on:
+                self._go_on(lane)
+            going_on = self._settle_next(settle)
+            if going_on is None:
+                return [lane.output for lane in self.lanes]
+
     def current_lane(self) -> Optional[int]:
-        """The index of the lane running in the calling thread; ``None`` outside the lanes."""
-        lane = getattr(self.local, "lane", None)
-        return lane.index if lane is not None else None
+        """The index of the lane running where this is called; ``None`` outside the lanes."""
+        lane = self.running
+        return lane.index if lane is not None and lane.coroutine is greenlet.getcurrent() else None
 
     def _hook(self, stop: int) -> Callable[[nn.Module, tuple], None]:
         def pause(module: nn.Module, args: tuple) -> None:
-            lane = getattr(self.local, "lane", None)
-            if lane is None:
+            lane = self.running
+            if lane is None or lane.coroutine is not greenlet.getcurrent():
                 return  # a call from outside the lanes
             visit = lane.visits.get(stop, 0) + 1
             lane.visits[stop] = visit
@@ -240,108 +254,83 @@ class Lockstep:
                     self.on_arrive(stop, arrival, visit)
             except Exception as exc:
                 raise _Passing(exc) from exc
-            self._pause(lane, stop, arrival)
+            self.arrivals += 1
+            lane.state, lane.stop, lane.arrival, lane.arrived = "paused", stop, arrival, self.arrivals
+            lane.coroutine.parent.switch()
+            lane.arrival = None
+            if self.aborting:
+                raise _Abort
 
         return pause
 
-    def _resume(self, lane: _Lane) -> None:
-        lane.state = "running"
-        if lane.thread is None:
-            lane.thread = threading.Thread(target=self._body, args=(lane,), daemon=True,
-                                           name=f"normswap-lane-{lane.index}")
-            lane.thread.start()
-        else:
-            lane.wake_up()
-
-    def _hand_over(self, current: _Lane) -> bool:
-        """Called by the running lane when it pauses or finishes: the next queued lane runs or, when every lane is
-        paused or finished, the next stop is settled here and its first lane runs; the main thread is woken when
-        nothing is left (or something failed). True when that next lane is ``current`` itself: it runs on."""
-        if self.aborting:
-            self.main.release()
-            return False
-        following = self.queue.pop(0) if self.queue else self._settle_next()
-        if following is None:
-            self.main.release()
-            return False
-        if following is current:
-            current.state = "running"
-            return True
-        self._resume(following)
-        return False
-
-    def _settle_next(self) -> Optional[_Lane]:
-        """Every lane is paused or finished: settle the stop ``choose`` picks and queue the lanes waiting there;
-        returns the first of them, or ``None`` when the run is over or has failed (``failure``). A stop at which
-        no lane of this process waits (under ``torch.distributed``, another process's lanes may) is settled too,
-        and the next one chosen, so that every process takes part in every settle."""
-        while True:
-            try:
-                failed = next((lane.error for lane in self.lanes if lane.error is not None), None)
-                if failed is not None:
-                    raise failed
-                paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
-                for stop in sorted(paused - set(self.first_seen)):
-                    self.first_seen[stop] = self.step
-                stop = self.choose({stop: self.first_seen[stop] for stop in paused})
-                if stop is None:
-                    return None
-                waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
-                rounds = self.settled.get(stop, 0) + 1
-                self.settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
-                self.settled[stop] = rounds
-                self.step += 1
-            except BaseException as exc:  # raised by the main thread, which ends every lane
-                self.failure = exc
-                return None
-            if waiting:
-                break
-        if self.alternate:
-            waiting.sort(key=lambda lane: -lane.arrived)
-        self.queue = waiting[1:]
-        return waiting[0]
-
     def _body(self, lane: _Lane) -> None:
-        self.local.lane = lane
         try:
-            with self.caller_state.entered(), self.context():
-                lane.output = lane.forward()
+            lane.output = lane.forward()
         except _Abort:
             pass
         except _Passing as passing:
             lane.error = passing.error
-        except BaseException as exc:  # handed to the main thread, which raises it
+        except BaseException as exc:  # raised by run() in the caller's code
             lane.error = exc
         finally:
             lane.state = "finished"
             lane.arrival = None
-            self._hand_over(lane)
 
-    def _pause(self, lane: _Lane, stop: int, arrival: Arrival) -> None:
-        self.arrivals += 1
-        lane.state, lane.stop, lane.arrival, lane.arrived = "paused", stop, arrival, self.arrivals
-        if not self.aborting and not self._hand_over(lane):
-            lane.wake.acquire()
-        lane.arrival = None
-        if self.aborting:
-            raise _Abort
+    def _go_on(self, lane: _Lane) -> None:
+        """Run ``lane`` until it pauses or finishes, under its own torch state; raise what it raised."""
+        here = self.home  # (every switch puts it back)
+        lane.inference_guard = None  # puts back the lane's inference mode, grad mode and dispatch keys
+        own = lane.torch_state
+        if own is not None and own != here:
+            own.enter(here)
+        lane.state = "running"
+        self.running = lane
+        try:
+            lane.coroutine.switch()
+        finally:
+            self.running = None
+            own = lane.torch_state = _TorchState.capture()
+            if own.inference != here.inference:  # (made first: it keeps the lane's state as it is now)
+                lane.inference_guard = torch._C._InferenceMode(here.inference)
+            if own != here:
+                here.enter(own)
+        if lane.error is not None:
+            raise lane.error
+
+    def _settle_next(self, settle: Callable[[int, list[Arrival], bool], None]) -> Optional[list[_Lane]]:
+        """Every lane is paused or finished: settle the stop ``choose`` picks; returns the lanes waiting there, in
+        the order they go on, or ``None`` when the run is over. A stop at which no lane of this process waits (under
+        ``torch.distributed``, another process's lanes may) is settled too, and the next one chosen, so that every
+        process takes part in every settle."""
+        while True:
+            paused = {lane.stop for lane in self.lanes if lane.state == "paused"}
+            for stop in sorted(paused - set(self.first_seen)):
+                self.first_seen[stop] = self.step
+            stop = self.choose({stop: self.first_seen[stop] for stop in paused})
+            if stop is None:
+                return None
+            waiting = [lane for lane in self.lanes if lane.state == "paused" and lane.stop == stop]
+            rounds = self.settled.get(stop, 0) + 1
+            settle(stop, [lane.arrival for lane in waiting], rounds >= self.calls.get(stop, 1))
+            self.settled[stop] = rounds
+            self.step += 1
+            if waiting:
+                return sorted(waiting, key=lambda lane: -lane.arrived) if self.alternate else waiting
 
     def _abort(self) -> None:
-        """End every lane: a paused one raises where it waits, a running one at its next stop."""
+        """End every lane that has not finished: a paused one raises where it waits, and unwinds."""
         self.aborting = True
-        self.queue = []
         for lane in self.lanes:
-            lane.wake_up()
-        for lane in self.lanes:
-            if lane.thread is not None and lane.thread is not threading.current_thread():
-                lane.thread.join()
+            if lane.state == "paused":
+                try:
+                    self._go_on(lane)
+                except BaseException:  # the error that stopped the run is the one raised
+                    pass
 
 
 def _first_seen(paused: dict[int, int]) -> Optional[int]:
     """The paused stop seen first, the lowest-numbered among those seen at the same step."""
     return min(paused, key=lambda stop: (paused[stop], stop)) if paused else None
-
-
 def count_calls(model: nn.Module, model_input: Any, modules: Sequence[nn.Module]) -> dict[int, int]:
     """How many times each of ``modules`` (by position: its stop number) is called in one forward of ``model`` on
     ``model_input``, for those called at all (:func:`normswap.graph.capture`, which leaves nothing on the model).

@@ -15,8 +15,20 @@ def model_and_batches():
     return model, [torch.randn(2, 3) for _ in range(3)]
 
 
-def lanes_left() -> list:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("normswap-lane")]
+class Unwinding(nn.Module):
+    """Counts the forwards that started and those that ended (their ``finally`` ran)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.started = self.ended = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.started += 1
+        try:
+            return self.model(x)
+        finally:
+            self.ended += 1
 
 
 def test_every_stop_is_settled_once_all_forwards_reached_it_and_each_forward_runs_once():
@@ -30,7 +42,15 @@ def test_every_stop_is_settled_once_all_forwards_reached_it_and_each_forward_run
                       "lane 2 at 0", "settle 0", "lane 0 at 1", "lane 1 at 1", "lane 2 at 1", "settle 1"]
     with torch.no_grad():
         assert all(torch.equal(out, model(x)) for out, x in zip(outputs, batches))
-    assert not lanes_left()
+
+
+def test_every_forward_runs_on_the_calling_thread_and_no_thread_is_started():
+    model, batches = model_and_batches()
+    running_on, threads, before = [], [], threading.active_count()
+    model[0].register_forward_pre_hook(lambda m, a: running_on.append(threading.get_ident()))
+    Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1},
+             on_arrive=lambda stop, arrival, call: threads.append(threading.active_count())).run(lambda *a: None)
+    assert running_on == [threading.get_ident()] * 3 and threads == [before] * 6
 
 
 def test_what_is_settled_is_in_place_before_any_forward_goes_on():
@@ -45,12 +65,13 @@ def test_what_is_settled_is_in_place_before_any_forward_goes_on():
     assert all(torch.equal(out, torch.full((2, 3), 3.0)) for out in outputs)
 
 
-def test_lanes_run_under_the_context_given_in_their_own_thread():
+def test_lanes_and_settles_run_under_the_context_given_and_the_caller_s_state_is_left_as_it_was():
     model, batches = model_and_batches()
     seen = []
     Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0}, context=torch.no_grad,
-             on_arrive=lambda stop, arrival, call: seen.append(torch.is_grad_enabled())).run(lambda *a: None)
-    assert seen == [False, False, False] and torch.is_grad_enabled()
+             on_arrive=lambda stop, arrival, call: seen.append(torch.is_grad_enabled())).run(
+        lambda *a: seen.append(("settle", torch.is_grad_enabled())))
+    assert seen == [False, False, False, ("settle", False)] and torch.is_grad_enabled()
 
 
 class SkipsForSmallInputs(nn.Module):
@@ -78,11 +99,11 @@ def test_a_forward_that_skips_a_stop_does_not_hold_the_others():
 
 def test_a_stop_reached_more_often_than_expected_stops_every_forward():
     layer = nn.Linear(3, 3)
-    model = nn.Sequential(layer, nn.ReLU(), layer)
+    model = Unwinding(nn.Sequential(layer, nn.ReLU(), layer))
     forwards = [lambda x=x: model(x) for x in (torch.randn(1, 3), torch.randn(1, 3))]
     with pytest.raises(Revisited) as raised:
         Lockstep(forwards, {layer: 0}).run(lambda *a: None)
-    assert raised.value.stop == 0 and not lanes_left()
+    assert raised.value.stop == 0 and model.started == model.ended == 2
     rounds = []
     Lockstep(forwards, {layer: 0}, calls={0: 2}).run(lambda stop, arrivals, final: rounds.append(final))
     assert rounds == [False, True]
@@ -101,7 +122,8 @@ class SwallowsErrors(nn.Module):
 
 
 def test_an_error_at_a_stop_passes_through_the_models_own_except_and_ends_every_lane():
-    model = SwallowsErrors()
+    inner = SwallowsErrors()
+    model = Unwinding(inner)
 
     def arrive(stop, arrival, call):
         if arrival.lane == 1:
@@ -109,50 +131,47 @@ def test_an_error_at_a_stop_passes_through_the_models_own_except_and_ends_every_
 
     forwards = [lambda: model(torch.randn(1, 3)) for _ in range(3)]
     with pytest.raises(ValueError, match="bad batch"):
-        Lockstep(forwards, {model.layer: 0}, on_arrive=arrive).run(lambda *a: None)
-    assert not lanes_left()
+        Lockstep(forwards, {inner.layer: 0}, on_arrive=arrive).run(lambda *a: None)
+    assert model.started == model.ended == 2  # the third never started
 
 
 def test_an_interrupt_while_settling_ends_every_lane():
-    model, batches = model_and_batches()
+    inner, batches = model_and_batches()
+    model = Unwinding(inner)
 
     def settle(stop, arrivals, final):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0}).run(settle)
-    assert not lanes_left()
+        Lockstep([lambda x=x: model(x) for x in batches], {inner[2]: 0}).run(settle)
+    assert model.started == model.ended == 3
 
 
-def test_with_alternate_the_lane_that_settles_runs_on_first_and_the_others_follow_in_reverse_arrival_order():
-    model, batches = model_and_batches()
-    events = []
-    threads = {}
+def test_an_interrupt_inside_a_forward_ends_every_lane_and_is_raised():
+    inner, batches = model_and_batches()
+    model = Unwinding(inner)
 
     def arrive(stop, arrival, call):
-        events.append(f"lane {arrival.lane} at {stop}")
-        threads[arrival.lane] = threading.current_thread()
+        if stop == 1 and arrival.lane == 1:
+            raise KeyboardInterrupt
 
-    def settle(stop, arrivals, final):
-        events.append(f"settle {stop} in lane {next(k for k, t in threads.items() if t is threading.current_thread())}"
-                      f" with {[arrival.lane for arrival in arrivals]}")
+    with pytest.raises(KeyboardInterrupt):
+        Lockstep([lambda x=x: model(x) for x in batches], {inner[2]: 0, inner[4]: 1}, on_arrive=arrive).run(
+            lambda *a: None)
+    assert model.started == model.ended == 3
 
-    outputs = Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1}, on_arrive=arrive,
-                       alternate=True).run(settle)
-    assert events == ["lane 0 at 0", "lane 1 at 0", "lane 2 at 0", "settle 0 in lane 2 with [0, 1, 2]",
-                      "lane 2 at 1", "lane 1 at 1", "lane 0 at 1", "settle 1 in lane 0 with [0, 1, 2]"]
+
+def test_with_alternate_the_lane_that_arrived_last_goes_on_first_and_the_others_follow_in_reverse_arrival_order():
+    model, batches = model_and_batches()
+    events = []
+    lockstep = Lockstep([lambda x=x: model(x) for x in batches], {model[2]: 0, model[4]: 1}, alternate=True,
+                        on_arrive=lambda stop, arrival, call: events.append(f"lane {arrival.lane} at {stop}"))
+    outputs = lockstep.run(lambda stop, arrivals, final: events.append(
+        f"settle {stop} with {[arrival.lane for arrival in arrivals]} (lane {lockstep.current_lane()})"))
+    assert events == ["lane 0 at 0", "lane 1 at 0", "lane 2 at 0", "settle 0 with [0, 1, 2] (lane None)",
+                      "lane 2 at 1", "lane 1 at 1", "lane 0 at 1", "settle 1 with [0, 1, 2] (lane None)"]
     with torch.no_grad():
         assert all(torch.equal(out, model(x)) for out, x in zip(outputs, batches))
-    assert not lanes_left()
-
-
-def test_a_single_lane_never_waits_for_another_thread():
-    model, batches = model_and_batches()
-    lanes_running = []
-    Lockstep([lambda: model(batches[0])], {model[0]: 0, model[2]: 1, model[4]: 2}, alternate=True,
-             on_arrive=lambda stop, arrival, call: lanes_running.append(threading.current_thread().name)).run(
-        lambda stop, arrivals, final: lanes_running.append(threading.current_thread().name))
-    assert lanes_running == ["normswap-lane-0"] * 6  # settled in the lane itself, which simply went on
 
 
 @pytest.mark.parametrize("alternate", [False, True])
@@ -176,4 +195,4 @@ def test_a_process_settles_every_stop_the_processes_agree_on_also_where_none_of_
     settled.clear()
     assert Lockstep([], {model[2]: 0, model[4]: 1}, choose=choose).run(
         lambda stop, arrivals, final: settled.append((stop, len(arrivals)))) == []
-    assert settled == [(0, 0), (1, 0)] and not agreed and not lanes_left()
+    assert settled == [(0, 0), (1, 0)] and not agreed

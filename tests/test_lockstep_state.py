@@ -1,6 +1,6 @@
-"""Lanes run under the caller's thread-local torch state (normswap.lockstep): a forward in a lane thread computes what
-it would in the calling thread, under grad and inference mode, autocast, torch function and dispatch modes and the
-current CUDA stream, as they are where Lockstep.run is called."""
+"""Lanes run under the caller's thread-local torch state (normswap.lockstep): a forward in a lane computes what it would
+in a loop, under grad and inference mode, autocast, torch function and dispatch modes and the current CUDA stream, as
+they are where Lockstep.run is called; what a forward changes of that state before it pauses stays its own."""
 
 from __future__ import annotations
 
@@ -100,3 +100,63 @@ def test_a_lane_runs_on_the_caller_s_current_cuda_stream():
     assert all(seen["stream"] == stream for seen in model[1].seen)
     for output, reference in zip(outputs, expected):
         assert torch.equal(output, reference)
+
+
+class Counting(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ChangesStateAroundItsLastLayer(nn.Module):
+    """Enters a context in its forward, and calls its last layer (the stop) and a probe inside it."""
+
+    def __init__(self, change) -> None:
+        super().__init__()
+        self.change = change
+        self.first, self.probe, self.last = nn.Linear(4, 4), Probe(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        with self.change():
+            return self.last(self.probe(x))
+
+
+CHANGES = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "function mode": Counting,
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_state_a_forward_enters_before_it_pauses_stays_its_own_and_the_settle_sees_the_caller_s(change):
+    torch.manual_seed(0)
+    model = ChangesStateAroundItsLastLayer(CHANGES[change])
+    batches = [torch.randn(3, 4) for _ in range(3)]
+    expected = [model(x) for x in batches]
+    in_the_loop = model.probe.seen[-1]
+    caller = {"grad": True, "inference": False, "autocast": False, "stream": in_the_loop["stream"]}
+    settled = []
+
+    def settle(stop, arrivals, final):
+        settled.append({"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+                        "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                        "stream": in_the_loop["stream"], "mode": torch._C._len_torch_function_stack()})
+        torch.ones(1).add(1)  # a torch call no forward's function mode may see
+
+    outputs = Lockstep([lambda x=x: model(x) for x in batches], {model.last: 0}).run(settle)
+    assert settled == [{**caller, "mode": 0}]
+    assert all(seen == in_the_loop for seen in model.probe.seen[-3:])
+    assert {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu")} == {"grad": True, "inference": False, "autocast": False}
+    assert torch._C._len_torch_function_stack() == 0
+    for output, reference in zip(outputs, expected):
+        assert output.dtype == reference.dtype and torch.equal(output.detach(), reference.detach())
+        assert output.requires_grad == reference.requires_grad
+        assert output.is_inference() == reference.is_inference()

@@ -188,7 +188,7 @@ class _MemoryWatch:
         self.batches = sum(_nbytes(model_input) for _, model_input in self.held)
 
     def check(self, arriving: torch.Tensor) -> None:
-        """At a stop of the first batch, in its thread: measure what it holds; at the first, log the estimate;
+        """At a stop of the first batch, in its lane: measure what it holds; at the first, log the estimate;
         refuse a run whose other batches cannot get there."""
         storages = {}
         for tensor in [arriving, *_held_by_frames()]:
@@ -236,10 +236,10 @@ the caller's frame holds too."""
 
 
 def _held_by_frames() -> list[torch.Tensor]:
-    """The tensors the local variables of the calling thread's function frames hold, except in normswap's own frames and
-    those of ``nn.Module.__call__``: on a lane's thread, what its paused forward keeps alive. (Before Python 3.13
-    reading a frame's variables leaves a copy of them on the frame until the next read or the frame's end, so a tensor
-    the model drops between two stops of the first batch lives until the next one.)"""
+    """The tensors the local variables of the caller's function frames hold, except in normswap's own frames and those
+    of ``nn.Module.__call__``: in a lane (whose frames end where its forward began), what its paused forward keeps
+    alive. (Before Python 3.13 reading a frame's variables leaves a copy of them on the frame until the next read or the
+    frame's end, so a tensor the model drops between two stops of the first batch lives until the next one.)"""
     found: list[torch.Tensor] = []
     frame = sys._getframe(1)
     while frame is not None:
