@@ -460,9 +460,11 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
     if lazy:
         raise GraphError(f"layer '{lazy[0]}' is an uninitialized lazy module: run the model once before folding")
     bar = progress_bar(len(recorder.names), "running the model", "module", progress=progress)
-    recorder.on_call = bar.update
-    with bar, _restored(model, [module for _, module in recorder.modules]), torch.no_grad():
-        model.eval()
+    recorder.on_call = None if bar.disable else bar.update
+    modules = [module for _, module in recorder.modules]
+    with bar, _restored(model, modules), torch.no_grad():
+        if any([module.training for module in modules]):
+            model.eval()
         try:
             with recorder.recording(model_input):
                 output = call_model(model, model_input)
@@ -533,6 +535,18 @@ class _Recorder(TorchFunctionMode):
             found = self._new_value(tensor, None, name=found.name, from_input=True)
         return found
 
+    def values(self, tensors: list[torch.Tensor]) -> list[Value]:
+        """:meth:`value` of each tensor; the common case (seen before, unchanged) without a call per tensor."""
+        known = self.known
+        found = []
+        for tensor in tensors:
+            entry = known.get(id(tensor))
+            value = entry[1] if entry is not None and entry[0]() is tensor else None
+            if value is None or value.version is not None and value.version != tensor._version:
+                value = self.value(tensor)
+            found.append(value)
+        return found
+
     def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], name: Optional[str] = None,
                    from_input: bool = False) -> Value:
         # (positional arguments, and the shape as torch gives it, a tuple: this runs for every tensor recorded)
@@ -547,11 +561,12 @@ class _Recorder(TorchFunctionMode):
         # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
         with torch._C.DisableTorchFunction():
-            names = self.names.get(id(module)) or [type(module).__name__]
-            call = Call(len(self.calls), names[0], self.stack[-1] if self.stack else None, module,
-                        [self.value(t) for t in output_tensors(args)], positional=len(args))
+            names = self.names.get(id(module))
+            stack = self.stack
+            call = Call(len(self.calls), names[0] if names else type(module).__name__, stack[-1] if stack else None,
+                        module, self.values(_flat_tensors(args)), [], -1, len(args))
             self.calls.append(call)
-            self.stack.append(call)
+            stack.append(call)
             if self.on_call is not None:
                 self.on_call()
 
@@ -560,46 +575,51 @@ class _Recorder(TorchFunctionMode):
             return
         with torch._C.DisableTorchFunction():
             call = self.stack.pop()
-            call.outputs = [self.value(t) for t in output_tensors(output)]
+            call.outputs = self.values([output] if isinstance(output, torch.Tensor) else output_tensors(output))
             call.end = len(self.calls) - 1
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if threading.get_ident() != self.thread:
-            return func(*args, **kwargs)
+        # This runs for every torch call of the forward, so it is written for speed: locals, no helper calls on the
+        # common path. (A mode is per thread: calls of other threads never come here.)
         name = self.function_names.get(func)
         if name is None:
             name = self.function_names[func] = resolve_name(func) or getattr(func, "__name__", repr(func))
         if name in _METADATA:
-            return func(*args, **kwargs)
+            return func(*args, **kwargs) if kwargs else func(*args)
         # torch takes this mode off its stack while this handler runs: the recording's own tensor reads (shape,
         # version) and the calls inside ``func`` do not come back here, so no flag guards against that.
-        # ((args,) without keyword arguments: the same tensors at the same depths, one container fewer to walk)
-        tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs) if kwargs else (args,))
-        inputs = [self.value(tensor) for tensor in tensors]
-        output = func(*args, **kwargs)
-        self._record(name, tensors, inputs, args, output)
-        return output
-
-    def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], args: tuple, output: Any) -> None:
-        outputs = output_tensors(output)
+        if kwargs or name in _SHAPE_OF_OTHER:
+            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs))
+        else:
+            tensors = _flat_tensors(args)
+        inputs = self.values(tensors)
+        output = func(*args, **kwargs) if kwargs else func(*args)
+        outputs = [output] if isinstance(output, torch.Tensor) else output_tensors(output)
         # (a value without a version is of an inference tensor, which has no counter and cannot change here)
         changed = [tensor for tensor, value in zip(tensors, inputs)
                    if value.version is not None and tensor._version != value.version]
         if not changed and outputs:
             if len(outputs) == 1:  # most calls: one output, looked for among the inputs without building a set
-                if any([outputs[0] is tensor for tensor in tensors]):
-                    return  # returns its input unchanged (``contiguous()`` on a contiguous tensor): not a computation
+                first = outputs[0]
+                for tensor in tensors:
+                    if tensor is first:
+                        return output  # returns its input unchanged (``contiguous()`` on a contiguous tensor)
             else:
                 input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
                 if all([id(out) in input_ids for out in outputs]):
-                    return
-        depends = any([value.from_input for value in inputs]) and name not in _VALUE_FREE  # (a list: no generator)
+                    return output
+        depends = False
+        for value in inputs:
+            if value.from_input:
+                depends = name not in _VALUE_FREE
+                break
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
-        index = len(self.calls)
-        call = Call(index, name, self.stack[-1] if self.stack else None, None, inputs, [], index, 0, decides)
-        self.calls.append(call)
+        calls = self.calls
+        index = len(calls)
+        stack = self.stack
+        call = Call(index, name, stack[-1] if stack else None, None, inputs, [], index, 0, decides)
+        calls.append(call)
         for value in inputs:
             readers = value.readers
             if not readers or readers[-1] is not call:
@@ -607,12 +627,30 @@ class _Recorder(TorchFunctionMode):
         if not changed:  # the common case: every output is a new value
             new_value = self._new_value
             call.outputs = [new_value(out, call, None, depends) for out in outputs]
-            return
+            return output
         for tensor in changed:
             self._new_value(tensor, call, from_input=depends)
         changed_ids = {id(tensor) for tensor in changed}
         call.outputs = [self.known[id(out)][1] if id(out) in changed_ids else
                         self._new_value(out, call, from_input=depends) for out in outputs]
+        return output
+
+
+_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.dtype,
+                      torch.device, torch.layout, torch.memory_format, torch.Size})
+"""Argument types that hold no tensor (a ``torch.Size`` holds sizes)."""
+
+
+def _flat_tensors(args: tuple) -> list[torch.Tensor]:
+    """The tensors among a call's positional arguments, as :func:`normswap.data.output_tensors` finds them, without
+    a walk where every argument is a tensor or a scalar (most torch calls)."""
+    tensors = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            tensors.append(arg)
+        elif type(arg) not in _SCALARS:
+            return output_tensors((args,))
+    return tensors
 
 
 def _bool_index(args: tuple) -> bool:
@@ -646,11 +684,8 @@ def _restored(model: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
             yield
         finally:
             for module, saved, parameters, own_buffers, children in attributes:
-                for name in set(module.__dict__) - set(saved):
-                    del module.__dict__[name]
-                module.__dict__.update(saved)
-                for entries, before in ((module._parameters, parameters), (module._buffers, own_buffers),
-                                        (module._modules, children)):
+                for entries, before in ((module.__dict__, saved), (module._parameters, parameters),
+                                        (module._buffers, own_buffers), (module._modules, children)):
                     entries.clear()
                     entries.update(before)
             with torch.no_grad():
