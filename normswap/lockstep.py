@@ -11,16 +11,15 @@ model that runs, whatever its control flow.
 
 A lane is a greenlet (a coroutine with its own Python and C stack) on the thread that calls :meth:`Lockstep.run`:
 pausing is a switch back to that thread's own code, which costs about a microsecond, and every forward runs on the
-caller's thread, with its warm caches (a forward on a new thread pays for oneDNN's per-thread primitive caches and a
-fresh malloc arena: on a small CPU model, as much again as the forward itself). Only one lane runs at a time, so the
-calls into the model are as sequential and deterministic as a loop over the batches. The whole run is under the
-context its caller gives (no_grad, autocast, device), entered once, so each lane starts under the caller's
-thread-local torch state (grad and inference mode, autocast, torch function and dispatch modes, the current CUDA
-stream) with that context on top; what a forward changes of that state before it pauses (a ``with
-torch.autocast(..., enabled=False)`` around a stop) stays that lane's: it is put back for the other lanes and the
-settle, and restored when the lane goes on (:class:`_TorchState`). With ``alternate=True``
-the lanes waiting at a stop go on in the reverse order of their arrival, so the lane that arrived last runs on with
-its activations still in the cache.
+caller's thread, with its warm per-thread caches (the first forward on a new thread ran 1.4-1.8x as long on small
+CPU models, with oneDNN on or off). Only one lane runs at a time, so the calls into the model are as sequential and
+deterministic as a loop over the batches. The whole run is under the context its caller gives (no_grad, autocast,
+device), entered once, so each lane starts under the caller's thread-local torch state (grad and inference mode,
+autocast, torch function and dispatch modes, the current CUDA stream) with that context on top; what a forward
+changes of that state before it pauses (a ``with torch.autocast(..., enabled=False)`` around a stop) stays that
+lane's: it is put back for the other lanes and the settle, and restored when the lane goes on
+(:class:`_TorchState`). With ``alternate=True`` the lanes waiting at a stop go on in the reverse order of their
+arrival, so the lane that arrived last runs on with its activations still in the cache.
 
 A stop can be settled several times per forward when its layer is called several times (``calls=``): round ``r``
 is settled once every lane that will call it an ``r``-th time has paused there. A lane that reaches a stop after its
