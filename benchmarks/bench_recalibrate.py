@@ -24,13 +24,17 @@ Three tables, printed as markdown:
    plain eval forward (3.2-5.0x before) and resnet50, in one run: wall-time and CPU-time ratios (medians of
    ``--rounds`` interleaved rounds; CPU time counts every thread of this process and is less disturbed by other
    processes), and the memory estimate the run logs before it starts against the peak resident memory it added.
+6. Sequential cost over a sweep (``--sweep``, not in the default run: about half an hour): every torchvision
+   classification, segmentation and video model with BatchNorm that the save/load sweep covers, and the timm models
+   of that sweep, randomly initialised: the CPU-time ratio of the sequential method to a plain eval forward over 4
+   batches (medians of ``--rounds`` interleaved rounds), with the median, the 90th percentile and the maximum.
 
 The baselines are here for comparison only. ``precise_bn`` follows the population-variance estimator of fvcore's
 precise BN (batch-size-weighted running averages of the batch means and mean squares, in the buffers' dtype,
 variance as ``E[x²] - E[x]²``); it is a re-implementation, not fvcore's code.
 
 Run: ``python benchmarks/bench_recalibrate.py [--threads 1] [--rounds 3] [--skip throughput exactness accuracy
-sequential fast]``. The thread count is set explicitly (one
+sequential fast] [--sweep]``. The thread count is set explicitly (one
 intra-op thread by default: the figures are meant to be compared within one run, on a shared machine).
 """
 
@@ -594,12 +598,93 @@ def bench_fast(rounds: int, batches: int = 4, shape: tuple[int, ...] = (4, 3, 22
             "rounds\n\n" + table(header, rows) + summary)
 
 
+# --- 6. sequential cost over a sweep -------------------------------------------------------------------------------
+
+SWEEP_TIMM = ("resnet18", "resnet50d", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016", "densenet121",
+              "rexnet_100", "ghostnet_100", "mixnet_s", "dla34", "dpn68", "selecsls42b", "repvgg_a0", "mobileone_s0",
+              "fastvit_t8", "bat_resnext26ts", "inception_v3", "cspresnet50", "hrnet_w18_small",
+              "tf_efficientnet_lite0", "nf_resnet26", "resnest14d", "res2net50_14w_8s", "mobilenetv3_small_050",
+              "lcnet_035", "starnet_s050", "tinynet_e", "mobilenetv4_conv_small_035", "mobilenetv1_100")
+"""The timm models of the save/load sweep (``tests/test_roundtrip_sweep.py``) that take a 128x128 input and have
+BatchNorm layers, and those of the fast table."""
+
+SWEEP_TORCHVISION_LEFT_OUT = ("regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "regnet_x_32gf", "resnext101_64x4d",
+                              "wide_resnet101_2", "efficientnet_b7", "efficientnet_b6", "efficientnet_v2_l",
+                              "convnext_large", "vgg19_bn", "vgg16_bn", "vgg13_bn", "raft_large", "raft_small")
+"""Left out of the sweep as in the save/load sweep: bigger siblings of models it covers (and RAFT, which takes an
+image pair)."""
+
+
+def _sweep_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    import torchvision
+
+    models: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {}
+    for package, shape in ((torchvision.models, (4, 3, 128, 128)), (torchvision.models.segmentation, (4, 3, 128, 128)),
+                           (torchvision.models.video, (2, 3, 8, 64, 64))):
+        for name in torchvision.models.list_models(module=package):
+            if name in SWEEP_TORCHVISION_LEFT_OUT or name.startswith(("vit_", "swin", "maxvit", "mvit")):
+                continue  # (the transformers among them have no BatchNorm)
+            extra = {"weights_backbone": None} if package is torchvision.models.segmentation else {}
+            models[f"torchvision {name}"] = (lambda name=name, extra=extra: torchvision.models.get_model(
+                name, weights=None, **extra), (1, 3, 16, 224, 224) if name == "s3d" else shape)
+    for name in SWEEP_TIMM:
+        models[f"timm {name}"] = (lambda name=name: timm.create_model(name), (4, 3, 128, 128))
+    return models
+
+
+def bench_sweep(rounds: int, batches: int = 4) -> str:
+    rows, ratios = [], []
+    for name, (build, shape) in _sweep_models().items():
+        torch.manual_seed(0)
+        model = build().eval()
+        if not any(isinstance(module, BatchNorm) for module in model.modules()):
+            continue
+        data = [torch.randn(shape) for _ in range(batches)]
+        try:
+            with torch.no_grad():
+                model(data[0])
+        except RuntimeError as exc:  # an input size the architecture does not take: reported, not timed
+            print(f"  sweep {name}: left out, fails at {'x'.join(map(str, shape))}: {str(exc)[:80]}", file=sys.stderr)
+            continue
+
+        def plain() -> None:
+            with torch.no_grad():
+                for x in data:
+                    model(x)
+
+        def sequential() -> None:
+            recalibrate(model, data, method="sequential", progress=False)
+
+        plain()
+        sequential()
+        cpu: dict[str, list[float]] = {"plain": [], "sequential": []}
+        for _ in range(rounds):
+            for key, fn in (("plain", plain), ("sequential", sequential)):
+                began = time.process_time()
+                fn()
+                cpu[key].append(time.process_time() - began)
+        ratio = statistics.median(cpu["sequential"]) / statistics.median(cpu["plain"])
+        ratios.append(ratio)
+        rows.append([name, "x".join(map(str, shape)), len(calibration_report(model).calibrated),
+                     f"{statistics.median(cpu['plain']) * 1e3:.0f}", f"{ratio:.2f}"])
+        print(f"  sweep {name}: {ratio:.2f}x", file=sys.stderr, flush=True)
+    ordered = sorted(ratios)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    above = [row[0] for row, ratio in zip(rows, ratios) if ratio > 2]
+    summary = (f"\n\n{len(ratios)} models: median {statistics.median(ratios):.2f}x, 90th percentile {p90:.2f}x, "
+               f"max {max(ratios):.2f}x ({rows[ratios.index(max(ratios))][0]}); above 2x: {', '.join(above) or 'none'}")
+    header = ["model", "batch", "layers", "plain eval ms (CPU)", "sequential / plain (CPU time)"]
+    return (f"{batches} batches per model, CPU, medians of {rounds} interleaved rounds\n\n" + table(header, rows)
+            + summary)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (set explicitly; default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["throughput", "exactness", "accuracy", "sequential", "fast"])
+    parser.add_argument("--sweep", action="store_true", help="also the sequential cost over a sweep of architectures")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# normswap recalibrate benchmark\n\ntorch {torch.__version__}, timm {timm.__version__}, "
@@ -626,6 +711,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "fast" not in args.skip:
         print("\n## Sequential recalibration: small, fast models and resnet50, in one run\n")
         print(bench_fast(args.rounds), flush=True)
+    if args.sweep:
+        print("\n## Sequential recalibration over a sweep of architectures\n")
+        print(bench_sweep(args.rounds), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["FoundModule", "find_modules", "get_module", "model_device", "replace_module"]
+__all__ = ["FoundModule", "find_modules", "get_module", "model_device", "parameters_and_buffers", "replace_module"]
 
 
 @dataclass
@@ -76,6 +76,22 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> nn.Mod
         parent_name, _, child = name.rpartition(".")
         get_module(model, parent_name)._modules[child] = new
     return root
+
+
+def parameters_and_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model``, each tensor once, from one walk over its modules: the tensors of
+    ``chain(model.parameters(), model.buffers())`` (in module order) without the qualified names those build.
+
+    >>> [tuple(t.shape) for t in parameters_and_buffers(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))]
+    [(3, 2), (3,), (3,), (3,), (3,), (3,), ()]
+    """
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    found.setdefault(id(tensor), tensor)
+    return list(found.values())
 
 
 def model_device(*modules: nn.Module) -> Optional[torch.device]:

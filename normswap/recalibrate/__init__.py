@@ -202,7 +202,8 @@ def _calibrate(model: nn.Module, layers: list[Layer], inputs: Iterator[tuple[int
     """One calibration run on a model whose state ``snapshot`` holds; returns the totals, the layers in forward
     order, the passes and their cost in forward passes."""
     place(model, run, snapshot)
-    model.eval()
+    if any([module.training for module in snapshot.modules]):
+        model.eval()
     if method == "exact":
         totals, order = calibrate_exact(model, layers, inputs, run, ranks, progress, batches)
         return totals, order, 1, 1.0

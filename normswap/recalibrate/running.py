@@ -3,7 +3,6 @@ afterwards), one forward with its failures named by batch, progress bar settings
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Optional
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..data import call_model, model_failures
 from ..placement import Placement
+from ..walk import parameters_and_buffers
 from .statistics import Layer
 
 
@@ -27,7 +27,7 @@ class Snapshot:
     tensors themselves are never written while the run lasts."""
 
     def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
-        modules = list(model.modules())
+        modules = self.modules = list(model.modules())
         self.training = [(module, module.training) for module in modules]
         self.buffers = [(module, dict(module._buffers)) for module in modules]
         self.parameters: list[tuple[nn.Parameter, torch.Tensor]] = []  # filled by place(), where it moves them
@@ -39,7 +39,8 @@ class Snapshot:
 
     def restore(self) -> None:
         for module, training in self.training:
-            module.training = training
+            if module.training != training:
+                module.training = training
         for module, buffers in self.buffers:
             module._buffers.update(buffers)
         for parameter, data in self.parameters:
@@ -56,8 +57,7 @@ class Snapshot:
 
 def place(model: nn.Module, run: Placement, snapshot: Snapshot) -> None:
     """Put every parameter and buffer on the run's device and layout (new tensors; ``snapshot`` keeps the old)."""
-    if not run.channels_last and all(t.device == run.device for t in itertools.chain(model.parameters(),
-                                                                                      model.buffers())):
+    if not run.channels_last and all([t.device == run.device for t in parameters_and_buffers(model)]):
         return
 
     def placed(tensor: torch.Tensor) -> torch.Tensor:

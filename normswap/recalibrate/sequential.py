@@ -35,6 +35,7 @@ from ..errors import CalibrationError, byte_size
 from ..lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
 from ..placement import Placement
 from ..progress import progress_bar
+from ..walk import parameters_and_buffers
 from .distributed import FAILED, REVISITED, PeerFailure, PeerRevisited, Ranks
 from .statistics import (Layer, add_input_statistics, check_finite, final_statistics, merge_pending,
                          use_scratch_statistics)
@@ -183,7 +184,7 @@ class _MemoryWatch:
         if not self.held:
             return
         self.watching = True
-        model_tensors = itertools.chain(self.model.parameters(), self.model.buffers(), output_tensors(self.held[0][1]))
+        model_tensors = itertools.chain(parameters_and_buffers(self.model), output_tensors(self.held[0][1]))
         self.skipped = {tensor.untyped_storage().data_ptr() for tensor in model_tensors}
         self.batches = sum(_nbytes(model_input) for _, model_input in self.held)
 

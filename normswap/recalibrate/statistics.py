@@ -34,13 +34,19 @@ class Moments:
         (any floating dtype; the arithmetic is float64)."""
         if count == 0:
             return
+        if self.count == 0:  # the first group: taken as it is
+            self.count = count
+            self.mean.copy_(mean)
+            self.m2.copy_(m2)
+            if m2_scale != 1.0:
+                self.m2.mul_(m2_scale)
+            return
         total = self.count + count
         mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
         delta = mean - self.mean
         self.mean.add_(delta, alpha=count / total)
         self.m2.add_(m2, alpha=m2_scale)
-        if self.count:
-            self.m2.addcmul_(delta, delta, value=self.count * count / total)
+        self.m2.addcmul_(delta, delta, value=self.count * count / total)
         self.count = total
 
     def finite(self) -> torch.Tensor:
@@ -139,30 +145,30 @@ def merge_pending(layer: Layer) -> None:
     if not layer.pending:
         return
     pending, layer.pending = layer.pending, []
-    device, channels = layer.moments.mean.device, layer.moments.mean.shape[0]
-    rows = [(count, rstd) for count, mean, _, rstd in pending for _ in range(mean.numel() // channels)]
-    counts = [count for count, _ in rows]
+    moments = layer.moments
+    device, channels = moments.mean.device, moments.mean.shape[0]
     means = torch.cat([mean.reshape(-1) for _, mean, _, _ in pending]).to(device, torch.float64).view(-1, channels)
     spreads = torch.cat([spread.reshape(-1) for _, _, spread, _ in pending]).to(device, torch.float64)
     spreads = spreads.view(-1, channels)
+    if len({(count, rstd) for count, _, _, rstd in pending}) == 1:  # the common case: every row measured alike
+        count, rstd = pending[0][0], pending[0][3]
+        if rstd:  # M2 = n / rstd² where GroupNorm's kernel measured the rows
+            spreads = count / spreads.square()
+        between, mean = torch.var_mean(means, 0, correction=0)  # (of the rows' means, in float64)
+        rows = means.shape[0]
+        moments.add(count * rows, mean, spreads.sum(0).add_(between, alpha=count * rows))
+        return
+    rows = [(count, rstd) for count, mean, _, rstd in pending for _ in range(mean.numel() // channels)]
+    counts = [count for count, _ in rows]
     measured = [rstd for _, rstd in rows]
-    if any(measured):  # M2 = n / rstd² where GroupNorm's kernel measured the row
-        per_row = counts[0] if len(set(counts)) == 1 else torch.tensor(
-            counts, dtype=torch.float64, device=device).view(-1, 1)
-        derived = per_row / (spreads * spreads)
-        spreads = derived if all(measured) else torch.where(
-            torch.tensor(measured, device=device).view(-1, 1), derived, spreads)
+    if any(measured):
+        per_row = torch.tensor(counts, dtype=torch.float64, device=device).view(-1, 1)
+        spreads = torch.where(torch.tensor(measured, device=device).view(-1, 1), per_row / spreads.square(), spreads)
+    weights = torch.tensor(counts, dtype=torch.float64, device=device)
     total = sum(counts)
-    if len(set(counts)) == 1:  # the common case: every row has as many values
-        mean = means.mean(0)
-        deviation = means - mean
-        m2 = spreads.sum(0) + counts[0] * (deviation * deviation).sum(0)
-    else:
-        weights = torch.tensor(counts, dtype=torch.float64, device=device)
-        mean = weights @ means / total
-        deviation = means - mean
-        m2 = spreads.sum(0) + weights @ (deviation * deviation)
-    layer.moments.add(total, mean, m2)
+    mean = weights @ means / total
+    deviation = means - mean
+    moments.add(total, mean, spreads.sum(0) + weights @ (deviation * deviation))
 
 
 def check_finite(layers: list[Layer]) -> None:
