@@ -3,6 +3,7 @@ the best state measured on a holdout, and changes nothing else (least of all the
 
 import copy
 import json
+import sys
 
 import pytest
 import timm
@@ -497,7 +498,7 @@ def test_refinement_of_a_gpu_model_under_autocast(amp):
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in converted.parameters())
 
 
-def test_below_a_thousand_samples_nothing_is_held_out_and_digits_are_shifted_by_what_the_original_tolerates(
+def test_a_run_that_draws_more_than_the_data_holds_keeps_no_holdout_and_shifts_digits_as_far_as_the_original_allows(
         demo_model, fitted_demo, digits):
     converted = copy.deepcopy(fitted_demo)
     refine(converted, demo_model, digits.train_images[:256].split(64), steps=12, progress=False)
@@ -507,6 +508,64 @@ def test_below_a_thousand_samples_nothing_is_held_out_and_digits_are_shifted_by_
     # the trained demo model answers 8x8 digits shifted by a pixel as it answers them: shifting shows more of it
     assert (report.augment, report.shift) == ("shift", [1, 1])
     assert "(images shifted by up to 1x1 pixels)" in str(report)
+
+
+@pytest.mark.parametrize("steps, shifted", [(21, False), (22, True)])
+def test_all_1348_digits_are_shifted_too_once_the_run_meets_one_of_them_twice(demo_model, fitted_demo, digits, steps,
+                                                                               shifted):
+    converted = copy.deepcopy(fitted_demo)
+    refine(converted, demo_model, digits.train_images.split(64), steps=steps, progress=False)
+    report = refine_report(converted)
+    # 21 steps of 64 draw 1,344 of the 1,348 digits, each once; 22 steps draw some twice
+    assert (report.augment, report.shift) == (("shift", [1, 1]) if shifted else (None, None))
+    assert (report.holdout_samples, report.steps) == (0, steps)
+
+
+@pytest.mark.parametrize("samples, batch_size, steps", [(32, 16, 200), (64, 8, 600)])
+def test_without_steps_the_run_makes_75_passes_over_the_training_data_and_at_least_200_steps(samples, batch_size,
+                                                                                                steps):
+    original, converted = converted_cnn()
+    refine(converted, original, images(samples).split(16), batch_size=batch_size, progress=False)
+    report = refine_report(converted)
+    # 32 samples in batches of 16: 2 steps a pass, 150 for 75 passes, raised to the least; 64 of 8: 8 a pass
+    assert (report.max_steps, report.steps, report.holdout_samples, report.kept) == (steps, steps, 0, "last")
+
+
+def test_without_steps_the_most_steps_bound_a_run_on_much_data_which_may_then_hold_out_a_fifth(monkeypatch):
+    # the package's attribute normswap.refine is the function: the module is in sys.modules
+    monkeypatch.setattr(sys.modules["normswap.refine"], "AUTO_STEPS", (10, 40))
+    original, converted = converted_cnn()
+    refine(converted, original, images(200).split(20), batch_size=4, progress=False)
+    report = refine_report(converted)
+    # 75 passes of 50 steps each capped at 40 steps, which draw 160 samples: what four fifths of the 200 hold
+    assert (report.max_steps, report.holdout_samples, report.train_samples) == (40, 40, 160)
+    assert report.evaluations and report.evaluations[0]["step"] == 0 and report.augment is None
+
+
+def test_the_original_runs_once_per_training_image_and_offset_of_a_shift():
+    original, converted = converted_cnn()
+    calls = []
+    original.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    refine(converted, original, images(16).split(16), steps=40, batch_size=16, holdout=0, augment="shift",
+           progress=False)
+    # 12x12 images shift by up to 2 pixels each way, 25 offsets; each of the 40 batches holds all 16 images, so
+    # the original runs on them once for every offset drawn and never again for it
+    assert refine_report(converted).shift == [2, 2]
+    assert calls == [16] * len(calls) and 0 < len(calls) <= 25 < 40
+
+
+def test_kept_outputs_of_the_original_on_shifted_images_train_the_same_model_as_running_it_every_step():
+    results = []
+    for kept in (True, False):
+        original, converted = converted_cnn()
+        if not kept:  # an output that is not one tensor is never kept
+            original.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+            converted.register_forward_hook(lambda module, args, output: (output, len(args[0])))
+        refine(converted, original, images(16).split(16), steps=30, batch_size=16, holdout=0, augment="shift",
+               progress=False)
+        results.append(snapshot(converted))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_images_are_not_shifted_where_shifting_changes_the_originals_answers():
@@ -548,7 +607,8 @@ def test_without_augmentation_the_original_runs_once_over_the_training_data_not_
     refine(converted, original, images(80).split(16), steps=10, batch_size=32, holdout=0, augment=augment,
            progress=False)
     report = refine_report(converted)
-    # without: one pass in batches of 32 before the first step; shifted images: the original on every batch
+    # without: one pass in batches of 32 before the first step; shifted images (12x12 by up to 2 pixels, 25
+    # offsets): the original on every batch, each of its 32 images met at the batch's offset for the first time
     assert report.steps == 10 and calls == expected
 
 
