@@ -579,8 +579,8 @@ class _Recorder(TorchFunctionMode):
             call.end = len(self.calls) - 1
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        # This runs for every torch call of the forward, so it is written for speed: locals, no helper calls on the
-        # common path. (A mode is per thread: calls of other threads never come here.)
+        # This runs for every torch call of the forward, so it is written for speed: local names, one pass over the
+        # arguments, one call per step. (A mode is per thread: calls of other threads never come here.)
         name = self.function_names.get(func)
         if name is None:
             name = self.function_names[func] = resolve_name(func) or getattr(func, "__name__", repr(func))
