@@ -89,7 +89,7 @@ class Arrival:
 
 
 _AUTOCAST_DEVICES = tuple(device for device in ("cpu", "cuda", "mps", "xpu", "hpu")
-                          if torch._C._is_autocast_available(device))
+                          if torch.amp.is_autocast_available(device))
 
 
 class _TorchState(NamedTuple):
