@@ -114,7 +114,13 @@ _MAX_RESHAPES = 4
 
 def _base_class(module: nn.Module) -> Optional[type]:
     """The Conv/ConvTranspose/Linear class that ``module`` is or derives from, or ``None``."""
-    return next((cls for cls in type(module).__mro__ if cls in _FUNCTIONS), None)
+    kind = type(module)
+    if kind not in _BASE_CLASSES:  # (asked of every module of a model in every plan)
+        _BASE_CLASSES[kind] = next((cls for cls in kind.__mro__ if cls in _FUNCTIONS), None)
+    return _BASE_CLASSES[kind]
+
+
+_BASE_CLASSES: dict[type, Optional[type]] = {}
 
 
 @contextlib.contextmanager

@@ -73,6 +73,8 @@ def classify(module: nn.Module) -> Optional[registry.LayerClass]:
     record = registry.record_of(module)
     if record is not None:
         return record if record.family != "folded" else None
+    if not registry.may_hold_statistics(module):  # most modules of a model
+        return None
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, nn.modules.batchnorm._BatchNorm):
         return registry.LAZY
     if isinstance(module, _batch_norm_bases()):
