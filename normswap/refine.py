@@ -347,13 +347,14 @@ def refine(
     with ranks.failing_together("holding out part of the calibration data"):
         train, held = _split(inputs, options.holdout, seed + ranks.rank)
     counts = ranks.sum([train.samples, held.samples])
-    training_units = ranks.sum([len(train)])[0]
-    options.resolve_steps(training_units, per_step)
     if not ranks.active and not len(train) and not len(held):
         raise CalibrationError("the calibration data is empty: refinement needs at least one batch")
-    if any(count == 0 for count in ranks.gather(len(train))):
+    trained = ranks.gather(len(train))  # each process's training units
+    if any(count == 0 for count in trained):
         raise RefineError("a process has no calibration data left to train on after the holdout: give every "
                           "process more data, or a smaller holdout=")
+    training_units = sum(trained)
+    options.resolve_steps(training_units, per_step)
     # "auto" shifts only where the run meets some training sample more than once
     options.augment = _resolve_augment(options.augment, train, options.steps * per_step > training_units)
     state = _State(student, teacher, selected, run)
