@@ -301,7 +301,9 @@ def output_tensors(output: Any, *, floating: bool = False) -> list[torch.Tensor]
     return found
 
 
-_PLAIN = (int, float, bool, str, bytes, type(None))
+SCALAR_TYPES = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.dtype,
+                          torch.device, torch.layout, torch.memory_format, torch.Size})
+"""Types of values that hold no tensor (a ``torch.Size`` holds sizes): not looked into for tensors."""
 
 
 def _collect_tensors(value: Any, floating: bool, depth: int, found: list[torch.Tensor]) -> None:
@@ -312,14 +314,14 @@ def _collect_tensors(value: Any, floating: bool, depth: int, found: list[torch.T
         if not floating or value.is_floating_point():
             found.append(value)
         return
-    if type(value) in _PLAIN or depth >= MAX_DEPTH:
+    if type(value) in SCALAR_TYPES or depth >= MAX_DEPTH:
         return
     if isinstance(value, (tuple, list)):
         for item in value:
             if isinstance(item, torch.Tensor):
                 if not floating or item.is_floating_point():
                     found.append(item)
-            elif type(item) not in _PLAIN:
+            elif type(item) not in SCALAR_TYPES:
                 _collect_tensors(item, floating, depth + 1, found)
     elif isinstance(value, Mapping):
         for item in value.values():

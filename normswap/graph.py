@@ -72,7 +72,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from . import registry, targets
-from .data import call_model, describe_input, iter_inputs, output_tensors
+from .data import SCALAR_TYPES, call_model, describe_input, iter_inputs, output_tensors
 from .errors import NormswapError, spelled
 from .history import checked_example_shape, get_input_shape
 from .progress import progress_bar
@@ -639,11 +639,6 @@ _FUNCTION_NAMES: dict[Any, str] = {}
 """The name of every torch function and method a recorded forward called, kept for the next capture
 (``torch.overrides.resolve_name`` takes 3-70 µs a function): one entry per function, a few hundred in practice."""
 
-_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.dtype,
-                      torch.device, torch.layout, torch.memory_format, torch.Size})
-"""Argument types that hold no tensor (a ``torch.Size`` holds sizes)."""
-
-
 def _flat_tensors(args: tuple) -> list[torch.Tensor]:
     """The tensors among a call's positional arguments, as :func:`normswap.data.output_tensors` finds them, without
     a walk where every argument is a tensor or a scalar (most torch calls)."""
@@ -651,7 +646,7 @@ def _flat_tensors(args: tuple) -> list[torch.Tensor]:
     for arg in args:
         if isinstance(arg, torch.Tensor):
             tensors.append(arg)
-        elif type(arg) not in _SCALARS:
+        elif type(arg) not in SCALAR_TYPES:
             return output_tensors((args,))
     return tensors
 

@@ -269,7 +269,7 @@ class Lockstep:
             pass
         except _Passing as passing:
             lane.error = passing.error
-        except BaseException as exc:  # raised by run() in the caller's code
+        except BaseException as exc:  # handed to run(), which raises it in the caller's code
             lane.error = exc
         finally:
             lane.state = "finished"

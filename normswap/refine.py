@@ -899,9 +899,6 @@ class _Shift:
         padded = F.pad(images, (most_x, most_x, most_y, most_y), mode="replicate")
         return padded[..., dy:dy + height, dx:dx + width]
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.draw())
-
 
 class _ShiftedOutputs:
     """The original's outputs on the shifted training images, each image at each offset computed the first time a
