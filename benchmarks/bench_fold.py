@@ -8,8 +8,8 @@ Three tables, printed as markdown:
    traces, ``torch.fx.experimental.optimization.fuse``, and the largest relative difference of the folded model's
    output from the unfused eval model's (detection models: of the backbone features, which hold every BatchNorm),
    beside the model's own float32-vs-float64 difference (float16 for the half-precision model), and what planning
-   costs: the fastest of two plans over the fastest of three eval forwards of the same example, interleaved, in CPU
-   seconds of the process (other processes' load does not inflate them).
+   costs: the fastest of five plans over the fastest of five eval forwards of the same example, interleaved after a
+   warm-up of each, in CPU seconds of the process (other processes' load does not inflate them).
 2. Forward time: folded against BatchNorm eval forward of YOLOv8n at 640x640 and timm resnet50 at 224x224, timed
    in interleaved rounds in the same run (the ratio of medians is the figure).
 3. With ``--capture``: how the graph is captured. For each model, seconds for normswap's capture (one recorded
@@ -221,13 +221,12 @@ def bench_coverage(names: list[str]) -> str:
         example = find_example(model)
         planned = copy.deepcopy(model)
         forward_seconds, plan_seconds = [], []
-        with torch.no_grad():
-            call_model(model, example.value)  # warm-up
-        for _ in range(2):
+        with torch.no_grad():  # warm-up of both (the first plan in a process also looks up torch's function names)
+            call_model(model, example.value)
+            plan = plan_fold(planned)
+        for _ in range(PLAN_ROUNDS):
             forward_seconds.append(time_call(lambda: call_model(model, example.value)))
             plan_seconds.append(time_call(lambda: plan_fold(planned)))
-        forward_seconds.append(time_call(lambda: call_model(model, example.value)))
-        plan = plan_fold(planned)
         folded = plan.apply(planned)
         with torch.no_grad():
             expected = compared_output(model, example.value)
@@ -249,6 +248,10 @@ def bench_coverage(names: list[str]) -> str:
               "max relative error", "own rounding", "example input", "plan s", "plan / eval forward",
               "left because"]
     return table(header, rows)
+
+
+PLAN_ROUNDS = 5
+"""Interleaved rounds of one eval forward and one plan: the fastest of each make the planning figure."""
 
 
 def time_call(fn: Callable[[], Any]) -> float:

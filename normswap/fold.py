@@ -17,7 +17,8 @@ only when the run shows all of these:
   layer's own weight and bias, and that layer returned it unchanged, possibly followed by operations that only
   reshape it keeping every channel in place (``flatten(0, 1)`` of a Linear's ``(N, L, C)`` output, a ``view`` or
   ``reshape`` of the leading dimensions). A layer without bias is run with a provisional zero bias, so the forward
-  shows that it passes the bias folding gives it to its convolution;
+  shows that it passes the bias folding gives it to its convolution (not a layer of torch's own class with torch's
+  forward, which passes its bias, ``None`` included);
 - nothing else reads that output (or the reshaped ones), and the model does not return it;
 - the layer is called once, has no hooks, shares no parameter with another module, and nothing else reads its
   weight or bias; it has as many output channels as the BatchNorm has features;
@@ -123,14 +124,29 @@ def _base_class(module: nn.Module) -> Optional[type]:
 _BASE_CLASSES: dict[type, Optional[type]] = {}
 
 
+def _passes_its_bias(module: nn.Module) -> bool:
+    """True for a layer of one of torch's own classes (not a subclass) running torch's forward, which passes the
+    layer's bias to its function, ``None`` included: it will pass the bias folding gives it."""
+    kind = type(module)
+    methods = _TORCH_METHODS.get(kind)
+    return methods is not None and (kind.forward, getattr(kind, "_conv_forward", None)) == methods \
+        and "forward" not in module.__dict__ and "_conv_forward" not in module.__dict__
+
+
+_TORCH_METHODS = {cls: (cls.forward, getattr(cls, "_conv_forward", None)) for cls in _FUNCTIONS}
+"""The forward methods of torch's classes as this module found them (a library that replaced one is not trusted)."""
+
+
 @contextlib.contextmanager
 def _provisional_biases(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
     """Give every Conv/ConvTranspose/Linear layer without bias a zero bias while the model is captured (adding zero
     changes no output), so the recorded forward shows whether the layer passes its bias to its convolution: the bias
-    folding would give it. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
+    folding would give it. Layers of torch's own classes are left as they are (:func:`_passes_its_bias`): a bias
+    would only make their forward slower. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
     given: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     for module in model.modules():
-        if id(module) in given or _base_class(module) is None or module._parameters.get("bias", False) is not None:
+        if id(module) in given or _base_class(module) is None or module._parameters.get("bias", False) is not None \
+                or _passes_its_bias(module):
             continue
         weight = module.weight
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
@@ -386,14 +402,12 @@ def plan_fold(
             hint = "" if given else ("; give the input it takes (input_shape=, data= or example_input=; "
                                      "--input-shape or --data on the command line)")
             result.captured, result.capture_error = False, f"{exc}{hint}"
-    shared = _shared_parameters(model)
     for cand in candidates:
         cand.reason = _layer_reason(cand)
         if cand.reason is None and within and not any(name.startswith(prefix) for name in cand.names):
             cand.reason = f"outside {within}"
         if cand.reason is None:
-            cand.reason = "the model could not be run" if graph is None else _pair_reason(graph, cand, shared,
-                                                                                           provisional)
+            cand.reason = "the model could not be run" if graph is None else _pair_reason(graph, cand, provisional)
         if cand.reason is None and within and not cand.conv_name.startswith(prefix):
             cand.reason = f"its input comes from {cand.conv_name}, outside {within}"
         if cand.reason is None:
@@ -430,16 +444,6 @@ def _layer_reason(cand: _Candidate) -> Optional[str]:
     return None
 
 
-def _shared_parameters(model: nn.Module) -> set:
-    """``id`` of every parameter reachable under more than one module."""
-    owners: dict[int, set] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), set()).add(id(module))
-    return {key for key, found in owners.items() if len(found) > 1}
-
-
 def _short(name: str) -> str:
     """A function's name without its module: ``torch.Tensor.add_`` -> ``add_``."""
     return name.rsplit(".", 1)[-1]
@@ -449,7 +453,7 @@ def _where(call: Call) -> str:
     return f" in {call.parent.name or '<model>'}" if call.parent is not None else ""
 
 
-def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[int, torch.Tensor]) -> Optional[str]:
+def _pair_reason(graph: Graph, cand: _Candidate, provisional: dict[int, torch.Tensor]) -> Optional[str]:
     """Why this BatchNorm cannot be folded into the layer that produced its input in the captured forward, or
     ``None`` (then ``cand.conv`` and ``cand.conv_name`` are set)."""
     calls = graph.module_calls(cand.bn)
@@ -460,8 +464,8 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[
     call = calls[0]
     if call.positional != 1 or len(call.inputs) != 1:
         return "not called with its input as the one positional argument"
-    own = [graph.parameter(getattr(cand.bn, name, None))
-           for name in ("weight", "bias", "running_mean", "running_var")]
+    layer = cand.layer
+    own = [graph.parameter(tensor) for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var)]
     if any(graph.readers(value, outside=call) for value in own if value is not None):
         return "its tensors are read directly by the forward"
     normalized = call.inputs[0]
@@ -482,7 +486,7 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[
         return f"its input comes from {_short(producer.name)}{_where(producer)}, not from a Conv, ConvTranspose or " \
                "Linear layer"
     label = f"{conv_call.name} ({type(conv).__name__})"
-    reason = _producer_reason(graph, conv, base, label, producer, conv_call, value, shared, provisional)
+    reason = _producer_reason(graph, conv, base, label, producer, conv_call, value, provisional)
     if reason is not None:
         return reason
     for seen, allowed in [(value, reader), *chain]:
@@ -513,25 +517,29 @@ def _pair_reason(graph: Graph, cand: _Candidate, shared: set, provisional: dict[
 
 
 def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, producer: Call, conv_call: Call,
-                     value: Value, shared: set, provisional: dict[int, torch.Tensor]) -> Optional[str]:
+                     value: Value, provisional: dict[int, torch.Tensor]) -> Optional[str]:
     """Why ``conv`` (which computed the BatchNorm's input in ``producer``) cannot take the fold, or ``None``."""
     weight = graph.parameter(conv.weight)
-    own_bias = conv.bias if conv.bias is not None else provisional.get(id(conv))
-    bias = graph.parameter(own_bias)
     if len(producer.inputs) < 2 or producer.inputs[1] is not weight:
         return f"{label} does not compute with its own weight (its forward changes it, as weight standardization does)"
-    if own_bias is None:
-        return f"{label} has no bias parameter to take the one folding would give it"
-    if bias is None or producer.inputs[2:] != [bias]:
-        if conv.bias is None:
-            return f"{label} has no bias, and its forward does not pass the bias folding would give it to its " \
-                   f"{_short(producer.name)}"
+    bias: Optional[Value] = None
+    if conv.bias is not None or not _passes_its_bias(conv):
+        own_bias = conv.bias if conv.bias is not None else provisional.get(id(conv))
+        if own_bias is None:
+            return f"{label} has no bias parameter to take the one folding would give it"
+        bias = graph.parameter(own_bias)
+        if bias is None or producer.inputs[2:] != [bias]:
+            if conv.bias is None:
+                return f"{label} has no bias, and its forward does not pass the bias folding would give it to its " \
+                       f"{_short(producer.name)}"
+            return f"{label} does not add its own bias in its {_short(producer.name)}"
+    elif producer.inputs[2:]:  # (torch's forward passes no other tensor)
         return f"{label} does not add its own bias in its {_short(producer.name)}"
     if not any(output is value for output in conv_call.outputs):
         return f"{label} does not return the output of its {_short(producer.name)} unchanged"
     if graph.call_count(conv) > 1:
         return f"{label} is called {graph.call_count(conv)} times"
-    if any(id(p) in shared for p in conv.parameters(recurse=False)):
+    if any(graph.is_shared(p) for p in conv._parameters.values() if p is not None):
         return f"{label} shares its weight with another module"
     if any(graph.readers(param, outside=producer) for param in (weight, bias) if param is not None):
         return f"the weights of {label} are read directly by the forward"

@@ -11,7 +11,7 @@ buffers):
 - every call that read it (queries of shape, dtype or device are not reads),
 - the module calls around every call, and how many times each module was *called* (a module registered under
   several names but called once is called once),
-- which tensors the model returned.
+- which tensors the model returned, and which parameters and buffers more than one module holds (tied weights).
 
 :func:`example_input` makes the example: the first batch of ``data``, a tensor of ``input_shape``, or an input
 derived from the architecture (timm's data config, the documented input of torchvision, transformers and
@@ -65,7 +65,7 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,6 +137,8 @@ class Value:
     name: Optional[str] = None
     from_input: bool = False
     version: Optional[int] = None
+    # a weak reference to the tensor, which tells the recorder whether a tensor with the same id is this one
+    _tensor: Optional[weakref.ref] = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         what = self.name or (self.producer.name if self.producer is not None else "input")
@@ -193,6 +195,7 @@ class Graph:
     outputs: list[Value]
     names: dict[int, list[str]]
     registered: dict[int, Value] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)
     example: str = ""
 
     def __post_init__(self) -> None:
@@ -209,6 +212,10 @@ class Graph:
     def call_count(self, module: nn.Module) -> int:
         """How many times ``module`` was called (0: the example did not reach it)."""
         return len(self.module_calls(module))
+
+    def is_shared(self, tensor: torch.Tensor) -> bool:
+        """True if more than one module of the model holds this parameter or buffer (tied weights)."""
+        return id(tensor) in self.shared
 
     def parameter(self, tensor: Optional[torch.Tensor]) -> Optional[Value]:
         """The value of one of the model's parameters or buffers as the forward first used it (``None`` if it did
@@ -455,15 +462,13 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
         GraphError: the model has uninitialized lazy modules, or fails on the input.
     """
     recorder = _Recorder(model)
-    lazy = [name for name, module in recorder.modules if isinstance(module, nn.modules.lazy.LazyModuleMixin)
-            and module.has_uninitialized_params()]
-    if lazy:
-        raise GraphError(f"layer '{lazy[0]}' is an uninitialized lazy module: run the model once before folding")
+    if recorder.lazy:
+        raise GraphError(f"layer '{recorder.lazy[0]}' is an uninitialized lazy module: run the model once before "
+                         "folding")
     bar = progress_bar(len(recorder.names), "running the model", "module", progress=progress)
     recorder.on_call = None if bar.disable else bar.update
-    modules = [module for _, module in recorder.modules]
-    with bar, _restored(model, modules), torch.no_grad():
-        if any([module.training for module in modules]):
+    with bar, _restored(model, recorder.unique_modules, recorder.buffers), torch.no_grad():
+        if recorder.training:
             model.eval()
         try:
             with recorder.recording(model_input):
@@ -476,7 +481,7 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
                              f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")) from exc
         outputs = [recorder.value(tensor) for tensor in output_tensors(output)]
     return Graph(recorder.calls, recorder.values_seen, outputs, recorder.names, recorder.registered_values,
-                 example or describe_input(model_input))
+                 recorder.shared, example or describe_input(model_input))
 
 
 class _Recorder(TorchFunctionMode):
@@ -484,27 +489,53 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        # one walk over the modules (each named_parameters or named_buffers would walk them again)
-        self.modules: list[tuple[str, nn.Module]] = list(model.named_modules(remove_duplicate=False))
+        # One walk over the modules gives every name of each, its tensors (each named_parameters or named_buffers
+        # would walk them again), and what capture needs to check and put back.
         self.names: dict[int, list[str]] = {}
-        for name, module in self.modules:
-            self.names.setdefault(id(module), []).append(name)
-        self.registered: dict[int, tuple[torch.Tensor, str]] = {}
-        for kind in ("_parameters", "_buffers"):  # as named_parameters(), then named_buffers(), would list them
-            for prefix, module in self.modules:
-                for name, tensor in getattr(module, kind).items():
-                    if tensor is not None:
-                        self.registered.setdefault(id(tensor), (tensor, f"{prefix}.{name}" if prefix else name))
+        self.unique_modules: list[nn.Module] = []
+        self.lazy: list[str] = []  # uninitialized lazy modules
+        self.training = False  # whether any module is in training mode
+        # id(tensor) -> (tensor, first qualified name, the module holding it under that name): a parameter's name
+        # before a buffer's, as named_parameters(), then named_buffers(), would list them
+        parameters: dict[int, tuple[torch.Tensor, str, nn.Module]] = {}
+        buffers: dict[int, tuple[torch.Tensor, str, nn.Module]] = {}
+        self.shared: set[int] = set()
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            names = self.names.get(id(module))
+            if names is not None:  # the same module under another name: its tensors are known
+                names.append(prefix)
+                continue
+            self.names[id(module)] = [prefix]
+            self.unique_modules.append(module)
+            self.training = self.training or module.training
+            if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+                self.lazy.append(prefix)
+            own = module.__dict__
+            for tensors, found in ((own["_parameters"], parameters), (own["_buffers"], buffers)):
+                for name, tensor in tensors.items():  # (most modules have no buffers, many no parameters)
+                    if tensor is None:
+                        continue
+                    first = found.get(id(tensor))
+                    if first is None:
+                        found[id(tensor)] = (tensor, f"{prefix}.{name}" if prefix else name, module)
+                    elif first[2] is not module:
+                        self.shared.add(id(tensor))
+        self.buffers = [tensor for tensor, _, _ in buffers.values()]
+        buffers.update(parameters)
+        self.registered = buffers
         self.registered_values: dict[int, Value] = {}
         self.calls: list[Call] = []
         self.values_seen: list[Value] = []
         self.stack: list[Call] = []
-        # id(tensor) -> (weak reference, current value). Not torch's WeakTensorKeyDictionary: that builds a Python
-        # reference object on every lookup. A weak reference does not keep the activation alive; an entry whose
-        # reference died (its id may be reused by a new tensor) is simply not a match.
-        self.known: dict[int, tuple[weakref.ref, Value]] = {}
+        # id(tensor) -> current value, which holds a weak reference to its tensor. Not torch's
+        # WeakTensorKeyDictionary: that builds a Python reference object on every lookup. A weak reference does not
+        # keep the activation alive; a value whose reference died (its id may be reused by a new tensor) is simply
+        # not a match.
+        self.known: dict[int, Value] = {}
         self.thread = threading.get_ident()
         self.on_call: Optional[Callable[[], Any]] = None
+        # the layer of :data:`_LEAF_CALLS` running now: (its call, function, tensors, their values, arguments)
+        self.leaf: Optional[tuple[Call, str, list[torch.Tensor], list[Value], tuple]] = None
 
     @contextlib.contextmanager
     def recording(self, model_input: Any) -> Iterator[None]:
@@ -522,8 +553,9 @@ class _Recorder(TorchFunctionMode):
 
     def value(self, tensor: torch.Tensor) -> Value:
         """The current value of ``tensor``, registered on first sight."""
-        entry = self.known.get(id(tensor))
-        found = entry[1] if entry is not None and entry[0]() is tensor else None
+        found = self.known.get(id(tensor))
+        if found is not None and found._tensor() is not tensor:
+            found = None
         if found is None:
             registered = self.registered.get(id(tensor))
             name = registered[1] if registered is not None and registered[0] is tensor else None
@@ -539,47 +571,74 @@ class _Recorder(TorchFunctionMode):
         known = self.known
         found = []
         for tensor in tensors:
-            entry = known.get(id(tensor))
-            value = entry[1] if entry is not None and entry[0]() is tensor else None
-            if value is None or value.version is not None and value.version != tensor._version:
+            value = known.get(id(tensor))
+            if value is None or value._tensor() is not tensor \
+                    or value.version is not None and value.version != tensor._version:
                 value = self.value(tensor)
             found.append(value)
         return found
 
     def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], name: Optional[str] = None,
                    from_input: bool = False) -> Value:
-        # (positional arguments, and the shape as torch gives it, a tuple: this runs for every tensor recorded)
-        value = Value(len(self.values_seen), tensor.shape, producer, [], name, from_input, _version(tensor))
-        self.values_seen.append(value)
-        self.known[id(tensor)] = (weakref.ref(tensor), value)
+        # (positional arguments, the shape as torch gives it, a tuple, and the version read here without a
+        # function call: this runs for every tensor recorded)
+        try:
+            version: Optional[int] = tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+        seen = self.values_seen
+        value = Value(len(seen), tensor.shape, producer, [], name, from_input, version, weakref.ref(tensor))
+        seen.append(value)
+        self.known[id(tensor)] = value
         return value
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if threading.get_ident() != self.thread:
             return
+        seen = torch._C._is_torch_function_mode_enabled()  # (the model may run a layer with torch functions off)
         # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
         with torch._C.DisableTorchFunction():
             names = self.names.get(id(module))
+            calls = self.calls
             stack = self.stack
-            call = Call(len(self.calls), names[0] if names else type(module).__name__, stack[-1] if stack else None,
+            call = Call(len(calls), names[0] if names else type(module).__name__, stack[-1] if stack else None,
                         module, self.values(_flat_tensors(args)), [], -1, len(args))
-            self.calls.append(call)
+            calls.append(call)
             stack.append(call)
             if self.on_call is not None:
                 self.on_call()
+            leaf = _LEAF_CALLS.get(type(module))
+            if leaf is None or not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
+                return
+            tensors = [args[0], *[tensor for tensor in map(_own_tensors(module), leaf.tensors) if tensor is not None]]
+            self.leaf = (call, leaf.function, tensors, self.values(tensors), args)
+        torch._C._pop_torch_function_stack()  # the layer's own torch calls do not come here: _leave records them
+
+    def _on_top(self) -> bool:
+        """True if this mode is the innermost function mode (the model has not entered one of its own)."""
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if threading.get_ident() != self.thread or not self.stack or self.stack[-1].module is not module:
+        leaf = self.leaf
+        if leaf is not None and leaf[0].module is module:
+            self.leaf = None
+            torch._C._push_on_torch_function_stack(self)
+            if output is not None:  # (``None``: the layer raised, and its function call never ended)
+                with torch._C.DisableTorchFunction():
+                    self._record(leaf[1], leaf[2], leaf[3], output, leaf[4])
+        stack = self.stack
+        if not stack or stack[-1].module is not module or threading.get_ident() != self.thread:
             return
         with torch._C.DisableTorchFunction():
-            call = self.stack.pop()
+            call = stack.pop()
             call.outputs = self.values([output] if isinstance(output, torch.Tensor) else output_tensors(output))
             call.end = len(self.calls) - 1
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        # This runs for every torch call of the forward, so it is written for speed: local names, one pass over the
-        # arguments, one call per step. (A mode is per thread: calls of other threads never come here.)
+        # This runs for every torch call of the forward, so it is written for speed: local names, the common case
+        # first. (A mode is per thread: calls of other threads never come here.)
         name = _FUNCTION_NAMES.get(func)
         if name is None:
             name = _FUNCTION_NAMES[func] = resolve_name(func) or getattr(func, "__name__", repr(func))
@@ -587,67 +646,136 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         # torch takes this mode off its stack while this handler runs: the recording's own tensor reads (shape,
         # version) and the calls inside ``func`` do not come back here, so no flag guards against that.
-        if kwargs or name in _SHAPE_OF_OTHER:
-            tensors = output_tensors(args[:1] if name in _SHAPE_OF_OTHER else (args, kwargs))
-        else:
-            tensors = _flat_tensors(args)
+        tensors = output_tensors(args[:1]) if name in _SHAPE_OF_OTHER else _flat_tensors(args, kwargs)
         inputs = self.values(tensors)
         output = func(*args, **kwargs) if kwargs else func(*args)
-        outputs = [output] if isinstance(output, torch.Tensor) else output_tensors(output)
+        self._record(name, tensors, inputs, output, args)
+        return output
+
+    def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], output: Any, args: tuple) -> None:
+        """Record that function ``name`` read ``tensors`` (whose values before the call were ``inputs``) and
+        returned ``output``: unless it returned an input unchanged, a call, its new outputs, and a new value of each
+        input it changed in place."""
         # (a value without a version is of an inference tensor, which has no counter and cannot change here)
-        changed = [tensor for tensor, value in zip(tensors, inputs)
-                   if value.version is not None and tensor._version != value.version]
-        if not changed and outputs:
-            if len(outputs) == 1:  # most calls: one output, looked for among the inputs without building a set
-                first = outputs[0]
+        changed: Optional[list[torch.Tensor]] = None
+        depends = False
+        for tensor, value in zip(tensors, inputs):
+            if value.from_input:
+                depends = True
+            if value.version is not None and tensor._version != value.version:
+                changed = [tensor] if changed is None else [*changed, tensor]
+        if isinstance(output, torch.Tensor):
+            outputs = [output]
+            if changed is None:
                 for tensor in tensors:
-                    if tensor is first:
-                        return output  # returns its input unchanged (``contiguous()`` on a contiguous tensor)
-            else:
+                    if tensor is output:
+                        return  # returns its input unchanged (``contiguous()`` on a contiguous tensor)
+        else:
+            outputs = output_tensors(output)
+            if changed is None and outputs:
                 input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
                 if all([id(out) in input_ids for out in outputs]):
-                    return output
-        depends = False
-        for value in inputs:
-            if value.from_input:
-                depends = name not in _VALUE_FREE
-                break
+                    return
+        if depends and name in _VALUE_FREE:
+            depends = False
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
         calls = self.calls
         index = len(calls)
         stack = self.stack
-        call = Call(index, name, stack[-1] if stack else None, None, inputs, [], index, 0, decides)
+        produced: list[Value] = []
+        call = Call(index, name, stack[-1] if stack else None, None, inputs, produced, index, 0, decides)
         calls.append(call)
         for value in inputs:
             readers = value.readers
             if not readers or readers[-1] is not call:
                 readers.append(call)
-        if not changed:  # the common case: every output is a new value
-            new_value = self._new_value
-            call.outputs = [new_value(out, call, None, depends) for out in outputs]
-            return output
+        new_value = self._new_value
+        if changed is None:  # the common case: every output is a new value
+            for out in outputs:
+                produced.append(new_value(out, call, None, depends))
+            return
         for tensor in changed:
-            self._new_value(tensor, call, from_input=depends)
+            new_value(tensor, call, None, depends)
         changed_ids = {id(tensor) for tensor in changed}
-        call.outputs = [self.known[id(out)][1] if id(out) in changed_ids else
-                        self._new_value(out, call, from_input=depends) for out in outputs]
-        return output
+        produced.extend([self.known[id(out)] if id(out) in changed_ids else new_value(out, call, None, depends)
+                         for out in outputs])
+
+
+class _LeafCall(NamedTuple):
+    """What a layer of one of torch's classes computes: ``function`` of its input and its ``tensors`` (attribute
+    names, in the order its forward passes them; one that is ``None`` is not passed), when ``applies`` to it."""
+
+    function: str
+    tensors: tuple[str, ...] = ()
+    applies: Callable[[nn.Module], bool] = lambda module: True
+
+
+def _in_eval(module: nn.Module) -> bool:
+    return not module.training
+
+
+_CONV = ("weight", "bias")
+_LEAF_CALLS: dict[type, _LeafCall] = {
+    nn.Linear: _LeafCall("torch.nn.functional.linear", _CONV),
+    **{cls: _LeafCall(f"torch.nn.functional.conv{rank}d", _CONV, lambda m: m.padding_mode == "zeros")
+       for rank, cls in enumerate((nn.Conv1d, nn.Conv2d, nn.Conv3d), 1)},
+    **{cls: _LeafCall("torch.nn.functional.batch_norm", ("running_mean", "running_var", "weight", "bias"),
+                      lambda m: not m.training and m.track_running_stats and m.running_mean is not None)
+       for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    nn.ReLU: _LeafCall("torch.nn.functional.relu"),
+    nn.ReLU6: _LeafCall("torch.nn.functional.hardtanh"),
+    nn.Hardswish: _LeafCall("torch.nn.functional.hardswish"),
+    nn.Hardsigmoid: _LeafCall("torch.nn.functional.hardsigmoid"),
+    nn.SiLU: _LeafCall("torch.nn.functional.silu"),
+    nn.GELU: _LeafCall("torch.nn.functional.gelu"),
+    nn.LeakyReLU: _LeafCall("torch.nn.functional.leaky_relu"),
+    nn.Sigmoid: _LeafCall("torch.sigmoid"),
+    nn.Tanh: _LeafCall("torch.tanh"),
+    nn.Dropout: _LeafCall("torch.nn.functional.dropout", (), _in_eval),
+    nn.AdaptiveAvgPool2d: _LeafCall("torch.nn.functional.adaptive_avg_pool2d"),
+}
+"""Layers recorded from the module hooks alone: while one of these runs, this mode is off, and the layer's one
+function call is recorded when it returns, exactly as the mode would record it (``tests/test_graph.py`` checks each
+against the mode). Most calls of convolutional models are of these layers: their dispatch to the mode is saved."""
+
+_LEAF_FORWARDS = {cls: (cls.forward, getattr(cls, "_conv_forward", None)) for cls in _LEAF_CALLS}
+
+
+def _runs_as_recorded(module: nn.Module, leaf: _LeafCall, args: tuple) -> bool:
+    """True if ``module`` (of a class in :data:`_LEAF_CALLS`) will make the call ``leaf`` describes on ``args``:
+    torch's forward, no hooks of its own, one plain tensor argument, and the layer's settings the table assumes."""
+    kind = type(module)
+    return len(args) == 1 and type(args[0]) is torch.Tensor and not (
+        module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+    ) and "forward" not in module.__dict__ and "_conv_forward" not in module.__dict__ \
+        and (kind.forward, getattr(kind, "_conv_forward", None)) == _LEAF_FORWARDS[kind] and leaf.applies(module)
+
+
+def _own_tensors(module: nn.Module) -> Callable[[str], Optional[torch.Tensor]]:
+    parameters, buffers = module._parameters, module._buffers
+    return lambda name: parameters[name] if name in parameters else buffers.get(name)
 
 
 _FUNCTION_NAMES: dict[Any, str] = {}
 """The name of every torch function and method a recorded forward called, kept for the next capture
 (``torch.overrides.resolve_name`` takes 3-70 µs a function): one entry per function, a few hundred in practice."""
 
-def _flat_tensors(args: tuple) -> list[torch.Tensor]:
-    """The tensors among a call's positional arguments, as :func:`normswap.data.output_tensors` finds them, without
-    a walk where every argument is a tensor or a scalar (most torch calls)."""
+def _flat_tensors(args: tuple, kwargs: Optional[dict] = None) -> list[torch.Tensor]:
+    """The tensors among a call's arguments, as :func:`normswap.data.output_tensors` finds them, without a walk
+    where every argument is a tensor or a scalar (most torch calls)."""
     tensors = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
             tensors.append(arg)
         elif type(arg) not in SCALAR_TYPES:
-            return output_tensors((args,))
+            return output_tensors((args, kwargs) if kwargs else (args,))
+    if kwargs:
+        for arg in kwargs.values():
+            if isinstance(arg, torch.Tensor):
+                tensors.append(arg)
+            elif type(arg) not in SCALAR_TYPES:
+                return output_tensors((args, kwargs))
     return tensors
 
 
@@ -665,17 +793,15 @@ def _version(tensor: torch.Tensor) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Put back, afterwards, everything a forward may change on ``model`` (whose modules, repeats allowed, are
-    ``modules``): every module's attributes (a cached anchor grid), its parameter, buffer and child entries, the
-    values of its buffers, the training flags, and the random number generators."""
-    modules = list({id(module): module for module in modules}.values())
+def _restored(model: nn.Module, modules: Sequence[nn.Module], buffers: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Put back, afterwards, everything a forward may change on ``model`` (whose modules, each once, are ``modules``
+    and buffers ``buffers``): every module's attributes (a cached anchor grid), its parameter, buffer and child
+    entries, the values of its buffers, the training flags, and the random number generators."""
     attributes = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers),
                    dict(module._modules)) for module in modules]
-    unique_buffers = {id(buffer): buffer for module in modules for buffer in module._buffers.values()
-                      if buffer is not None}
-    buffers = [(buffer, buffer.detach().clone()) for buffer in unique_buffers.values()]
-    versions = [_version(buffer) for buffer, _ in buffers]
+    with torch.no_grad():
+        copies = [buffer.clone() for buffer in buffers]
+    versions = [_version(buffer) for buffer in buffers]
     devices = [t.device.index for t in [next(model.parameters(), None)] if t is not None and t.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         try:
@@ -684,9 +810,10 @@ def _restored(model: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
             for module, saved, parameters, own_buffers, children in attributes:
                 for entries, before in ((module.__dict__, saved), (module._parameters, parameters),
                                         (module._buffers, own_buffers), (module._modules, children)):
-                    entries.clear()
-                    entries.update(before)
+                    if entries or before:
+                        entries.clear()
+                        entries.update(before)
             with torch.no_grad():
-                for (buffer, copy), version in zip(buffers, versions):
+                for buffer, copy, version in zip(buffers, copies, versions):
                     if _version(buffer) != version:
                         buffer.copy_(copy)

@@ -116,7 +116,9 @@ class SourceLayer:
     @classmethod
     def read(cls, module: nn.Module) -> "SourceLayer":
         """Read a recognised norm layer (any source kind)."""
-        fused = isinstance(getattr(module, "act", None), nn.Module)
+        # (a fused activation is a child module: looked up there, not through a failing getattr on most layers)
+        act = module._modules.get("act")
+        fused = isinstance(act, nn.Module)
         return cls(
             num_features=registry.channels_of(module),
             eps=registry.eps_of(module),
@@ -127,7 +129,7 @@ class SourceLayer:
             running_var=getattr(module, "running_var", None),
             num_batches_tracked=getattr(module, "num_batches_tracked", None),
             rank=source_rank(module),
-            act=getattr(module, "act", None) if fused else None,
+            act=act if fused else None,
             drop=getattr(module, "drop", None) if fused else None,
             training=module.training,
         )

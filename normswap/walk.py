@@ -40,9 +40,10 @@ def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> li
     Children of a matching module are not searched (the fused activation of a norm layer is part of that layer).
     """
     found: dict[int, FoundModule] = {}
-    skip_prefixes: tuple[str, ...] = ()  # str.startswith takes them all at once
+    # The walk is depth-first, so the names under a match follow it until the next name outside: one prefix to skip.
+    skip: Optional[str] = None
     for name, module in model.named_modules(remove_duplicate=False):
-        if name.startswith(skip_prefixes):
+        if skip is not None and name.startswith(skip):
             continue
         if not predicate(module):
             continue
@@ -51,7 +52,7 @@ def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> li
             found[id(module)] = FoundModule(module, [name])
         elif name not in entry.names:
             entry.names.append(name)
-        skip_prefixes += (name + "." if name else "",)
+        skip = name + "." if name else ""
     return list(found.values())
 
 

@@ -11,6 +11,7 @@ import torchvision
 from timm.layers import Conv2dSame, StdConv2d
 from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, convert_sync_batchnorm
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from normswap.errors import PlanError
@@ -289,6 +290,18 @@ def test_a_conv_subclass_that_keeps_its_base_forward_folds_like_its_base():
     model, p = fold_and_check(nn.Sequential(OwnForwardWithoutBias(3, 4, 3, bias=False), nn.BatchNorm2d(4)),
                               torch.randn(2, 3, 6, 6))
     assert not p.pairs and "its forward does not pass the bias folding would give it" in p.left[0].reason
+
+
+def test_a_torch_layer_whose_forward_was_replaced_is_checked_like_a_subclass():
+    # torch's own forward passes its bias (None now, the folded one later); a forward put on the layer may not
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    conv.forward = lambda x: F.conv2d(x, conv.weight)
+    model, p = fold_and_check(nn.Sequential(conv, nn.BatchNorm2d(4)), torch.randn(2, 3, 6, 6))
+    assert not p.pairs and "its forward does not pass the bias folding would give it" in p.left[0].reason
+
+    linear = nn.Linear(5, 4, bias=False)
+    model, p = fold_and_check(nn.Sequential(linear, nn.BatchNorm1d(4)), torch.randn(3, 5))
+    assert len(p) == 1 and p.pairs[0].new_bias and linear.bias is not None
 
 
 def test_a_conv_without_bias_gets_one_trainable_like_its_weight():

@@ -55,6 +55,15 @@ def test_parameters_and_buffers_are_values_with_their_names_and_readers():
     assert graph.parameter(torch.zeros(1)) is None
 
 
+def test_tied_parameters_are_known_as_shared_and_a_module_under_two_names_is_not():
+    embed, bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
+    head = nn.Linear(3, 3)
+    head.weight = embed.weight
+    graph = capture(nn.Sequential(embed, bn, head, bn), torch.randn(2, 3))
+    assert graph.is_shared(embed.weight) and not graph.is_shared(embed.bias) and not graph.is_shared(head.bias)
+    assert not graph.is_shared(bn.weight), "one module, registered twice"
+
+
 def test_shape_queries_are_not_reads_and_calls_that_return_their_input_are_not_computations():
     class Queries(nn.Module):
         def forward(self, x):
@@ -161,6 +170,60 @@ def test_capture_leaves_the_model_and_torch_as_they_were():
     hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
              torch_module._global_forward_hooks_always_called, torch_module._global_forward_hooks_with_kwargs)
     assert not any(hooks)
+
+
+def recorded(graph):
+    """Everything a graph records, as plain data."""
+    index = lambda call: None if call is None else call.index  # noqa: E731
+    calls = [(c.name, index(c.parent), c.module, [v.index for v in c.inputs], [v.index for v in c.outputs], c.end,
+              c.positional, c.decides) for c in graph.calls]
+    values = [(tuple(v.shape), index(v.producer), [r.index for r in v.readers], v.name, v.from_input, v.version)
+              for v in graph.values]
+    return calls, values
+
+
+class SeenTwice(nn.Module):
+    """A layer's output read by the next layer and by an in-place add; a layer with a hook of its own."""
+
+    def __init__(self, layer, hooked):
+        super().__init__()
+        self.layer, self.hooked = layer, hooked
+        self.hooked.register_forward_hook(lambda module, args, output: output * 2)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.hooked(y).add_(y)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_torch_layers_recorded_from_their_hooks_are_recorded_as_the_function_mode_records_them(rank, monkeypatch):
+    from normswap import graph as graph_module
+
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[rank - 1]
+    layers = [conv(3, 4, 3, padding=1), bn(4), nn.ReLU(inplace=True), conv(4, 4, 1, bias=False),
+              bn(4, affine=False), nn.Hardswish(), conv(4, 4, 3, padding=1, padding_mode="reflect"),
+              bn(4, track_running_stats=False), nn.ReLU6(inplace=True), nn.SiLU(), nn.GELU(approximate="tanh"),
+              nn.LeakyReLU(0.2, inplace=True), nn.Hardsigmoid(), nn.Dropout(0.5), nn.Tanh(),
+              SeenTwice(nn.Sigmoid(), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 4 ** rank, 6),
+              nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)]
+    if rank == 2:
+        layers[15:15] = [nn.AdaptiveAvgPool2d(4)]
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(2, 3, *[4] * rank)
+    dispatched = []
+    handler = graph_module._Recorder.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        dispatched.append(func)
+        return handler(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(graph_module._Recorder, "__torch_function__", counting)
+    from_hooks = capture(model, x)
+    by_hooks = len(dispatched)
+    monkeypatch.setattr(graph_module, "_LEAF_CALLS", {})
+    assert recorded(from_hooks) == recorded(capture(model, x))
+    assert by_hooks < len(dispatched) - by_hooks, "most layers' calls never reached the function mode"
 
 
 def test_a_model_that_fails_or_has_uninitialized_lazy_layers_is_a_graph_error():
