@@ -271,7 +271,9 @@ def example_input(
     input_key: Optional[str] = None,
 ) -> Any:
     """One input for ``model``: the first batch of ``data``, else a random tensor of ``input_shape``, else one made
-    from the architecture (see :func:`find_example`). On the model's device and in its floating dtype.
+    from the architecture (see :func:`find_example`). On the model's device and in its floating dtype. The random
+    values come from a generator of their own with a fixed seed: the same model gets the same example every time,
+    and the global random number generator is not drawn from.
 
     >>> model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     >>> example_input(model).shape
@@ -310,25 +312,26 @@ def find_example(
         for _, model_input in iter_inputs(data, batches=1, input_fn=input_fn, input_key=input_key):
             return Example(model_input, "the first batch of the data")
         raise GraphError("the data is empty: an example input needs at least one batch")
-    placement = _placement(model)
+    draw = _Draw(model)
     if input_shape is not None:
         shape = _checked_shape(input_shape)
-        return Example(_package(model, torch.randn(shape, **placement)), "input_shape")
+        return Example(_package(model, draw.normal(shape)), "input_shape")
     recorded = get_input_shape(model)
     if recorded:
-        return Example(_package(model, torch.randn(_checked_shape(checked_example_shape(recorded)), **placement)),
+        return Example(_package(model, draw.normal(_checked_shape(checked_example_shape(recorded)))),
                        "the input shape the checkpoint records")
-    for derive in (_timm_shape, _transformers_input, _ultralytics_shape, _torchvision_shape):
+    for derive in (_timm_shape, lambda model: _transformers_input(model, draw), _ultralytics_shape,
+                   _torchvision_shape):
         found = derive(model)
         if found is None:
             continue
         if isinstance(found[0], torch.Tensor):
-            return Example(found[0].to(placement["device"]), found[1])
+            return Example(found[0], found[1])
         shape, source = found
         if source.endswith("a pair of images"):
-            return Example(tuple(torch.randn(shape, **placement) for _ in range(2)), source)
-        return Example(_package(model, torch.randn(shape, **placement)), source)
-    found = _first_layer_input(model, placement)
+            return Example((draw.normal(shape), draw.normal(shape)), source)
+        return Example(_package(model, draw.normal(shape)), source)
+    found = _first_layer_input(model, draw)
     if found is None:
         raise GraphError(f"cannot tell what input a {type(model).__name__} takes: pass an example input, "
                          f"{spelled('input_shape=', '--input-shape')} or {spelled('data=', '--data')}")
@@ -346,13 +349,23 @@ def _checked_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _placement(model: nn.Module) -> dict[str, Any]:
-    """``device`` and floating ``dtype`` of the model's first parameter or buffer."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)  # (no list of every tensor)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = next((t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()),
-                 torch.get_default_dtype())
-    return {"device": device, "dtype": dtype}
+class _Draw:
+    """Random example tensors on the device and in the floating dtype of the model's first parameter or buffer,
+    drawn from a generator of their own, seeded alike every time: the same model gets the same example, and the
+    caller's random numbers are left as they were."""
+
+    def __init__(self, model: nn.Module) -> None:
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)  # (no list of every tensor)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = next((t.dtype for t in itertools.chain(model.parameters(), model.buffers())
+                           if t.is_floating_point()), torch.get_default_dtype())
+        self.generator = torch.Generator().manual_seed(0)
+
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=self.dtype).to(self.device)
+
+    def tokens(self, vocabulary: int, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randint(0, vocabulary, tuple(shape), generator=self.generator).to(self.device)
 
 
 def _package(model: nn.Module, tensor: torch.Tensor) -> Any:
@@ -385,7 +398,7 @@ def _timm_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]]:
     return (2, *config["input_size"]), "timm's data config"
 
 
-def _transformers_input(model: nn.Module) -> Optional[tuple[Any, str]]:
+def _transformers_input(model: nn.Module, draw: _Draw) -> Optional[tuple[Any, str]]:
     name = _transformers_input_name(model)
     if name is None:
         return None
@@ -395,8 +408,7 @@ def _transformers_input(model: nn.Module) -> Optional[tuple[Any, str]]:
         height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
         return (2, getattr(config, "num_channels", 3), height, width), "the transformers config"
     if name == "input_ids":
-        tokens = torch.randint(0, max(1, getattr(config, "vocab_size", 2)), (2, 16))
-        return tokens, "random token ids"
+        return draw.tokens(max(1, getattr(config, "vocab_size", 2)), (2, 16)), "random token ids"
     return None
 
 
@@ -425,7 +437,7 @@ def _torchvision_shape(model: nn.Module) -> Optional[tuple[tuple[int, ...], str]
     return (2, 3, size, size), source
 
 
-def _first_layer_input(model: nn.Module, placement: dict[str, Any]) -> Optional[tuple[torch.Tensor, str]]:
+def _first_layer_input(model: nn.Module, draw: _Draw) -> Optional[tuple[torch.Tensor, str]]:
     """A random input for the first layer in definition order that says what it takes."""
     for name, module in model.named_modules():
         shape: Optional[tuple[int, ...]] = None
@@ -442,11 +454,10 @@ def _first_layer_input(model: nn.Module, placement: dict[str, Any]) -> Optional[
             sizes = {2: (64, 64), 3: (16, 16, 16)}.get(rank, ())
             shape = (2, registry.channels_of(module), *sizes)
         elif isinstance(module, nn.Embedding):
-            tokens = torch.randint(0, module.num_embeddings, (2, 16), device=placement["device"])
-            return tokens, f"token ids for {name or 'the model'}"
+            return draw.tokens(module.num_embeddings, (2, 16)), f"token ids for {name or 'the model'}"
         if shape is not None:
             where = f"layer {name}" if name else "the model"
-            return torch.randn(shape, **placement), f"guessed from the input of {where}"
+            return draw.normal(shape), f"guessed from the input of {where}"
     return None
 
 

@@ -271,3 +271,13 @@ def test_example_inputs_are_packaged_as_the_libraries_models_take_them():
     assert str(find_example(transformers.ResNetModel(config))) == \
         "{pixel_values: 2x3x224x224} (the transformers config)"
     assert str(find_example(YOLO("yolov8n.yaml").model)) == "1x3x640x640 (ultralytics' documented input size)"
+
+
+def test_a_made_example_is_the_same_every_time_and_draws_nothing_from_the_callers_generator():
+    model, embedding = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.Sequential(nn.Embedding(7, 3))
+    state = torch.get_rng_state()
+    first, second = example_input(model), example_input(model)
+    assert torch.equal(first, second) and first.std() > 0.5
+    tokens = example_input(embedding)
+    assert tokens.dtype == torch.int64 and 0 <= int(tokens.min()) and int(tokens.max()) < 7
+    assert torch.equal(torch.get_rng_state(), state)
