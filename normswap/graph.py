@@ -224,7 +224,10 @@ class Graph:
 
     def readers(self, value: Value, *, outside: Optional[Call] = None) -> list[Call]:
         """The function calls that read ``value``, except ``outside`` and the calls inside it."""
-        return [reader for reader in value.readers if outside is None or not reader.within(outside)]
+        if outside is None:
+            return list(value.readers)
+        first, last = outside.index, outside.end
+        return [reader for reader in value.readers if not first <= reader.index <= last]
 
     def is_output(self, value: Value) -> bool:
         """True if the model returned this tensor."""
@@ -232,8 +235,15 @@ class Graph:
 
     def common_caller(self, first: Call, second: Call) -> Optional[Call]:
         """The innermost module call around both calls: the one whose code wires them together."""
-        around = {id(call) for call in first.ancestors()}
-        return next((call for call in second.ancestors() if id(call) in around), None)
+        around = set()
+        call = first.parent
+        while call is not None:
+            around.add(id(call))
+            call = call.parent
+        call = second.parent
+        while call is not None and id(call) not in around:
+            call = call.parent
+        return call
 
     def decision_affecting(self, call: Call) -> Optional[Call]:
         """An input-dependent branch that could have changed what happens inside module call ``call``: one inside

@@ -123,11 +123,11 @@ class SourceLayer:
             num_features=registry.channels_of(module),
             eps=registry.eps_of(module),
             momentum=getattr(module, "momentum", 0.1),
-            weight=getattr(module, "weight", None),
-            bias=getattr(module, "bias", None),
-            running_mean=getattr(module, "running_mean", None),
-            running_var=getattr(module, "running_var", None),
-            num_batches_tracked=getattr(module, "num_batches_tracked", None),
+            weight=_tensor_attribute(module, "weight"),
+            bias=_tensor_attribute(module, "bias"),
+            running_mean=_tensor_attribute(module, "running_mean"),
+            running_var=_tensor_attribute(module, "running_var"),
+            num_batches_tracked=_tensor_attribute(module, "num_batches_tracked"),
             rank=source_rank(module),
             act=act if fused else None,
             drop=getattr(module, "drop", None) if fused else None,
@@ -144,6 +144,24 @@ class SourceLayer:
             if tensor is not None:
                 return {"device": tensor.device, "dtype": tensor.dtype}
         return {}
+
+
+def _tensor_attribute(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)``, read from the module's parameters or buffers directly where its class does
+    not define ``name`` (``nn.Module.__getattr__`` is reached only after a failed lookup, several times slower)."""
+    kind = type(module)
+    defines = _DEFINES.get((kind, name))
+    if defines is None:
+        defines = _DEFINES[(kind, name)] = any(name in vars(base) for base in kind.__mro__)
+    if not defines:
+        for entries in (module._parameters, module._buffers):
+            if name in entries:
+                return entries[name]
+    return getattr(module, name, None)
+
+
+_DEFINES: dict[tuple[type, str], bool] = {}
+"""Whether a class (or a base) defines an attribute: one entry per norm layer class and tensor name."""
 
 
 def source_rank(module: nn.Module) -> Optional[int]:
