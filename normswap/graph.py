@@ -2,7 +2,9 @@
 
 :func:`capture` runs the model once on an example input, in eval mode and without gradients, and records every call
 it makes: every module call (through process-wide forward hooks) and every torch function or tensor method call
-inside them (through a :class:`~torch.overrides.TorchFunctionMode`). Real Python runs, so control flow, list and dict
+inside them that reads or makes a tensor (through a :class:`~torch.overrides.TorchFunctionMode`; the one call of a
+layer of torch's own classes, ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU`` and the like, is recorded from the
+hooks, the same way, with the mode off while the layer runs). Real Python runs, so control flow, list and dict
 inputs, ``torch.ops`` calls and every library's own code take part as they do in deployment; nothing has to be
 traceable. The :class:`Graph` it returns answers, for every tensor the forward touched (activations, parameters and
 buffers):
@@ -632,7 +634,7 @@ class _Recorder(TorchFunctionMode):
             leaf = _LEAF_CALLS.get(type(module))
             if leaf is None or not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
                 return
-            tensors = [args[0], *[tensor for tensor in map(_own_tensors(module), leaf.tensors) if tensor is not None]]
+            tensors = _passed_tensors(module, leaf, args[0])
             self.leaf = (call, leaf.function, tensors, self.values(tensors), args)
         torch._C._pop_torch_function_stack()  # the layer's own torch calls do not come here: _leave records them
 
@@ -642,6 +644,8 @@ class _Recorder(TorchFunctionMode):
         return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
         leaf = self.leaf
         if leaf is not None and leaf[0].module is module:
             self.leaf = None
@@ -650,7 +654,7 @@ class _Recorder(TorchFunctionMode):
                 with torch._C.DisableTorchFunction():
                     self._record(leaf[1], leaf[2], leaf[3], output, leaf[4])
         stack = self.stack
-        if not stack or stack[-1].module is not module or threading.get_ident() != self.thread:
+        if not stack or stack[-1].module is not module:
             return
         with torch._C.DisableTorchFunction():
             call = stack.pop()
@@ -693,6 +697,8 @@ class _Recorder(TorchFunctionMode):
                         return  # returns its input unchanged (``contiguous()`` on a contiguous tensor)
         else:
             outputs = output_tensors(output)
+            if not outputs and not tensors:
+                return  # reads no tensor and makes none (``torch._assert`` on a Python bool): nothing to record
             if changed is None and outputs:
                 input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
                 if all([id(out) in input_ids for out in outputs]):
@@ -773,9 +779,15 @@ def _runs_as_recorded(module: nn.Module, leaf: _LeafCall, args: tuple) -> bool:
         and (kind.forward, getattr(kind, "_conv_forward", None)) == _LEAF_FORWARDS[kind] and leaf.applies(module)
 
 
-def _own_tensors(module: nn.Module) -> Callable[[str], Optional[torch.Tensor]]:
+def _passed_tensors(module: nn.Module, leaf: _LeafCall, argument: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors the layer passes to its function: its argument, then its own tensors that are not ``None``."""
     parameters, buffers = module._parameters, module._buffers
-    return lambda name: parameters[name] if name in parameters else buffers.get(name)
+    tensors = [argument]
+    for name in leaf.tensors:
+        tensor = parameters[name] if name in parameters else buffers.get(name)
+        if tensor is not None:
+            tensors.append(tensor)
+    return tensors
 
 
 _FUNCTION_NAMES: dict[Any, str] = {}
@@ -783,20 +795,23 @@ _FUNCTION_NAMES: dict[Any, str] = {}
 (``torch.overrides.resolve_name`` takes 3-70 µs a function): one entry per function, a few hundred in practice."""
 
 def _flat_tensors(args: tuple, kwargs: Optional[dict] = None) -> list[torch.Tensor]:
-    """The tensors among a call's arguments, as :func:`normswap.data.output_tensors` finds them, without a walk
-    where every argument is a tensor or a scalar (most torch calls)."""
+    """The tensors among a call's arguments, as :func:`normswap.data.output_tensors` finds them, without its walk
+    where the arguments are tensors, scalars, or tuples and lists of those (an index, a shape, the tensors ``cat``
+    joins): most torch calls."""
     tensors = []
-    for arg in args:
+    for arg in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(arg, torch.Tensor):
             tensors.append(arg)
-        elif type(arg) not in SCALAR_TYPES:
+        elif type(arg) in SCALAR_TYPES:
+            continue
+        elif type(arg) is tuple or type(arg) is list:
+            for item in arg:
+                if isinstance(item, torch.Tensor):
+                    tensors.append(item)
+                elif type(item) not in SCALAR_TYPES:
+                    return output_tensors((args, kwargs) if kwargs else (args,))
+        else:
             return output_tensors((args, kwargs) if kwargs else (args,))
-    if kwargs:
-        for arg in kwargs.values():
-            if isinstance(arg, torch.Tensor):
-                tensors.append(arg)
-            elif type(arg) not in SCALAR_TYPES:
-                return output_tensors((args, kwargs))
     return tensors
 
 
