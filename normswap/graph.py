@@ -619,6 +619,7 @@ class _Recorder(TorchFunctionMode):
         if threading.get_ident() != self.thread:
             return
         seen = torch._C._is_torch_function_mode_enabled()  # (the model may run a layer with torch functions off)
+        leaf = _LEAF_CALLS.get(type(module))
         # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
         with torch._C.DisableTorchFunction():
@@ -631,7 +632,6 @@ class _Recorder(TorchFunctionMode):
             stack.append(call)
             if self.on_call is not None:
                 self.on_call()
-            leaf = _LEAF_CALLS.get(type(module))
             if leaf is None or not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
                 return
             tensors = _passed_tensors(module, leaf, args[0])
@@ -671,7 +671,7 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         # torch takes this mode off its stack while this handler runs: the recording's own tensor reads (shape,
         # version) and the calls inside ``func`` do not come back here, so no flag guards against that.
-        tensors = output_tensors(args[:1]) if name in _SHAPE_OF_OTHER else _flat_tensors(args, kwargs)
+        tensors = _flat_tensors(args[:1]) if name in _SHAPE_OF_OTHER else _flat_tensors(args, kwargs)
         inputs = self.values(tensors)
         output = func(*args, **kwargs) if kwargs else func(*args)
         self._record(name, tensors, inputs, output, args)
