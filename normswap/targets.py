@@ -153,7 +153,7 @@ def _tensor_attribute(module: nn.Module, name: str) -> Any:
     defines = _DEFINES.get((kind, name))
     if defines is None:
         defines = _DEFINES[(kind, name)] = any(name in vars(base) for base in kind.__mro__)
-    if not defines:
+    if not defines and name not in module.__dict__:
         for entries in (module._parameters, module._buffers):
             if name in entries:
                 return entries[name]
