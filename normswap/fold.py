@@ -17,8 +17,8 @@ only when the run shows all of these:
   layer's own weight and bias, and that layer returned it unchanged, possibly followed by operations that only
   reshape it keeping every channel in place (``flatten(0, 1)`` of a Linear's ``(N, L, C)`` output, a ``view`` or
   ``reshape`` of the leading dimensions). A layer without bias is run with a provisional zero bias, so the forward
-  shows that it passes the bias folding gives it to its convolution (not a layer of torch's own class with torch's
-  forward, which passes its bias, ``None`` included);
+  shows that it passes the bias folding gives it to its convolution (not a layer of torch's own class running
+  torch's forward, which passes its bias, ``None`` included: :func:`normswap.graph.runs_torch_forward`);
 - nothing else reads that output (or the reshaped ones), and the model does not return it;
 - the layer is called once, has no hooks, shares no parameter with another module, and nothing else reads its
   weight or bias; it has as many output channels as the BatchNorm has features;
@@ -72,7 +72,7 @@ from torch import nn
 
 from . import registry, targets
 from .errors import PlanError
-from .graph import Call, Example, Graph, GraphError, Value, capture, find_example
+from .graph import Call, Example, Graph, GraphError, Value, capture, find_example, runs_torch_forward
 from .history import record_step, set_input_shape
 from .placement import for_float64
 from .layers import FoldedAct
@@ -124,29 +124,16 @@ def _base_class(module: nn.Module) -> Optional[type]:
 _BASE_CLASSES: dict[type, Optional[type]] = {}
 
 
-def _passes_its_bias(module: nn.Module) -> bool:
-    """True for a layer of one of torch's own classes (not a subclass) running torch's forward, which passes the
-    layer's bias to its function, ``None`` included: it will pass the bias folding gives it."""
-    kind = type(module)
-    methods = _TORCH_METHODS.get(kind)
-    return methods is not None and (kind.forward, getattr(kind, "_conv_forward", None)) == methods \
-        and "forward" not in module.__dict__ and "_conv_forward" not in module.__dict__
-
-
-_TORCH_METHODS = {cls: (cls.forward, getattr(cls, "_conv_forward", None)) for cls in _FUNCTIONS}
-"""The forward methods of torch's classes as this module found them (a library that replaced one is not trusted)."""
-
-
 @contextlib.contextmanager
 def _provisional_biases(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
     """Give every Conv/ConvTranspose/Linear layer without bias a zero bias while the model is captured (adding zero
     changes no output), so the recorded forward shows whether the layer passes its bias to its convolution: the bias
-    folding would give it. Layers of torch's own classes are left as they are (:func:`_passes_its_bias`): a bias
-    would only make their forward slower. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
+    folding would give it. Layers of torch's own classes running torch's forward, which passes the bias, are left as
+    they are (:func:`normswap.graph.runs_torch_forward`): a bias would only make their forward slower. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
     given: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     for module in model.modules():
         if id(module) in given or _base_class(module) is None or module._parameters.get("bias", False) is not None \
-                or _passes_its_bias(module):
+                or runs_torch_forward(module):
             continue
         weight = module.weight
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
@@ -523,7 +510,7 @@ def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, prod
     if len(producer.inputs) < 2 or producer.inputs[1] is not weight:
         return f"{label} does not compute with its own weight (its forward changes it, as weight standardization does)"
     bias: Optional[Value] = None
-    if conv.bias is not None or not _passes_its_bias(conv):
+    if conv.bias is not None or not runs_torch_forward(conv):
         own_bias = conv.bias if conv.bias is not None else provisional.get(id(conv))
         if own_bias is None:
             return f"{label} has no bias parameter to take the one folding would give it"

@@ -80,7 +80,7 @@ from .history import checked_example_shape, get_input_shape
 from .progress import progress_bar
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
-           "find_example"]
+           "find_example", "runs_torch_forward"]
 
 
 class GraphError(NormswapError):
@@ -766,17 +766,32 @@ _LEAF_CALLS: dict[type, _LeafCall] = {
 function call is recorded when it returns, exactly as the mode would record it (``tests/test_graph.py`` checks each
 against the mode). Most calls of convolutional models are of these layers: their dispatch to the mode is saved."""
 
-_LEAF_FORWARDS = {cls: (cls.forward, getattr(cls, "_conv_forward", None)) for cls in _LEAF_CALLS}
+_TORCH_METHODS = {cls: (cls.forward, getattr(cls, "_conv_forward", None))
+                  for cls in (*_LEAF_CALLS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+"""The forward methods of the torch layer classes normswap relies on, as this module found them."""
+
+
+def runs_torch_forward(module: nn.Module) -> bool:
+    """True if ``module`` is of one of torch's layer classes normswap relies on (convolutions, ``nn.Linear``,
+    BatchNorm, the activations of :data:`_LEAF_CALLS`; not a subclass) and runs the forward torch wrote: none put on
+    the instance, and its class's as this module found it (a library that replaced one is not trusted).
+
+    >>> layer = nn.Conv2d(3, 4, 1)
+    >>> runs_torch_forward(layer), runs_torch_forward(nn.Sequential(layer))
+    (True, False)
+    """
+    kind = type(module)
+    methods = _TORCH_METHODS.get(kind)
+    return methods is not None and "forward" not in module.__dict__ and "_conv_forward" not in module.__dict__ \
+        and (kind.forward, getattr(kind, "_conv_forward", None)) == methods
 
 
 def _runs_as_recorded(module: nn.Module, leaf: _LeafCall, args: tuple) -> bool:
     """True if ``module`` (of a class in :data:`_LEAF_CALLS`) will make the call ``leaf`` describes on ``args``:
     torch's forward, no hooks of its own, one plain tensor argument, and the layer's settings the table assumes."""
-    kind = type(module)
     return len(args) == 1 and type(args[0]) is torch.Tensor and not (
         module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
-    ) and "forward" not in module.__dict__ and "_conv_forward" not in module.__dict__ \
-        and (kind.forward, getattr(kind, "_conv_forward", None)) == _LEAF_FORWARDS[kind] and leaf.applies(module)
+    ) and runs_torch_forward(module) and leaf.applies(module)
 
 
 def _passed_tensors(module: nn.Module, leaf: _LeafCall, argument: torch.Tensor) -> list[torch.Tensor]:
