@@ -569,7 +569,12 @@ class _Recorder(TorchFunctionMode):
         after = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
         try:
             with self:
-                yield
+                try:
+                    yield
+                finally:
+                    if self.leaf is not None:  # interrupted inside a layer of _LEAF_CALLS (Ctrl-C skips the hooks)
+                        self.leaf = None
+                        torch._C._push_on_torch_function_stack(self)  # for ``with self`` to take off
         finally:
             before.remove()
             after.remove()

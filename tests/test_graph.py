@@ -281,3 +281,18 @@ def test_a_made_example_is_the_same_every_time_and_draws_nothing_from_the_caller
     tokens = example_input(embedding)
     assert tokens.dtype == torch.int64 and 0 <= int(tokens.min()) and int(tokens.max()) < 7
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_interrupt_inside_a_torch_layer_leaves_the_callers_function_modes_as_they_were(monkeypatch):
+    from torch.overrides import BaseTorchFunctionMode
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.nn.functional, "relu", interrupted)  # what nn.ReLU's forward calls
+    with BaseTorchFunctionMode() as own:
+        with pytest.raises(KeyboardInterrupt):
+            capture(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), torch.randn(1, 3, 2, 2))
+        assert torch._C._len_torch_function_stack() == 1 and torch._C._get_function_stack_at(0) is own
+    assert torch._C._len_torch_function_stack() == 0
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
