@@ -250,7 +250,9 @@ class Graph:
     def decision_affecting(self, call: Call) -> Optional[Call]:
         """An input-dependent branch that could have changed what happens inside module call ``call``: one inside
         it, or one in the own code of a module call around it, before it started; ``None`` if there is none."""
-        for decision in self._decisions:
+        for decision in self._decisions:  # (in the order they ran: none after the call ends can affect it)
+            if decision.index > call.end:
+                break
             if decision.within(call):
                 return decision
             if decision.index < call.index and decision.parent is not None and call.within(decision.parent):
