@@ -75,6 +75,24 @@ def test_shape_queries_are_not_reads_and_calls_that_return_their_input_are_not_c
     assert graph.is_output(graph.calls[0].inputs[0])
 
 
+def test_tensors_in_lists_tuples_and_keywords_are_read_in_order_and_calls_on_no_tensor_are_not_recorded():
+    class Joins(nn.Module):
+        def forward(self, x):
+            torch._assert(x.dim() == 4, "4-D input")
+            joined = torch.cat([x, x * 2], dim=1)
+            index = torch.tensor([0, 2])
+            return torch.add(joined[:, index], other=x[(slice(None), [0, 1])], alpha=3)
+
+    graph = capture(Joins(), torch.randn(1, 3, 2, 2))
+    names = [call.name for call in graph.calls if call.module is None]
+    assert names == ["torch.Tensor.mul", "torch.cat", "torch.tensor", "torch.Tensor.__getitem__",
+                     "torch.Tensor.__getitem__", "torch.add"]
+    mul, cat, tensor, pick, first_two, add = [call for call in graph.calls if call.module is None]
+    x = graph.calls[0].inputs[0]
+    assert cat.inputs == [x, mul.outputs[0]] and pick.inputs == [cat.outputs[0], tensor.outputs[0]]
+    assert first_two.inputs == [x] and add.inputs == [pick.outputs[0], first_two.outputs[0]]
+
+
 def test_the_recording_keeps_no_activation_alive_and_a_new_tensor_in_a_freed_ones_place_is_a_new_value():
     class Temporaries(nn.Module):
         """Each step's temporary dies before the next is made, so CPython may give the next one its address."""
