@@ -625,8 +625,9 @@ class _Recorder(TorchFunctionMode):
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if threading.get_ident() != self.thread:
             return
-        seen = torch._C._is_torch_function_mode_enabled()  # (the model may run a layer with torch functions off)
         leaf = _LEAF_CALLS.get(type(module))
+        # (the model may run a layer with torch functions off: then the mode would not see its call either)
+        seen = leaf is not None and torch._C._is_torch_function_mode_enabled()
         # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
         with torch._C.DisableTorchFunction():
@@ -639,7 +640,7 @@ class _Recorder(TorchFunctionMode):
             stack.append(call)
             if self.on_call is not None:
                 self.on_call()
-            if leaf is None or not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
+            if not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
                 return
             tensors = _passed_tensors(module, leaf, args[0])
             self.leaf = (call, leaf.function, tensors, self.values(tensors), args)
