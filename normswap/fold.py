@@ -129,10 +129,11 @@ def _provisional_biases(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
     """Give every Conv/ConvTranspose/Linear layer without bias a zero bias while the model is captured (adding zero
     changes no output), so the recorded forward shows whether the layer passes its bias to its convolution: the bias
     folding would give it. Layers of torch's own classes running torch's forward, which passes the bias, are left as
-    they are (:func:`normswap.graph.runs_torch_forward`): a bias would only make their forward slower. Yields ``id(layer)`` -> that bias; the layers are put back afterwards."""
+    they are (:func:`normswap.graph.runs_torch_forward`): a bias would only make their forward slower. Yields
+    ``id(layer)`` -> that bias; the layers are put back afterwards."""
     given: dict[int, tuple[nn.Module, torch.Tensor]] = {}
-    for module in model.modules():
-        if id(module) in given or _base_class(module) is None or module._parameters.get("bias", False) is not None \
+    for module in model.modules():  # (each module once)
+        if _base_class(module) is None or module._parameters.get("bias", False) is not None \
                 or runs_torch_forward(module):
             continue
         weight = module.weight
