@@ -66,7 +66,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -120,7 +120,43 @@ _VALUE_FREE = frozenset({
 _SHAPE_OF_OTHER = frozenset(f"torch.Tensor.{name}" for name in ("reshape_as", "view_as", "expand_as", "type_as"))
 
 
-@dataclass(eq=False, slots=True)  # slots: thousands are made per capture
+class _Trace:
+    """What one forward did, as columns: one list entry per value and per call, numbers where others would be
+    objects. A forward makes thousands of values and calls; kept as objects, each with its lists, they would be tens
+    of thousands of objects for the garbage collector to walk while the model runs. :class:`Value` and
+    :class:`Call` are views of one row, made when asked for."""
+
+    __slots__ = ("dims", "dims_start", "producer", "name", "from_input", "version", "reader", "more_readers",
+                 "call_name", "parent", "module", "end", "positional", "decides", "inputs", "inputs_start",
+                 "outputs", "outputs_start", "outputs_stop", "by_module")
+
+    def __init__(self) -> None:
+        # values: the shape of value i is dims[dims_start[i]:dims_start[i + 1]]; its readers are the call reader[i]
+        # (-1: none) and, where several calls read it, the calls more_readers[i], in order
+        self.dims: list[int] = []
+        self.dims_start: list[int] = []
+        self.producer: list[int] = []  # -1: none
+        self.name: list[Optional[str]] = []
+        self.from_input: list[bool] = []
+        self.version: list[Optional[int]] = []
+        self.reader: list[int] = []
+        self.more_readers: dict[int, list[int]] = {}
+        # calls: the inputs of call j are inputs[inputs_start[j]:inputs_start[j + 1]], its outputs
+        # outputs[outputs_start[j]:outputs_stop[j]] (a module call's are known when it returns)
+        self.call_name: list[str] = []
+        self.parent: list[int] = []  # -1: none
+        self.module: list[Optional[nn.Module]] = []
+        self.end: list[int] = []
+        self.positional: list[int] = []
+        self.decides: list[bool] = []
+        self.inputs: list[int] = []
+        self.inputs_start: list[int] = []
+        self.outputs: list[int] = []
+        self.outputs_start: list[int] = []
+        self.outputs_stop: list[int] = []
+        self.by_module: dict[int, list[int]] = {}  # id(module) -> its calls
+
+
 class Value:
     """One tensor state seen during the forward: an activation, a parameter or a buffer.
 
@@ -129,25 +165,51 @@ class Value:
     ``readers`` are the function calls that read it. ``name`` is the qualified name of a parameter or buffer.
     ``from_input`` says whether its values depend on the model's input. A tensor changed through another view of
     its memory (its version counter moved while the recorder was not looking) gets a new value without producer,
-    taken to depend on the input.
+    taken to depend on the input. ``version`` is the tensor's version counter when the value was made (``None``
+    for inference tensors).
+
+    A view of row ``index`` of its graph: the graph gives one object per value, so values compare by identity.
     """
 
-    index: int
-    shape: tuple[int, ...]
-    producer: Optional["Call"] = None
-    readers: list["Call"] = field(default_factory=list)
-    name: Optional[str] = None
-    from_input: bool = False
-    version: Optional[int] = None
-    # a weak reference to the tensor, which tells the recorder whether a tensor with the same id is this one
-    _tensor: Optional[weakref.ref] = field(default=None, repr=False)
+    __slots__ = ("_graph", "index")
+
+    def __init__(self, graph: "Graph", index: int) -> None:
+        self._graph = graph
+        self.index = index
+
+    @property
+    def shape(self) -> torch.Size:
+        trace = self._graph._trace
+        start = trace.dims_start[self.index]
+        stop = trace.dims_start[self.index + 1] if self.index + 1 < len(trace.dims_start) else len(trace.dims)
+        return torch.Size(trace.dims[start:stop])
+
+    @property
+    def producer(self) -> Optional["Call"]:
+        return self._graph._call(self._graph._trace.producer[self.index])
+
+    @property
+    def readers(self) -> list["Call"]:
+        return self._graph.readers(self)
+
+    @property
+    def name(self) -> Optional[str]:
+        return self._graph._trace.name[self.index]
+
+    @property
+    def from_input(self) -> bool:
+        return self._graph._trace.from_input[self.index]
+
+    @property
+    def version(self) -> Optional[int]:
+        return self._graph._trace.version[self.index]
 
     def __repr__(self) -> str:
-        what = self.name or (self.producer.name if self.producer is not None else "input")
+        producer = self.producer
+        what = self.name or (producer.name if producer is not None else "input")
         return f"Value({self.index}, {list(self.shape)}, {what})"
 
 
-@dataclass(eq=False, slots=True)  # slots: thousands are made per capture
 class Call:
     """One call during the forward: of a module (``module`` is set) or of a torch function or tensor method.
 
@@ -157,20 +219,54 @@ class Call:
     arguments, in order (for a module call: among the positional ones, which ``positional`` counts; keyword
     arguments of module calls are not seen). ``decides`` marks a function call that turned input-dependent values
     into Python values (see the module documentation).
+
+    A view of row ``index`` of its graph: the graph gives one object per call, so calls compare by identity.
     """
 
-    index: int
-    name: str
-    parent: Optional["Call"]
-    module: Optional[nn.Module] = None
-    inputs: list[Value] = field(default_factory=list)
-    outputs: list[Value] = field(default_factory=list)
-    end: int = -1
-    positional: int = 0
-    decides: bool = False
+    __slots__ = ("_graph", "index")
+
+    def __init__(self, graph: "Graph", index: int) -> None:
+        self._graph = graph
+        self.index = index
 
     def __repr__(self) -> str:
         return f"Call({self.index}, {self.name})"
+
+    @property
+    def name(self) -> str:
+        return self._graph._trace.call_name[self.index]
+
+    @property
+    def parent(self) -> Optional["Call"]:
+        return self._graph._call(self._graph._trace.parent[self.index])
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        return self._graph._trace.module[self.index]
+
+    @property
+    def inputs(self) -> list[Value]:
+        trace, index = self._graph._trace, self.index
+        stop = trace.inputs_start[index + 1] if index + 1 < len(trace.inputs_start) else len(trace.inputs)
+        return [self._graph._value(value) for value in trace.inputs[trace.inputs_start[index]:stop]]
+
+    @property
+    def outputs(self) -> list[Value]:
+        trace, index = self._graph._trace, self.index
+        return [self._graph._value(value)
+                for value in trace.outputs[trace.outputs_start[index]:trace.outputs_stop[index]]]
+
+    @property
+    def end(self) -> int:
+        return self._graph._trace.end[self.index]
+
+    @property
+    def positional(self) -> int:
+        return self._graph._trace.positional[self.index]
+
+    @property
+    def decides(self) -> bool:
+        return self._graph._trace.decides[self.index]
 
     @property
     def is_module(self) -> bool:
@@ -188,32 +284,62 @@ class Call:
             call = call.parent
 
 
-@dataclass
 class Graph:
-    """What one forward did; see the module documentation. Build it with :func:`capture`."""
+    """What one forward did; see the module documentation. Build it with :func:`capture`.
 
-    calls: list[Call]
-    values: list[Value]
-    outputs: list[Value]
-    names: dict[int, list[str]]
-    registered: dict[int, Value] = field(default_factory=dict)
-    shared: set[int] = field(default_factory=set)
-    example: str = ""
+    ``names`` maps ``id(module)`` to every qualified name of each module of the model, ``shared`` holds the ids of
+    the parameters and buffers more than one module holds, ``example`` says what input the forward ran on.
+    """
 
-    def __post_init__(self) -> None:
-        self._by_module: dict[int, list[Call]] = {}
-        for call in self.calls:
-            if call.module is not None:
-                self._by_module.setdefault(id(call.module), []).append(call)
-        self._decisions = [call for call in self.calls if call.decides]
+    def __init__(self, trace: _Trace, outputs: list[int], registered: dict[int, int], names: dict[int, list[str]],
+                 shared: set[int], example: str) -> None:
+        self._trace = trace
+        self._outputs = outputs
+        self._registered = registered  # id(parameter or buffer) -> its value as the forward first used it
+        self.names = names
+        self.shared = shared
+        self.example = example
+        self._calls: list[Optional[Call]] = [None] * len(trace.call_name)
+        self._values: list[Optional[Value]] = [None] * len(trace.producer)
+        self._decisions = [index for index, decides in enumerate(trace.decides) if decides]
+
+    def _call(self, index: int) -> Optional[Call]:
+        """The one view of call ``index`` (``None`` for -1)."""
+        if index < 0:
+            return None
+        call = self._calls[index]
+        if call is None:
+            call = self._calls[index] = Call(self, index)
+        return call
+
+    def _value(self, index: int) -> Value:
+        value = self._values[index]
+        if value is None:
+            value = self._values[index] = Value(self, index)
+        return value
+
+    @property
+    def calls(self) -> list[Call]:
+        """Every call, in the order they started."""
+        return [self._call(index) for index in range(len(self._calls))]  # type: ignore[misc]
+
+    @property
+    def values(self) -> list[Value]:
+        """Every value, in the order they were seen."""
+        return [self._value(index) for index in range(len(self._values))]
+
+    @property
+    def outputs(self) -> list[Value]:
+        """The tensors the model returned, in order."""
+        return [self._value(index) for index in self._outputs]
 
     def module_calls(self, module: nn.Module) -> list[Call]:
         """Every call of ``module``, in order."""
-        return self._by_module.get(id(module), [])
+        return [self._call(index) for index in self._trace.by_module.get(id(module), ())]  # type: ignore[misc]
 
     def call_count(self, module: nn.Module) -> int:
         """How many times ``module`` was called (0: the example did not reach it)."""
-        return len(self.module_calls(module))
+        return len(self._trace.by_module.get(id(module), ()))
 
     def is_shared(self, tensor: torch.Tensor) -> bool:
         """True if more than one module of the model holds this parameter or buffer (tied weights)."""
@@ -222,47 +348,57 @@ class Graph:
     def parameter(self, tensor: Optional[torch.Tensor]) -> Optional[Value]:
         """The value of one of the model's parameters or buffers as the forward first used it (``None`` if it did
         not use it)."""
-        return None if tensor is None else self.registered.get(id(tensor))
+        index = None if tensor is None else self._registered.get(id(tensor))
+        return None if index is None else self._value(index)
 
     def readers(self, value: Value, *, outside: Optional[Call] = None) -> list[Call]:
-        """The function calls that read ``value``, except ``outside`` and the calls inside it."""
-        if outside is None:
-            return list(value.readers)
-        first, last = outside.index, outside.end
-        return [reader for reader in value.readers if not first <= reader.index <= last]
+        """The function calls that read ``value``, in order, except ``outside`` and the calls inside it."""
+        trace = self._trace
+        first = trace.reader[value.index]
+        if first < 0:
+            return []
+        indices = [first, *trace.more_readers.get(value.index, ())]
+        if outside is not None:
+            low, high = outside.index, trace.end[outside.index]
+            indices = [index for index in indices if not low <= index <= high]
+        return [self._call(index) for index in indices]  # type: ignore[misc]
 
     def is_output(self, value: Value) -> bool:
         """True if the model returned this tensor."""
-        return any(output is value for output in self.outputs)
+        return value.index in self._outputs
 
     def common_caller(self, first: Call, second: Call) -> Optional[Call]:
         """The innermost module call around both calls: the one whose code wires them together."""
+        parent = self._trace.parent
         around = set()
-        call = first.parent
-        while call is not None:
-            around.add(id(call))
-            call = call.parent
-        call = second.parent
-        while call is not None and id(call) not in around:
-            call = call.parent
-        return call
+        index = parent[first.index]
+        while index >= 0:
+            around.add(index)
+            index = parent[index]
+        index = parent[second.index]
+        while index >= 0 and index not in around:
+            index = parent[index]
+        return self._call(index)
 
     def decision_affecting(self, call: Call) -> Optional[Call]:
         """An input-dependent branch that could have changed what happens inside module call ``call``: one inside
         it, or one in the own code of a module call around it, before it started; ``None`` if there is none."""
+        trace = self._trace
+        start, end = call.index, trace.end[call.index]
         for decision in self._decisions:  # (in the order they ran: none after the call ends can affect it)
-            if decision.index > call.end:
+            if decision > end:
                 break
-            if decision.within(call):
-                return decision
-            if decision.index < call.index and decision.parent is not None and call.within(decision.parent):
-                return decision
+            if decision >= start:
+                return self._call(decision)
+            around = trace.parent[decision]
+            if around >= 0 and around <= start <= trace.end[around]:
+                return self._call(decision)
         return None
 
     @property
     def decisions(self) -> list[Call]:
         """Every call that turned input-dependent tensor values into Python values, in order."""
-        return list(self._decisions)
+        return [self._call(index) for index in self._decisions]  # type: ignore[misc]
 
 
 @dataclass
@@ -505,8 +641,8 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
             raise GraphError(f"the model fails on the example input {describe_input(model_input)}: "
                              f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")) from exc
         outputs = [recorder.value(tensor) for tensor in output_tensors(output)]
-    return Graph(recorder.calls, recorder.values_seen, outputs, recorder.names, recorder.registered_values,
-                 recorder.shared, example or describe_input(model_input))
+    return Graph(recorder.trace, outputs, recorder.registered_values, recorder.names, recorder.shared,
+                 example or describe_input(model_input))
 
 
 class _Recorder(TorchFunctionMode):
@@ -548,24 +684,25 @@ class _Recorder(TorchFunctionMode):
         self.buffers = [tensor for tensor, _, _ in buffers.values()]
         buffers.update(parameters)
         self.registered = buffers
-        self.registered_values: dict[int, Value] = {}
-        self.calls: list[Call] = []
-        self.values_seen: list[Value] = []
-        self.stack: list[Call] = []
-        # id(tensor) -> current value, which holds a weak reference to its tensor. Not torch's
-        # WeakTensorKeyDictionary: that builds a Python reference object on every lookup. A weak reference does not
-        # keep the activation alive; a value whose reference died (its id may be reused by a new tensor) is simply
-        # not a match.
-        self.known: dict[int, Value] = {}
+        self.registered_values: dict[int, int] = {}  # id(tensor) -> its first value
+        self.trace = _Trace()
+        self.stack: list[int] = []  # the module calls running, innermost last
+        # id(tensor) -> its current value; refs[value] tells whether a tensor with that id is the value's tensor: a
+        # weak reference to it, or the tensor itself for a parameter or buffer (which self.registered holds, so no
+        # other tensor can have its id). Not torch's WeakTensorKeyDictionary: that builds a Python reference object
+        # on every lookup. A weak reference does not keep the activation alive; a value whose reference died (its id
+        # may be reused by a new tensor) is simply not a match.
+        self.known: dict[int, int] = {}
+        self.refs: list[Any] = []
         self.thread = threading.get_ident()
         self.on_call: Optional[Callable[[], Any]] = None
-        # the layer of :data:`_LEAF_CALLS` running now: (its call, function, tensors, their values, arguments)
-        self.leaf: Optional[tuple[Call, str, list[torch.Tensor], list[Value], tuple]] = None
+        # the layer of :data:`_LEAF_CALLS` running now: (the layer, its function, tensors, their values, arguments)
+        self.leaf: Optional[tuple[nn.Module, str, list[torch.Tensor], list[int], tuple]] = None
 
     @contextlib.contextmanager
     def recording(self, model_input: Any) -> Iterator[None]:
         for tensor in output_tensors(model_input):
-            self.value(tensor).from_input = True
+            self.trace.from_input[self.value(tensor)] = True
         before = nn.modules.module.register_module_forward_pre_hook(self._enter)
         # (not with_kwargs=True: torch 2.x leaves such a global hook's flag behind when it is removed)
         after = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
@@ -581,46 +718,72 @@ class _Recorder(TorchFunctionMode):
             before.remove()
             after.remove()
 
-    def value(self, tensor: torch.Tensor) -> Value:
+    def value(self, tensor: torch.Tensor) -> int:
         """The current value of ``tensor``, registered on first sight."""
-        found = self.known.get(id(tensor))
-        if found is not None and found._tensor() is not tensor:
-            found = None
-        if found is None:
+        trace = self.trace
+        index = self.known.get(id(tensor))
+        if index is not None and self.refs[index] is not tensor and self.refs[index]() is not tensor:
+            index = None
+        if index is None:
             registered = self.registered.get(id(tensor))
             name = registered[1] if registered is not None and registered[0] is tensor else None
-            found = self._new_value(tensor, None, name=name)
+            index = self._new_value(tensor, -1, name)
             if name is not None:
-                self.registered_values[id(tensor)] = found
-        elif found.version is not None and found.version != tensor._version:  # (see _record)
-            found = self._new_value(tensor, None, name=found.name, from_input=True)
-        return found
+                self.registered_values[id(tensor)] = index
+        elif trace.version[index] is not None and trace.version[index] != tensor._version:  # (see _record)
+            index = self._new_value(tensor, -1, trace.name[index], True)
+        return index
 
-    def values(self, tensors: list[torch.Tensor]) -> list[Value]:
+    def values(self, tensors: list[torch.Tensor]) -> list[int]:
         """:meth:`value` of each tensor; the common case (seen before, unchanged) without a call per tensor."""
-        known = self.known
+        known, refs, versions = self.known, self.refs, self.trace.version
         found = []
         for tensor in tensors:
-            value = known.get(id(tensor))
-            if value is None or value._tensor() is not tensor \
-                    or value.version is not None and value.version != tensor._version:
-                value = self.value(tensor)
-            found.append(value)
+            index = known.get(id(tensor))
+            if index is None or refs[index] is not tensor and refs[index]() is not tensor \
+                    or versions[index] is not None and versions[index] != tensor._version:
+                index = self.value(tensor)
+            found.append(index)
         return found
 
-    def _new_value(self, tensor: torch.Tensor, producer: Optional[Call], name: Optional[str] = None,
-                   from_input: bool = False) -> Value:
-        # (positional arguments, the shape as torch gives it, a tuple, and the version read here without a
-        # function call: this runs for every tensor recorded)
+    def _new_value(self, tensor: torch.Tensor, producer: int, name: Optional[str] = None,
+                   from_input: bool = False) -> int:
+        # (positional arguments, and the version read here without a function call: this runs for every tensor
+        # recorded)
         try:
             version: Optional[int] = tensor._version
         except RuntimeError:  # inference tensors have no version counter
             version = None
-        seen = self.values_seen
-        value = Value(len(seen), tensor.shape, producer, [], name, from_input, version, weakref.ref(tensor))
-        seen.append(value)
-        self.known[id(tensor)] = value
-        return value
+        trace = self.trace
+        index = len(trace.producer)
+        trace.dims_start.append(len(trace.dims))
+        trace.dims.extend(tensor.shape)
+        trace.producer.append(producer)
+        trace.name.append(name)
+        trace.from_input.append(from_input)
+        trace.version.append(version)
+        trace.reader.append(-1)
+        self.refs.append(weakref.ref(tensor) if name is None else tensor)
+        self.known[id(tensor)] = index
+        return index
+
+    def _new_call(self, name: str, module: Optional[nn.Module], inputs: list[int], positional: int,
+                  decides: bool) -> int:
+        """A row for a call starting now, inside the innermost module call running."""
+        trace = self.trace
+        index = len(trace.call_name)
+        stack = self.stack
+        trace.call_name.append(name)
+        trace.parent.append(stack[-1] if stack else -1)
+        trace.module.append(module)
+        trace.end.append(index if module is None else -1)  # (a module call's end is known when it returns)
+        trace.positional.append(positional)
+        trace.decides.append(decides)
+        trace.inputs_start.append(len(trace.inputs))
+        trace.inputs.extend(inputs)
+        trace.outputs_start.append(len(trace.outputs))
+        trace.outputs_stop.append(len(trace.outputs))
+        return index
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if threading.get_ident() != self.thread:
@@ -632,18 +795,20 @@ class _Recorder(TorchFunctionMode):
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
         with torch._C.DisableTorchFunction():
             names = self.names.get(id(module))
-            calls = self.calls
-            stack = self.stack
-            call = Call(len(calls), names[0] if names else type(module).__name__, stack[-1] if stack else None,
-                        module, self.values(_flat_tensors(args)), [], -1, len(args))
-            calls.append(call)
-            stack.append(call)
+            index = self._new_call(names[0] if names else type(module).__name__, module,
+                                   self.values(_flat_tensors(args)), len(args), False)
+            calls = self.trace.by_module.get(id(module))
+            if calls is None:
+                self.trace.by_module[id(module)] = [index]
+            else:
+                calls.append(index)
+            self.stack.append(index)
             if self.on_call is not None:
                 self.on_call()
             if not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
                 return
             tensors = _passed_tensors(module, leaf, args[0])
-            self.leaf = (call, leaf.function, tensors, self.values(tensors), args)
+            self.leaf = (module, leaf.function, tensors, self.values(tensors), args)
         torch._C._pop_torch_function_stack()  # the layer's own torch calls do not come here: _leave records them
 
     def _on_top(self) -> bool:
@@ -655,19 +820,22 @@ class _Recorder(TorchFunctionMode):
         if threading.get_ident() != self.thread:
             return
         leaf = self.leaf
-        if leaf is not None and leaf[0].module is module:
+        if leaf is not None and leaf[0] is module:
             self.leaf = None
             torch._C._push_on_torch_function_stack(self)
             if output is not None:  # (``None``: the layer raised, and its function call never ended)
                 with torch._C.DisableTorchFunction():
                     self._record(leaf[1], leaf[2], leaf[3], output, leaf[4])
         stack = self.stack
-        if not stack or stack[-1].module is not module:
+        trace = self.trace
+        if not stack or trace.module[stack[-1]] is not module:
             return
         with torch._C.DisableTorchFunction():
-            call = stack.pop()
-            call.outputs = self.values([output] if isinstance(output, torch.Tensor) else output_tensors(output))
-            call.end = len(self.calls) - 1
+            index = stack.pop()
+            trace.outputs_start[index] = len(trace.outputs)
+            trace.outputs.extend(self.values([output] if isinstance(output, torch.Tensor) else output_tensors(output)))
+            trace.outputs_stop[index] = len(trace.outputs)
+            trace.end[index] = len(trace.call_name) - 1
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         # This runs for every torch call of the forward, so it is written for speed: local names, the common case
@@ -685,56 +853,64 @@ class _Recorder(TorchFunctionMode):
         self._record(name, tensors, inputs, output, args)
         return output
 
-    def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[Value], output: Any, args: tuple) -> None:
+    def _record(self, name: str, tensors: list[torch.Tensor], inputs: list[int], output: Any, args: tuple) -> None:
         """Record that function ``name`` read ``tensors`` (whose values before the call were ``inputs``) and
         returned ``output``: unless it returned an input unchanged, a call, its new outputs, and a new value of each
         input it changed in place."""
+        trace = self.trace
+        versions, from_input = trace.version, trace.from_input
         # (a value without a version is of an inference tensor, which has no counter and cannot change here)
         changed: Optional[list[torch.Tensor]] = None
         depends = False
         for tensor, value in zip(tensors, inputs):
-            if value.from_input:
+            if from_input[value]:
                 depends = True
-            if value.version is not None and tensor._version != value.version:
+            version = versions[value]
+            if version is not None and tensor._version != version:
                 changed = [tensor] if changed is None else [*changed, tensor]
         if isinstance(output, torch.Tensor):
-            outputs = [output]
+            made = [output]
             if changed is None:
                 for tensor in tensors:
                     if tensor is output:
                         return  # returns its input unchanged (``contiguous()`` on a contiguous tensor)
         else:
-            outputs = output_tensors(output)
-            if not outputs and not tensors:
+            made = output_tensors(output)
+            if not made and not tensors:
                 return  # reads no tensor and makes none (``torch._assert`` on a Python bool): nothing to record
-            if changed is None and outputs:
+            if changed is None and made:
                 input_ids = {id(tensor) for tensor in tensors}  # one set lookup per output, not a scan of the inputs
-                if all([id(out) in input_ids for out in outputs]):
+                if all([id(out) in input_ids for out in made]):
                     return
         if depends and name in _VALUE_FREE:
             depends = False
         decides = depends and (name in _DECISIONS or (name == "torch.where" and len(args) == 1)
                                or (name == "torch.Tensor.__getitem__" and _bool_index(args)))
-        calls = self.calls
-        index = len(calls)
-        stack = self.stack
-        produced: list[Value] = []
-        call = Call(index, name, stack[-1] if stack else None, None, inputs, produced, index, 0, decides)
-        calls.append(call)
+        index = self._new_call(name, None, inputs, 0, decides)
+        reader = trace.reader
         for value in inputs:
-            readers = value.readers
-            if not readers or readers[-1] is not call:
-                readers.append(call)
+            first = reader[value]
+            if first < 0:
+                reader[value] = index
+            elif first != index:  # (a call reading a tensor twice reads it once)
+                more = trace.more_readers.get(value)
+                if more is None:
+                    trace.more_readers[value] = [index]
+                elif more[-1] != index:
+                    more.append(index)
         new_value = self._new_value
+        outputs = trace.outputs
         if changed is None:  # the common case: every output is a new value
-            for out in outputs:
-                produced.append(new_value(out, call, None, depends))
-            return
-        for tensor in changed:
-            new_value(tensor, call, None, depends)
-        changed_ids = {id(tensor) for tensor in changed}
-        produced.extend([self.known[id(out)] if id(out) in changed_ids else new_value(out, call, None, depends)
-                         for out in outputs])
+            for out in made:
+                outputs.append(new_value(out, index, None, depends))
+        else:
+            for tensor in changed:
+                new_value(tensor, index, None, depends)
+            changed_ids = {id(tensor) for tensor in changed}
+            known = self.known
+            outputs.extend([known[id(out)] if id(out) in changed_ids else new_value(out, index, None, depends)
+                            for out in made])
+        trace.outputs_stop[index] = len(outputs)
 
 
 class _LeafCall(NamedTuple):
