@@ -450,20 +450,25 @@ def _pair_reason(graph: Graph, cand: _Candidate, provisional: dict[int, torch.Te
     if len(calls) > 1:
         return f"called {len(calls)} times"
     call = calls[0]
-    if call.positional != 1 or len(call.inputs) != 1:
+    inputs = call.inputs
+    if call.positional != 1 or len(inputs) != 1:
         return "not called with its input as the one positional argument"
     layer = cand.layer
-    own = [graph.parameter(tensor) for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var)]
-    if any(graph.readers(value, outside=call) for value in own if value is not None):
-        return "its tensors are read directly by the forward"
-    normalized = call.inputs[0]
+    for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+        own = graph.parameter(tensor)
+        if own is not None and graph.readers(own, outside=call):
+            return "its tensors are read directly by the forward"
+    normalized = inputs[0]
     value, reader = normalized, call
     chain: list[tuple[Value, Call]] = []  # (value, the one call allowed to read it), from the BatchNorm back
-    while value.producer is not None and value.producer.name in _RESHAPES and len(value.producer.inputs) == 1 \
-            and len(chain) < _MAX_RESHAPES:
-        chain.append((value, reader))
-        value, reader = value.producer.inputs[0], value.producer
     producer = value.producer
+    while producer is not None and producer.name in _RESHAPES and len(chain) < _MAX_RESHAPES:
+        reshaped = producer.inputs
+        if len(reshaped) != 1:
+            break
+        chain.append((value, reader))
+        value, reader = reshaped[0], producer
+        producer = value.producer
     if producer is None:
         return "its input is an input of the model" if value.from_input and value.name is None else \
             "its input comes from outside the computation normswap sees"
@@ -508,7 +513,8 @@ def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, prod
                      value: Value, provisional: dict[int, torch.Tensor]) -> Optional[str]:
     """Why ``conv`` (which computed the BatchNorm's input in ``producer``) cannot take the fold, or ``None``."""
     weight = graph.parameter(conv.weight)
-    if len(producer.inputs) < 2 or producer.inputs[1] is not weight:
+    inputs = producer.inputs
+    if len(inputs) < 2 or inputs[1] is not weight:
         return f"{label} does not compute with its own weight (its forward changes it, as weight standardization does)"
     bias: Optional[Value] = None
     if conv.bias is not None or not runs_torch_forward(conv):
@@ -516,14 +522,14 @@ def _producer_reason(graph: Graph, conv: nn.Module, base: type, label: str, prod
         if own_bias is None:
             return f"{label} has no bias parameter to take the one folding would give it"
         bias = graph.parameter(own_bias)
-        if bias is None or producer.inputs[2:] != [bias]:
+        if bias is None or inputs[2:] != [bias]:
             if conv.bias is None:
                 return f"{label} has no bias, and its forward does not pass the bias folding would give it to its " \
                        f"{_short(producer.name)}"
             return f"{label} does not add its own bias in its {_short(producer.name)}"
-    elif producer.inputs[2:]:  # (torch's forward passes no other tensor)
+    elif inputs[2:]:  # (torch's forward passes no other tensor)
         return f"{label} does not add its own bias in its {_short(producer.name)}"
-    if not any(output is value for output in conv_call.outputs):
+    if value not in conv_call.outputs:  # (values compare by identity)
         return f"{label} does not return the output of its {_short(producer.name)} unchanged"
     if graph.call_count(conv) > 1:
         return f"{label} is called {graph.call_count(conv)} times"

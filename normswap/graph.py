@@ -131,8 +131,9 @@ class _Trace:
                  "outputs", "outputs_start", "outputs_stop", "by_module")
 
     def __init__(self) -> None:
-        # values: the shape of value i is dims[dims_start[i]:dims_start[i + 1]]; its readers are the call reader[i]
-        # (-1: none) and, where several calls read it, the calls more_readers[i], in order
+        # values: the shape of value i is dims[dims_start[i]:dims_start[i + 1]] (the last start is appended when
+        # the forward has ended); its readers are the call reader[i] (-1: none) and, where several calls read it,
+        # the calls more_readers[i], in order
         self.dims: list[int] = []
         self.dims_start: list[int] = []
         self.producer: list[int] = []  # -1: none
@@ -141,7 +142,7 @@ class _Trace:
         self.version: list[Optional[int]] = []
         self.reader: list[int] = []
         self.more_readers: dict[int, list[int]] = {}
-        # calls: the inputs of call j are inputs[inputs_start[j]:inputs_start[j + 1]], its outputs
+        # calls: the inputs of call j are inputs[inputs_start[j]:inputs_start[j + 1]] (as dims), its outputs
         # outputs[outputs_start[j]:outputs_stop[j]] (a module call's are known when it returns)
         self.call_name: list[str] = []
         self.parent: list[int] = []  # -1: none
@@ -155,6 +156,12 @@ class _Trace:
         self.outputs_start: list[int] = []
         self.outputs_stop: list[int] = []
         self.by_module: dict[int, list[int]] = {}  # id(module) -> its calls
+
+    def ended(self) -> "_Trace":
+        """The trace of a forward that has ended: the closing starts appended."""
+        self.dims_start.append(len(self.dims))
+        self.inputs_start.append(len(self.inputs))
+        return self
 
 
 class Value:
@@ -179,10 +186,8 @@ class Value:
 
     @property
     def shape(self) -> torch.Size:
-        trace = self._graph._trace
-        start = trace.dims_start[self.index]
-        stop = trace.dims_start[self.index + 1] if self.index + 1 < len(trace.dims_start) else len(trace.dims)
-        return torch.Size(trace.dims[start:stop])
+        trace, index = self._graph._trace, self.index
+        return torch.Size(trace.dims[trace.dims_start[index]:trace.dims_start[index + 1]])
 
     @property
     def producer(self) -> Optional["Call"]:
@@ -246,15 +251,13 @@ class Call:
 
     @property
     def inputs(self) -> list[Value]:
-        trace, index = self._graph._trace, self.index
-        stop = trace.inputs_start[index + 1] if index + 1 < len(trace.inputs_start) else len(trace.inputs)
-        return [self._graph._value(value) for value in trace.inputs[trace.inputs_start[index]:stop]]
+        trace, index, value = self._graph._trace, self.index, self._graph._value
+        return [value(row) for row in trace.inputs[trace.inputs_start[index]:trace.inputs_start[index + 1]]]
 
     @property
     def outputs(self) -> list[Value]:
-        trace, index = self._graph._trace, self.index
-        return [self._graph._value(value)
-                for value in trace.outputs[trace.outputs_start[index]:trace.outputs_stop[index]]]
+        trace, index, value = self._graph._trace, self.index, self._graph._value
+        return [value(row) for row in trace.outputs[trace.outputs_start[index]:trace.outputs_stop[index]]]
 
     @property
     def end(self) -> int:
@@ -357,10 +360,14 @@ class Graph:
         first = trace.reader[value.index]
         if first < 0:
             return []
-        indices = [first, *trace.more_readers.get(value.index, ())]
-        if outside is not None:
+        more = trace.more_readers.get(value.index)
+        if outside is None:
+            indices = [first] if more is None else [first, *more]
+        else:
             low, high = outside.index, trace.end[outside.index]
-            indices = [index for index in indices if not low <= index <= high]
+            if more is None:  # (most values are read once)
+                return [] if low <= first <= high else [self._call(first)]  # type: ignore[list-item]
+            indices = [index for index in (first, *more) if not low <= index <= high]
         return [self._call(index) for index in indices]  # type: ignore[misc]
 
     def is_output(self, value: Value) -> bool:
@@ -369,16 +376,16 @@ class Graph:
 
     def common_caller(self, first: Call, second: Call) -> Optional[Call]:
         """The innermost module call around both calls: the one whose code wires them together."""
+        # A module call starts before every call inside it: of two calls, the later one cannot be around the
+        # other, so stepping up from the later one meets the innermost call around both.
         parent = self._trace.parent
-        around = set()
-        index = parent[first.index]
-        while index >= 0:
-            around.add(index)
-            index = parent[index]
-        index = parent[second.index]
-        while index >= 0 and index not in around:
-            index = parent[index]
-        return self._call(index)
+        one, other = parent[first.index], parent[second.index]
+        while one != other:
+            if one > other:
+                one = parent[one]
+            else:
+                other = parent[other]
+        return self._call(one)
 
     def decision_affecting(self, call: Call) -> Optional[Call]:
         """An input-dependent branch that could have changed what happens inside module call ``call``: one inside
@@ -641,7 +648,7 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
             raise GraphError(f"the model fails on the example input {describe_input(model_input)}: "
                              f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")) from exc
         outputs = [recorder.value(tensor) for tensor in output_tensors(output)]
-    return Graph(recorder.trace, outputs, recorder.registered_values, recorder.names, recorder.shared,
+    return Graph(recorder.trace.ended(), outputs, recorder.registered_values, recorder.names, recorder.shared,
                  example or describe_input(model_input))
 
 
@@ -793,10 +800,16 @@ class _Recorder(TorchFunctionMode):
         seen = leaf is not None and torch._C._is_torch_function_mode_enabled()
         # The hooks run outside this mode's handler, so each tensor attribute they read (``_version``) would come
         # back through ``__torch_function__``: switching torch functions off is cheaper than a flag checked there.
+        recorded = None
         with torch._C.DisableTorchFunction():
+            if seen and _runs_as_recorded(module, leaf, args) and self._on_top():
+                tensors = _passed_tensors(module, leaf, args[0])  # (its argument first)
+                recorded = (module, leaf.function, tensors, self.values(tensors), args)
+                inputs = recorded[3][:1]
+            else:
+                inputs = self.values(_flat_tensors(args))
             names = self.names.get(id(module))
-            index = self._new_call(names[0] if names else type(module).__name__, module,
-                                   self.values(_flat_tensors(args)), len(args), False)
+            index = self._new_call(names[0] if names else type(module).__name__, module, inputs, len(args), False)
             calls = self.trace.by_module.get(id(module))
             if calls is None:
                 self.trace.by_module[id(module)] = [index]
@@ -805,11 +818,9 @@ class _Recorder(TorchFunctionMode):
             self.stack.append(index)
             if self.on_call is not None:
                 self.on_call()
-            if not seen or not _runs_as_recorded(module, leaf, args) or not self._on_top():
-                return
-            tensors = _passed_tensors(module, leaf, args[0])
-            self.leaf = (module, leaf.function, tensors, self.values(tensors), args)
-        torch._C._pop_torch_function_stack()  # the layer's own torch calls do not come here: _leave records them
+        if recorded is not None:
+            self.leaf = recorded
+            torch._C._pop_torch_function_stack()  # the layer's own torch calls do not come here: _leave records them
 
     def _on_top(self) -> bool:
         """True if this mode is the innermost function mode (the model has not entered one of its own)."""
@@ -820,17 +831,17 @@ class _Recorder(TorchFunctionMode):
         if threading.get_ident() != self.thread:
             return
         leaf = self.leaf
-        if leaf is not None and leaf[0] is module:
+        ours = leaf is not None and leaf[0] is module
+        if ours:
             self.leaf = None
             torch._C._push_on_torch_function_stack(self)
-            if output is not None:  # (``None``: the layer raised, and its function call never ended)
-                with torch._C.DisableTorchFunction():
-                    self._record(leaf[1], leaf[2], leaf[3], output, leaf[4])
         stack = self.stack
         trace = self.trace
-        if not stack or trace.module[stack[-1]] is not module:
-            return
         with torch._C.DisableTorchFunction():
+            if ours and output is not None:  # (``None``: the layer raised, and its function call never ended)
+                self._record(leaf[1], leaf[2], leaf[3], output, leaf[4])  # type: ignore[index]
+            if not stack or trace.module[stack[-1]] is not module:
+                return
             index = stack.pop()
             trace.outputs_start[index] = len(trace.outputs)
             trace.outputs.extend(self.values([output] if isinstance(output, torch.Tensor) else output_tensors(output)))
