@@ -15,6 +15,10 @@ buffers):
   several names but called once is called once),
 - which tensors the model returned, and which parameters and buffers more than one module holds (tied weights).
 
+It keeps what it recorded as columns of numbers and hands out a :class:`Value` or :class:`Call` view of a row when
+asked: a forward makes thousands of each, which as objects would keep the garbage collector busy while the model
+runs.
+
 :func:`example_input` makes the example: the first batch of ``data``, a tensor of ``input_shape``, or an input
 derived from the architecture (timm's data config, the documented input of torchvision, transformers and
 ultralytics models, otherwise the first layer's input channels or features), packaged as the model takes it
