@@ -1047,8 +1047,8 @@ def _restored(model: nn.Module, modules: Sequence[nn.Module], buffers: Sequence[
     """Put back, afterwards, everything a forward may change on ``model`` (whose modules, each once, are ``modules``
     and buffers ``buffers``): every module's attributes (a cached anchor grid), its parameter, buffer and child
     entries, the values of its buffers, the training flags, and the random number generators."""
-    attributes = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers),
-                   dict(module._modules)) for module in modules]
+    attributes = [(module, module.__dict__.copy(), module._parameters.copy(), module._buffers.copy(),
+                   module._modules.copy()) for module in modules]  # (copy(): a quarter of dict()'s time)
     with torch.no_grad():
         copies = [buffer.clone() for buffer in buffers]
     versions = [_version(buffer) for buffer in buffers]
