@@ -46,6 +46,20 @@ def test_the_graph_names_the_producer_and_every_other_reader_of_a_layers_input()
         "an in-place change makes a new value of the same tensor"
 
 
+def test_a_graph_hands_out_one_object_per_call_and_value_so_they_compare_by_identity():
+    model = TwoUses()
+    graph = capture(model, torch.randn(2, 3, 4, 4))
+    bn, conv = only_call(graph, model.bn), only_call(graph, model.conv)
+    conv_output = conv.outputs[0]
+    assert bn is graph.calls[bn.index] and bn.inputs[0] is conv_output is graph.values[conv_output.index]
+    assert conv_output.producer is graph.calls[conv_output.producer.index] and conv_output.producer.parent is conv
+    assert [reader.index for reader in conv_output.readers] == [reader.index for reader in graph.readers(conv_output)]
+    assert all(reader is graph.calls[reader.index] for reader in graph.readers(conv_output))
+    weight = graph.parameter(model.conv.weight)
+    assert weight is graph.parameter(model.conv.weight) and weight in conv_output.producer.inputs
+    assert graph.common_caller(bn, conv_output.producer) is graph.calls[0], "the model's own call wires them"
+
+
 def test_parameters_and_buffers_are_values_with_their_names_and_readers():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     graph = capture(model, torch.randn(1, 3, 2, 2))
