@@ -47,6 +47,7 @@ from .data import call_model, floating_dtype, iter_inputs, main_output, model_fa
 from .deprecation import renamed_keywords
 from .errors import CalibrationError, NormswapError, spelled
 from .history import get_history
+from .model_state import restored
 from .placement import for_float64
 from .progress import progress_bar
 from .tables import text_table
@@ -393,8 +394,8 @@ def compare(
     layer.
 
     ``original`` is the reference (relative differences are taken against it; the report's ``a`` figures are its
-    own, ``b`` those of ``model``). Both models are run in eval mode and left in the mode and on the device they
-    were in. The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
+    own, ``b`` those of ``model``). Both models are run in eval mode and left as they were: in their mode, on their
+    device, with what their forwards change put back (caches, attributes, buffers: :mod:`normswap.model_state`). The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
 
     Args:
         data: batches as :func:`normswap.data.iter_inputs` reads them; each model input is passed as
@@ -420,18 +421,31 @@ def compare(
     (0.0, 1.0, None)
     """
     model_a, model_b = unwrapped(original), unwrapped(model)
+    all_labels = torch.as_tensor(labels).reshape(-1) if labels is not None else None
+    with restored(model_a), restored(model_b):  # (eval mode, and what their forwards change, put back)
+        stats, probe = _compared(model_a, model_b, data, all_labels, batches, input_fn, input_key, device, layers,
+                                 progress)
+    if not stats.batches:
+        raise CalibrationError("there are no batches to compare the models on")
+    if all_labels is not None and all_labels.numel() != stats.samples:
+        raise CalibrationError(f"labels has {all_labels.numel()} entries but the data has {stats.samples} samples")
+    return stats.report(tolerance, probe.results() if probe is not None else [])
+
+
+def _compared(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], all_labels: Optional[torch.Tensor],
+              batches: Optional[int], input_fn: Optional[Callable[[Any], Any]], input_key: Optional[str],
+              device: Union[str, torch.device, None], layers: bool,
+              progress: Optional[bool]) -> tuple["_OutputStats", Optional["_LayerProbe"]]:
+    """Run both models in eval mode over the data (on ``device``, if given, and back), gathering the statistics."""
     homes = [(model, model_device(model)) for model in (model_a, model_b)]
     if device is not None:
         model_a.to(device)
         model_b.to(device)
     device_a, device_b = model_device(model_a), model_device(model_b)
     dtype_a, dtype_b = floating_dtype(model_a), floating_dtype(model_b)
-    all_labels = torch.as_tensor(labels).reshape(-1) if labels is not None else None
-    modes = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
     probe = _LayerProbe(model_a, model_b) if layers else None
     stats = _OutputStats()
     last: list = []
-    used = 0
     bar = progress_bar(_batch_count(data, batches), "compare", "batch", progress=progress)
     try:
         model_a.eval()
@@ -449,10 +463,9 @@ def compare(
                     )
                 rows = out_a.shape[0] if out_a.dim() else 1
                 if all_labels is not None:
-                    batch_labels = all_labels[used:used + rows]
+                    batch_labels = all_labels[stats.samples:stats.samples + rows]
                 else:
                     batch_labels = _batch_labels(last[0])
-                used += rows
                 stats.add(out_a, out_b, batch_labels)
                 if probe is not None:
                     probe.next_batch()
@@ -460,13 +473,7 @@ def compare(
     finally:
         if probe is not None:
             probe.remove()
-        for module, training in modes:
-            module.training = training
         if device is not None:
             for model, home in homes:
                 model.to(home)
-    if not stats.batches:
-        raise CalibrationError("there are no batches to compare the models on")
-    if all_labels is not None and all_labels.numel() != used:
-        raise CalibrationError(f"labels has {all_labels.numel()} entries but the data has {used} samples")
-    return stats.report(tolerance, probe.results() if probe is not None else [])
+    return stats, probe

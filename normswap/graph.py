@@ -38,9 +38,10 @@ Limits, and how they are guarded:
   through ``torch.ops``), appear without a producer.
 - A tensor changed through another view of its memory gets a new value without producer (taken to depend on the
   input), so what reads it is not mistaken for a reader of the old value.
-- Running a model can change it: capture puts back every module attribute and buffer the forward changed (caches
-  such as YOLO's anchors), the training flags and the random number generators, and refuses a model with
-  uninitialized lazy modules, which the first forward would change. Nothing is stored on the model.
+- Running a model can change it: capture puts back what the forward changed (:mod:`normswap.model_state`: module
+  attributes such as YOLO's anchors, caches such as LeViT's attention biases, buffers, the training flags and the
+  random number generators), and refuses a model with uninitialized lazy modules, which the first forward would
+  change. Nothing is stored on the model.
 
 Why a recorded eager forward: ``torch.fx`` symbolic tracing fails on most models from outside timm (YOLO,
 transformers, smp, torchvision detection); ``torch.export(strict=False)`` fails on every torchvision detection model
@@ -81,6 +82,7 @@ from . import registry, targets
 from .data import SCALAR_TYPES, call_model, describe_input, iter_inputs, output_tensors
 from .errors import NormswapError, spelled
 from .history import checked_example_shape, get_input_shape
+from .model_state import restored
 from .progress import progress_bar
 
 __all__ = ["Call", "Example", "Graph", "GraphError", "Value", "capture", "describe_input", "example_input",
@@ -639,7 +641,7 @@ def capture(model: nn.Module, model_input: Any, *, example: str = "", progress: 
                          "folding")
     bar = progress_bar(len(recorder.names), "running the model", "module", progress=progress)
     recorder.on_call = None if bar.disable else bar.update
-    with bar, _restored(model, recorder.unique_modules, recorder.buffers), torch.no_grad():
+    with bar, restored(model, recorder.unique_modules, recorder.buffers), torch.no_grad():
         if recorder.training:
             model.eval()
         try:
@@ -1034,36 +1036,3 @@ def _bool_index(args: tuple) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
 
-
-def _version(tensor: torch.Tensor) -> Optional[int]:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module, modules: Sequence[nn.Module], buffers: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Put back, afterwards, everything a forward may change on ``model`` (whose modules, each once, are ``modules``
-    and buffers ``buffers``): every module's attributes (a cached anchor grid), its parameter, buffer and child
-    entries, the values of its buffers, the training flags, and the random number generators."""
-    attributes = [(module, module.__dict__.copy(), module._parameters.copy(), module._buffers.copy(),
-                   module._modules.copy()) for module in modules]  # (copy(): a quarter of dict()'s time)
-    with torch.no_grad():
-        copies = [buffer.clone() for buffer in buffers]
-    versions = [_version(buffer) for buffer in buffers]
-    devices = [t.device.index for t in [next(model.parameters(), None)] if t is not None and t.device.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            for module, saved, parameters, own_buffers, children in attributes:
-                for entries, before in ((module.__dict__, saved), (module._parameters, parameters),
-                                        (module._buffers, own_buffers), (module._modules, children)):
-                    if entries or before:
-                        entries.clear()
-                        entries.update(before)
-            with torch.no_grad():
-                for buffer, copy, version in zip(buffers, copies, versions):
-                    if _version(buffer) != version:
-                        buffer.copy_(copy)

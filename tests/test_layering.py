@@ -31,7 +31,7 @@ LAYERS = {
     "core": ["_version", "deprecation", "errors", "history", "layers", "offline", "plan_rows", "registry", "tables",
              "targets", "unwrap", "walk"],
     "files": ["arch", "checkpoint", "imports"],
-    "runtime": ["data", "distributed", "graph", "lockstep", "placement", "progress", "report_page"],
+    "runtime": ["data", "distributed", "graph", "lockstep", "model_state", "placement", "progress", "report_page"],
     "operations": ["compare", "fit", "fold", "inspection", "plan", "recalibrate", "refine"],
     "façade": ["api", "demo", "recipe"],
 }
