@@ -949,7 +949,7 @@ _LEAF_CALLS: dict[type, _LeafCall] = {
     **{cls: _LeafCall(f"torch.nn.functional.conv{rank}d", _CONV, lambda m: m.padding_mode == "zeros")
        for rank, cls in enumerate((nn.Conv1d, nn.Conv2d, nn.Conv3d), 1)},
     **{cls: _LeafCall("torch.nn.functional.batch_norm", ("running_mean", "running_var", "weight", "bias"),
-                      lambda m: not m.training and m.track_running_stats and m.running_mean is not None)
+                      lambda m: not m.training and m.track_running_stats and m._buffers.get("running_mean") is not None)
        for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.ReLU: _LeafCall("torch.nn.functional.relu"),
     nn.ReLU6: _LeafCall("torch.nn.functional.hardtanh"),

@@ -55,7 +55,7 @@ def restored(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None,
         modules = list(model.modules())
     if buffers is None:
         buffers = list({id(b): b for module in modules for b in module._buffers.values() if b is not None}.values())
-    containers = _containers(modules)
+    containers, contents = _containers(modules)
     with torch.no_grad():
         copies = [buffer.clone() for buffer in buffers]
     versions = [_version(buffer) for buffer in buffers]
@@ -64,7 +64,7 @@ def restored(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None,
         try:
             yield
         finally:
-            for container, before in containers:
+            for container, before in zip(containers, contents):
                 if container or before is not None:  # (``None``: it was empty)
                     container.clear()
                     container.update(before or ())
@@ -74,17 +74,21 @@ def restored(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None,
                         buffer.copy_(copy)
 
 
-def _containers(modules: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
-    """Each module's ``__dict__`` and the plain dicts and sets in it, each with a copy of its contents (``None`` for
-    an empty one: most of a model's are)."""
-    saved: list[tuple[Any, Any]] = []
+def _containers(modules: Sequence[nn.Module]) -> tuple[list[Any], list[Any]]:
+    """Each module's ``__dict__`` and the plain dicts and sets in it, and a copy of the contents of each (``None`` for
+    an empty one: most of a model's are). Two lists, not a list of pairs: a pair per container would be thousands of
+    objects more for the garbage collector while the model runs."""
+    containers: list[Any] = []
+    contents: list[Any] = []
     for module in modules:
         own = module.__dict__
-        saved.append((own, own.copy()))  # (copy(): a quarter of dict()'s time)
+        containers.append(own)
+        contents.append(own.copy())  # (copy(): a quarter of dict()'s time)
         for value in own.values():
             if type(value) in _CONTAINERS:
-                saved.append((value, value.copy() if value else None))
-    return saved
+                containers.append(value)
+                contents.append(value.copy() if value else None)
+    return containers, contents
 
 
 def _version(tensor: torch.Tensor) -> Optional[int]:
