@@ -8,8 +8,9 @@ Three tables, printed as markdown:
    traces, ``torch.fx.experimental.optimization.fuse``, and the largest relative difference of the folded model's
    output from the unfused eval model's (detection models: of the backbone features, which hold every BatchNorm),
    beside the model's own float32-vs-float64 difference (float16 for the half-precision model), and what planning
-   costs: the fastest of five plans over the fastest of five eval forwards of the same example, interleaved after a
-   warm-up of each, in CPU seconds of the process (other processes' load does not inflate them).
+   costs: the fastest plan over the fastest eval forward of the same example, in 5 to 15 interleaved rounds (as many
+   as fit in 10 s) after a warm-up of each, in CPU seconds of the process (other processes' load does not inflate
+   them).
 2. Forward time: folded against BatchNorm eval forward of YOLOv8n at 640x640 and timm resnet50 at 224x224, timed
    in interleaved rounds in the same run (the ratio of medians is the figure).
 3. With ``--capture``: how the graph is captured. For each model, seconds for normswap's capture (one recorded
@@ -224,7 +225,8 @@ def bench_coverage(names: list[str]) -> str:
             call_model(model, example.value)
             planned = copy.deepcopy(model)  # (in the state the forwards are timed in: caches the first one fills)
             plan = plan_fold(planned)
-        for _ in range(PLAN_ROUNDS):
+        while len(plan_seconds) < PLAN_ROUNDS[0] or (
+                len(plan_seconds) < PLAN_ROUNDS[1] and sum(forward_seconds) + sum(plan_seconds) < ROUNDS_SECONDS):
             forward_seconds.append(time_call(lambda: call_model(model, example.value)))
             plan_seconds.append(time_call(lambda: plan_fold(planned)))
         folded = plan.apply(planned)
@@ -250,8 +252,13 @@ def bench_coverage(names: list[str]) -> str:
     return table(header, rows)
 
 
-PLAN_ROUNDS = 5
-"""Interleaved rounds of one eval forward and one plan: the fastest of each make the planning figure."""
+PLAN_ROUNDS = (5, 15)
+"""Interleaved rounds of one eval forward and one plan, at least and at most: the fastest of each make the planning
+figure. As many as fit in :data:`ROUNDS_SECONDS`: a 30 ms forward gets 15, a detector's 1.5 s forward 5. A round now
+and then pays for a garbage collection of the whole process (tens of ms with transformers, timm and ultralytics
+imported), so five rounds of a fast model can miss its floor by 0.05."""
+
+ROUNDS_SECONDS = 10.0
 
 
 def time_call(fn: Callable[[], Any]) -> float:
