@@ -59,6 +59,7 @@ from .deprecation import renamed_keywords
 from .errors import CalibrationError, PlanError
 from .history import record_step, required_step
 from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
+from .model_state import caches
 from .placement import Device, Placement, for_float64
 from .plan_rows import PlanRow
 from .progress import progress_bar
@@ -211,6 +212,7 @@ def fit_converted(
     fitted = [row for row in rows if row.affine == "fit"]
     initial = _affine_values(converted, fitted)
     modes = {module: module.training for model in (converted, reference) for module in model.modules()}
+    kept = [caches(model) for model in (converted, reference)]  # (what their eval forwards fill, put back)
     homes = [(model, model_device(model)) for model in (converted, reference)]
     run = Placement.resolve(converted, device, False, error=CalibrationError)
     try:
@@ -224,6 +226,8 @@ def fit_converted(
     finally:
         for module, training in modes.items():
             module.training = training
+        for model_caches in kept:
+            model_caches.put_back()
         for model, home in homes:
             model.to(home)
     record_step(converted, {"op": "fit", **report.to_dict()})

@@ -1,12 +1,13 @@
 """What running a model can change on it, put back afterwards: for the operations that only look at a model (fold
-planning's capture, compare).
+planning's capture, compare), and the caches of one that trains it (refinement).
 
 An eval forward computes, but models keep state outside their parameters, and some of it changes when they run:
 
-- caches the first eval forward fills and only ``train()`` empties: the attention biases of LeViT (timm and
-  transformers), EfficientFormer, EfficientViT (MSRA) and TinyViT, kept in a dict attribute. Filled while normswap
-  looked and then left, such a cache outlives the training that makes it stale: a training-mode model that is
-  trained on without another ``train()`` call evaluates with the old biases;
+- caches an eval forward fills and ``train()`` empties: the attention biases of LeViT (timm and transformers),
+  EfficientFormer, EfficientViT (MSRA) and TinyViT, kept in a dict attribute. Filled while normswap looked and
+  then left, such a cache outlives the training that makes it stale (transformers' LeViT empties it only on
+  ``train(True)``: a model trained on without that call evaluates with the old biases); filled during a training
+  step, it holds that step's autograd graph;
 - attributes the forward assigns (YOLO's anchor grid and strides, the input shape they were made for);
 - buffers written in place, the training flags an operation sets, the random number generators.
 
@@ -15,7 +16,8 @@ attributes (its ``__dict__``), the contents of the plain dicts and sets among th
 entries, the caches above), the values of its buffers, and the CPU and CUDA random number generators. Not put back:
 lists changed in place (copying them would cost more than the rest: LeViT keeps 175,000 attention indices in
 lists), containers nested inside those above, tensors other than buffers written in place, and state kept outside
-the model (a library's module-level caches).
+the model (a library's module-level caches). :func:`caches` keeps the dicts and sets alone, to put back before each
+forward of a model whose weights change in between.
 
 Example::
 
@@ -40,10 +42,13 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["restored"]
+__all__ = ["Containers", "caches", "restored"]
 
 _CONTAINERS = (dict, set)
 """The container types whose contents are put back (exact types: a module's hook dicts, ``OrderedDict``, are not)."""
+
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+"""The dicts and sets every module keeps for torch: its parameters, buffers and children."""
 
 
 @contextlib.contextmanager
@@ -55,7 +60,7 @@ def restored(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None,
         modules = list(model.modules())
     if buffers is None:
         buffers = list({id(b): b for module in modules for b in module._buffers.values() if b is not None}.values())
-    containers, contents = _containers(modules)
+    attributes = Containers(modules)
     with torch.no_grad():
         copies = [buffer.clone() for buffer in buffers]
     versions = [_version(buffer) for buffer in buffers]
@@ -64,31 +69,61 @@ def restored(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None,
         try:
             yield
         finally:
-            for container, before in zip(containers, contents):
-                if container or before is not None:  # (``None``: it was empty)
-                    container.clear()
-                    container.update(before or ())
+            attributes.put_back()
             with torch.no_grad():
                 for buffer, copy, version in zip(buffers, copies, versions):
                     if _version(buffer) != version:
                         buffer.copy_(copy)
 
 
-def _containers(modules: Sequence[nn.Module]) -> tuple[list[Any], list[Any]]:
-    """Each module's ``__dict__`` and the plain dicts and sets in it, and a copy of the contents of each (``None`` for
-    an empty one: most of a model's are). Two lists, not a list of pairs: a pair per container would be thousands of
-    objects more for the garbage collector while the model runs."""
-    containers: list[Any] = []
-    contents: list[Any] = []
-    for module in modules:
-        own = module.__dict__
-        containers.append(own)
-        contents.append(own.copy())  # (copy(): a quarter of dict()'s time)
-        for value in own.values():
-            if type(value) in _CONTAINERS:
-                containers.append(value)
-                contents.append(value.copy() if value else None)
-    return containers, contents
+def caches(model: nn.Module) -> "Containers":
+    """The plain dicts and sets ``model``'s modules keep among their attributes (not torch's registries of their
+    parameters, buffers and children): the caches a forward fills, such as LeViT's attention biases. For an
+    operation that runs a model whose weights change between forwards (refinement), so that each forward starts
+    from the caches as they were.
+
+    >>> layer = nn.Linear(2, 2)
+    >>> layer.cache = {}
+    >>> kept = caches(layer)
+    >>> layer.cache["cpu"] = layer.weight.sum()
+    >>> kept.put_back()
+    >>> layer.cache
+    {}
+    """
+    return Containers(list(model.modules()), attributes=False)
+
+
+class Containers:
+    """Dicts and sets of a model's modules and what each holds now: :meth:`put_back` refills each to that, in place
+    (whoever holds one sees it back). With ``attributes``, every module's attribute dict and all the plain dicts and
+    sets in it; without, those dicts and sets other than torch's registries (see :func:`caches`)."""
+
+    def __init__(self, modules: Sequence[nn.Module], *, attributes: bool = True) -> None:
+        # Two lists, not a list of pairs: a pair per container would be thousands of objects more for the garbage
+        # collector while the model runs. An empty container's contents are ``None``: most of a model's are empty.
+        containers: list[Any] = []
+        contents: list[Any] = []
+        for module in modules:
+            own = module.__dict__
+            if attributes:
+                containers.append(own)
+                contents.append(own.copy())  # (copy(): a quarter of dict()'s time)
+                for value in own.values():
+                    if type(value) in _CONTAINERS:
+                        containers.append(value)
+                        contents.append(value.copy() if value else None)
+            else:
+                for key, value in own.items():
+                    if type(value) in _CONTAINERS and key not in _REGISTRIES:
+                        containers.append(value)
+                        contents.append(value.copy() if value else None)
+        self.containers, self.contents = containers, contents
+
+    def put_back(self) -> None:
+        for container, before in zip(self.containers, self.contents):
+            if container or before is not None:
+                container.clear()
+                container.update(before or ())
 
 
 def _version(tensor: torch.Tensor) -> Optional[int]:

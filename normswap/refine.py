@@ -98,6 +98,7 @@ from .progress import progress_bar
 from .deprecation import renamed_keywords, warn_deprecated
 from .errors import CalibrationError, RefineError
 from .history import record_step, required_step
+from .model_state import Containers, caches
 from .targets import is_norm_layer
 from .unwrap import unwrapped
 from .walk import find_modules, model_device
@@ -604,8 +605,11 @@ class _State:
     """The student and teacher while refinement runs: placement, flags and the parameter values to come back to.
 
     ``enter`` puts both models in eval mode on the run device and makes exactly the selected parameters trainable;
-    ``exit`` puts back every flag and the student's device. ``initial`` holds the selected parameters' values as
-    they were, ``best`` those of the best state measured."""
+    ``exit`` puts back every flag, the student's device and the caches of both (:func:`normswap.model_state.caches`).
+    ``initial`` holds the selected parameters' values as they were, ``best`` those of the best state measured. The
+    student's caches are emptied before each of its forwards (:meth:`student_output`): a cache an eval forward fills
+    (LeViT's attention biases) would otherwise keep an earlier step's weights, and the autograd graph of a step
+    that has already run backward."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: Placement) -> None:
         self.student, self.teacher, self.selected, self.run = student, teacher, selected, run
@@ -616,8 +620,11 @@ class _State:
         self.initial = [p.detach().clone() for p in selected]
         self.best = [t.clone() for t in self.initial]
         self.teacher_on_device = teacher
+        self.student_caches: Optional[Containers] = None
+        self.teacher_caches: Optional[Containers] = None
 
     def enter(self) -> None:
+        self.student.train()  # (where models empty what their eval forwards cache, from weights this run changes)
         self.student.eval()
         for p, _ in self.requires_grad:
             p.requires_grad_(False)
@@ -631,6 +638,14 @@ class _State:
         for module, _ in self.teacher_flags:
             module.training = False
         self.teacher_on_device.eval()
+        self.student_caches, self.teacher_caches = caches(self.student), caches(self.teacher)
+
+    def student_output(self, model: nn.Module, model_input: Any) -> Any:
+        """The output of ``model`` (the student, or the wrapper it trains in) on ``model_input``, its caches first
+        put back to how they were when the run started."""
+        if self.student_caches is not None:
+            self.student_caches.put_back()
+        return call_model(model, model_input)
 
     def keep_best(self) -> None:
         self.best = [p.detach().clone() for p in self.selected]  # one assignment: an interrupt cannot split it
@@ -644,6 +659,9 @@ class _State:
         self.load(self.initial)
 
     def exit(self) -> None:
+        for kept in (self.student_caches, self.teacher_caches):
+            if kept is not None:
+                kept.put_back()
         for module, training in self.student_flags:
             module.training = training
         for module, training in self.teacher_flags:
@@ -774,7 +792,7 @@ def _loss(state: _State, model: nn.Module, model_input: Any, options: _Options,
             with torch.no_grad(), state.run.autocast():
                 expected = call_model(state.teacher_on_device, model_input)
         with state.run.autocast():
-            output = call_model(model, model_input)
+            output = state.student_output(model, model_input)
         return _output_loss(output, expected, options)
     with _FeatureCapture(pairs) as capture:
         with torch.no_grad(), state.run.autocast():
@@ -782,7 +800,7 @@ def _loss(state: _State, model: nn.Module, model_input: Any, options: _Options,
             expected = call_model(state.teacher_on_device, model_input)
         with state.run.autocast():
             capture.side = 1
-            output = call_model(model, model_input)
+            output = state.student_output(model, model_input)
     return _output_loss(output, expected, options) + options.feature_weight * capture.loss()
 
 
@@ -1159,7 +1177,7 @@ def _evaluate(state: _State, held: _Inputs, options: _Options, ranks: "_Ranks") 
             model_input = state.run.move(chunk)
             with state.run.autocast():
                 expected = call_model(state.teacher_on_device, model_input)
-                output = call_model(state.student, model_input)
+                output = state.student_output(state.student, model_input)
             students, teachers = output_tensors(output, floating=True), output_tensors(expected, floating=True)
             _check_shapes(students, teachers)
             for s, t in zip(students, teachers):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import LevitConfig, LevitForImageClassification
 
+import normswap
 from normswap.compare import compare
 from normswap.fold import plan_fold
 from normswap.model_state import restored
@@ -97,3 +98,37 @@ def test_a_look_at_a_training_levit_leaves_no_attention_cache_to_go_stale(levit,
                     parameter.add_(torch.randn(parameter.shape, generator=generator))
             outputs.append(trained.eval()(**x).logits if isinstance(x, dict) else trained.eval()(x))
     assert torch.equal(outputs[0], outputs[1]), "the evaluation sees the trained attention biases"
+
+
+@pytest.mark.parametrize("levit", LEVITS)
+def test_refining_a_levit_trains_its_attention_biases_through_a_cache_filled_afresh_each_step(levit):
+    build, as_input = LEVITS[levit]
+    torch.manual_seed(0)
+    original = randomize_norm_layers(build()).eval()
+    batches = [as_input(x) for x in torch.randn(16, 3, 64, 64).split(4)]
+    with torch.no_grad():  # an evaluation before: the caches hold the attention biases as they are
+        original(**batches[0]) if isinstance(batches[0], dict) else original(batches[0])
+    converted = normswap.convert(copy.deepcopy(original), "gn", groups=1)
+    before = {name: p.detach().clone() for name, p in converted.named_parameters() if name.endswith("attention_biases")}
+    normswap.refine(converted, original, batches, steps=4, holdout=0, progress=False)  # (keeps the last state)
+    trained = {name: p for name, p in converted.named_parameters() if name in before}
+    assert any(not torch.equal(trained[name], value) for name, value in before.items()), \
+        "the attention biases learn (a cache from the weights before would give them no gradient)"
+    assert not any(attention_caches(converted)), "no cache of weights refinement went past is left"
+
+
+CHANGES = {
+    "recalibrate": lambda model, x: normswap.recalibrate(model, [x]),
+    "convert, fitting the affine weights": lambda model, x: normswap.convert(model, "gn", groups=1, affine="fit",
+                                                                           data=[x]),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("levit", LEVITS)
+def test_operations_that_change_a_training_levit_leave_no_attention_cache_behind(levit, change):
+    build, as_input = LEVITS[levit]
+    torch.manual_seed(0)
+    model = randomize_norm_layers(build()).train()
+    changed = CHANGES[change](model, as_input(torch.randn(2, 3, 64, 64)))
+    assert changed.training and attention_caches(changed) and not any(attention_caches(changed))

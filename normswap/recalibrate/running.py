@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data import call_model, model_failures
+from ..model_state import Containers
 from ..placement import Placement
 from ..walk import parameters_and_buffers
 from .statistics import Layer
@@ -22,14 +23,16 @@ def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
 
 class Snapshot:
     """Everything recalibration changes on a model while it runs, to put back exactly afterwards: the training flag
-    of every module, the buffer objects of every module, the storage of every parameter :func:`place` moved, and
-    the momentum, ``track_running_stats`` and ``forward`` of the layers being calibrated. The original buffer
-    tensors themselves are never written while the run lasts."""
+    of every module, the buffer objects of every module, the storage of every parameter :func:`place` moved, the
+    momentum, ``track_running_stats`` and ``forward`` of the layers being calibrated, and the caches its eval
+    forwards fill (:func:`normswap.model_state.caches`). The original buffer tensors themselves are never written
+    while the run lasts."""
 
     def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
         modules = self.modules = list(model.modules())
         self.training = [(module, module.training) for module in modules]
         self.buffers = [(module, dict(module._buffers)) for module in modules]
+        self.caches = Containers(modules, attributes=False)
         self.parameters: list[tuple[nn.Parameter, torch.Tensor]] = []  # filled by place(), where it moves them
         self.layers = [
             (layer.module, layer.module.momentum, layer.module.track_running_stats,
@@ -38,6 +41,7 @@ class Snapshot:
         ]
 
     def restore(self) -> None:
+        self.caches.put_back()
         for module, training in self.training:
             if module.training != training:
                 module.training = training
