@@ -395,7 +395,8 @@ def compare(
 
     ``original`` is the reference (relative differences are taken against it; the report's ``a`` figures are its
     own, ``b`` those of ``model``). Both models are run in eval mode and left as they were: in their mode, on their
-    device, with what their forwards change put back (caches, attributes, buffers: :mod:`normswap.model_state`). The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
+    device, with what their forwards change put back (caches, attributes, buffers: :mod:`normswap.model_state`).
+    The old keyword names ``model_a=`` and ``model_b=`` still work, with a ``DeprecationWarning``.
 
     Args:
         data: batches as :func:`normswap.data.iter_inputs` reads them; each model input is passed as

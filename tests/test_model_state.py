@@ -3,6 +3,7 @@ dicts and sets, buffers, training flags and random generators, even when its for
 fills outlives the training that would make it stale (LeViT's attention biases, on the real libraries)."""
 
 import copy
+from typing import Any, Callable
 
 import pytest
 import timm
@@ -12,6 +13,7 @@ from transformers import LevitConfig, LevitForImageClassification
 
 import normswap
 from normswap.compare import compare
+from normswap.data import call_model, main_output
 from normswap.fold import plan_fold
 from normswap.model_state import restored
 from tests.helpers import randomize_norm_layers
@@ -75,6 +77,13 @@ LOOKS = {
 }
 
 
+def random_levit(name: str, *, training: bool) -> tuple[nn.Module, Callable[[torch.Tensor], Any]]:
+    """LeViT ``name`` with random BatchNorm statistics in training or eval mode, and how it takes its images."""
+    build, as_input = LEVITS[name]
+    torch.manual_seed(0)
+    return randomize_norm_layers(build()).train(training), as_input
+
+
 def attention_caches(model: nn.Module) -> list[dict]:
     return [module.attention_bias_cache for module in model.modules() if hasattr(module, "attention_bias_cache")]
 
@@ -82,9 +91,7 @@ def attention_caches(model: nn.Module) -> list[dict]:
 @pytest.mark.parametrize("look", LOOKS)
 @pytest.mark.parametrize("levit", LEVITS)
 def test_a_look_at_a_training_levit_leaves_no_attention_cache_to_go_stale(levit, look):
-    build, as_input = LEVITS[levit]
-    torch.manual_seed(0)
-    model = randomize_norm_layers(build()).train()
+    model, as_input = random_levit(levit, training=True)
     untouched = copy.deepcopy(model)
     x = as_input(torch.randn(2, 3, 64, 64))
     LOOKS[look](model, x)
@@ -96,20 +103,19 @@ def test_a_look_at_a_training_levit_leaves_no_attention_cache_to_go_stale(levit,
             for name, parameter in trained.named_parameters():
                 if name.endswith("attention_biases"):
                     parameter.add_(torch.randn(parameter.shape, generator=generator))
-            outputs.append(trained.eval()(**x).logits if isinstance(x, dict) else trained.eval()(x))
+            outputs.append(main_output(call_model(trained.eval(), x)))
     assert torch.equal(outputs[0], outputs[1]), "the evaluation sees the trained attention biases"
 
 
 @pytest.mark.parametrize("levit", LEVITS)
 def test_refining_a_levit_trains_its_attention_biases_through_a_cache_filled_afresh_each_step(levit):
-    build, as_input = LEVITS[levit]
-    torch.manual_seed(0)
-    original = randomize_norm_layers(build()).eval()
+    original, as_input = random_levit(levit, training=False)
     batches = [as_input(x) for x in torch.randn(16, 3, 64, 64).split(4)]
     with torch.no_grad():  # an evaluation before: the caches hold the attention biases as they are
-        original(**batches[0]) if isinstance(batches[0], dict) else original(batches[0])
+        call_model(original, batches[0])
     converted = normswap.convert(copy.deepcopy(original), "gn", groups=1)
-    before = {name: p.detach().clone() for name, p in converted.named_parameters() if name.endswith("attention_biases")}
+    before = {name: p.detach().clone() for name, p in converted.named_parameters()
+              if name.endswith("attention_biases")}
     normswap.refine(converted, original, batches, steps=4, holdout=0, progress=False)  # (keeps the last state)
     trained = {name: p for name, p in converted.named_parameters() if name in before}
     assert any(not torch.equal(trained[name], value) for name, value in before.items()), \
@@ -127,8 +133,6 @@ CHANGES = {
 @pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("levit", LEVITS)
 def test_operations_that_change_a_training_levit_leave_no_attention_cache_behind(levit, change):
-    build, as_input = LEVITS[levit]
-    torch.manual_seed(0)
-    model = randomize_norm_layers(build()).train()
+    model, as_input = random_levit(levit, training=True)
     changed = CHANGES[change](model, as_input(torch.randn(2, 3, 64, 64)))
     assert changed.training and attention_caches(changed) and not any(attention_caches(changed))
