@@ -32,7 +32,10 @@ given, the run makes :data:`AUTO_EPOCHS` passes over the training samples (at le
   already computed.
 - Both models run in eval mode: dropout is off, and the BatchNorm layers the conversion kept use (and keep) their
   running statistics. Only the trainable parameters (``trainable=``) change; every other parameter and buffer,
-  every training flag and ``requires_grad`` flag, and the student's device are as before afterwards.
+  every training flag and ``requires_grad`` flag, and the student's device are as before afterwards. What an eval
+  forward caches (LeViT's attention biases, from the weights as they were) is emptied by the student's own
+  ``train()`` before the run and put back so before each of the student's forwards and at the end
+  (:func:`normswap.model_state.caches`).
 - The original model is never changed: not its weights, not its flags, not its device (when it is not on the device
   the student runs on, a copy of it is moved there). A student that shares parameters with it is refused.
 - Failures restore the student exactly as it was. Ctrl-C stops the training: the student is then the best state
@@ -607,9 +610,9 @@ class _State:
     ``enter`` puts both models in eval mode on the run device and makes exactly the selected parameters trainable;
     ``exit`` puts back every flag, the student's device and the caches of both (:func:`normswap.model_state.caches`).
     ``initial`` holds the selected parameters' values as they were, ``best`` those of the best state measured. The
-    student's caches are emptied before each of its forwards (:meth:`student_output`): a cache an eval forward fills
-    (LeViT's attention biases) would otherwise keep an earlier step's weights, and the autograd graph of a step
-    that has already run backward."""
+    student's caches are put back before each of its forwards (:meth:`student_output`) to how they were after its
+    own ``train()`` in ``enter``: a cache an eval forward fills (LeViT's attention biases) would otherwise keep an
+    earlier step's weights, and the autograd graph of a step that has already run backward."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: Placement) -> None:
         self.student, self.teacher, self.selected, self.run = student, teacher, selected, run
