@@ -313,6 +313,17 @@ def test_a_made_example_is_the_same_every_time_and_draws_nothing_from_the_caller
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_made_example_has_mean_0_and_variance_1_and_no_pattern():
+    values = example_input(nn.Sequential(nn.Conv2d(3, 4, 3))).flatten().double()  # 2x3x256x256
+    assert abs(float(values.mean())) < 0.01 and abs(float(values.var()) - 1) < 0.01
+    assert -3 ** 0.5 <= float(values.min()) and float(values.max()) < 3 ** 0.5
+    assert len(values.unique()) > 60_000  # of 65,536 levels
+    # the four values made from one draw of the generator are independent of each other
+    words = values.reshape(-1, 4)
+    assert all(abs(float(torch.corrcoef(words[:, [0, lag]].T)[0, 1])) < 0.01 for lag in (1, 2, 3))
+    assert example_input(nn.Sequential(nn.Linear(6, 2)).half()).dtype == torch.float16
+
+
 def test_an_interrupt_inside_a_torch_layer_leaves_the_callers_function_modes_as_they_were(monkeypatch):
     from torch.overrides import BaseTorchFunctionMode
 
