@@ -79,7 +79,7 @@ from .layers import FoldedAct
 from .plan import Plan, plan as plan_conversion
 from .tables import text_table
 from .unwrap import unwrapped, unwrapped_to_change
-from .walk import find_modules, get_module, replace_module
+from .walk import every_name, find_modules, get_module, replace_module
 
 __all__ = ["FoldPair", "FoldPlan", "FoldedAct", "LeftLayer", "fold", "fold_weights", "plan_fold"]
 
@@ -132,7 +132,7 @@ def _provisional_biases(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
     they are (:func:`normswap.graph.runs_torch_forward`): a bias would only make their forward slower. Yields
     ``id(layer)`` -> that bias; the layers are put back afterwards."""
     given: dict[int, tuple[nn.Module, torch.Tensor]] = {}
-    for module in model.modules():  # (each module once)
+    for _, module in every_name(model):  # (a module under a second name has the bias it was given under the first)
         if _base_class(module) is None or module._parameters.get("bias", False) is not None \
                 or runs_torch_forward(module):
             continue
@@ -496,14 +496,14 @@ def _pair_reason(graph: Graph, cand: _Candidate, provisional: dict[int, torch.Te
     features = cand.layer.num_features
     if _output_channels(conv) != features:
         return f"{label} has {_output_channels(conv)} output channels, the layer has {features}"
-    rank = len(value.shape)
-    channel_dim = rank - 1 if base is nn.Linear else rank - _SPATIAL_RANK[base] - 1
-    if not _channels_in_place(value.shape, channel_dim, normalized.shape):
+    shape, normalized_shape = value.shape, normalized.shape
+    channel_dim = len(shape) - 1 if base is nn.Linear else len(shape) - _SPATIAL_RANK[base] - 1
+    if not _channels_in_place(shape, channel_dim, normalized_shape):
         if chain:
-            return f"the output of {label} is reshaped to {'x'.join(map(str, normalized.shape))}, which moves its " \
+            return f"the output of {label} is reshaped to {'x'.join(map(str, normalized_shape))}, which moves its " \
                    "channels out of the dimension BatchNorm normalizes"
         if base is nn.Linear:
-            return f"{label} outputs {rank}-D tensors, and BatchNorm normalizes their dim 1, not the features"
+            return f"{label} outputs {len(shape)}-D tensors, and BatchNorm normalizes their dim 1, not the features"
         return f"{label} runs on unbatched input"
     cand.conv_name, cand.conv = conv_call.name, conv
     return None
