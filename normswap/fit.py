@@ -59,7 +59,7 @@ from .deprecation import renamed_keywords
 from .errors import CalibrationError, PlanError
 from .history import record_step, required_step
 from .lockstep import Arrival, Lockstep, Revisited, count_calls, run_counting_calls
-from .model_state import caches
+from .model_state import caches, training_flags
 from .placement import Device, Placement, for_float64
 from .plan_rows import PlanRow
 from .progress import progress_bar
@@ -211,7 +211,7 @@ def fit_converted(
         raise CalibrationError("the calibration data is empty: fitting the affine weights needs at least one batch")
     fitted = [row for row in rows if row.affine == "fit"]
     initial = _affine_values(converted, fitted)
-    modes = {module: module.training for model in (converted, reference) for module in model.modules()}
+    flags = training_flags(converted, reference)
     kept = [caches(model) for model in (converted, reference)]  # (what their eval forwards fill, put back)
     homes = [(model, model_device(model)) for model in (converted, reference)]
     run = Placement.resolve(converted, device, False, error=CalibrationError)
@@ -224,8 +224,7 @@ def fit_converted(
         _set_affine_values(converted, initial)
         raise
     finally:
-        for module, training in modes.items():
-            module.training = training
+        flags.put_back()
         for model_caches in kept:
             model_caches.put_back()
         for model, home in homes:

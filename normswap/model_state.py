@@ -17,7 +17,8 @@ entries, the caches above), the values of its buffers, and the CPU and CUDA rand
 lists changed in place (copying them would cost more than the rest: LeViT keeps 175,000 attention indices in
 lists), containers nested inside those above, tensors other than buffers written in place, and state kept outside
 the model (a library's module-level caches). :func:`caches` keeps the dicts and sets alone, to put back before each
-forward of a model whose weights change in between.
+forward of a model whose weights change in between; :func:`training_flags` the training flags alone, for the
+operations that switch them.
 
 Example::
 
@@ -37,12 +38,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Containers", "caches", "restored"]
+__all__ = ["Containers", "TrainingFlags", "caches", "restored", "training_flags"]
 
 _CONTAINERS = (dict, set)
 """The container types whose contents are put back (exact types: a module's hook dicts, ``OrderedDict``, are not)."""
@@ -124,6 +125,35 @@ class Containers:
             if container or before is not None:
                 container.clear()
                 container.update(before or ())
+
+
+def training_flags(*models: nn.Module) -> "TrainingFlags":
+    """The training flag of every module of ``models``, for an operation that switches them (eval mode for its
+    forwards, ``train()`` to empty a cache) to put back afterwards.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    >>> flags = training_flags(model)
+    >>> model[1].eval()
+    Dropout(p=0.5, inplace=False)
+    >>> flags.put_back()
+    >>> model[1].training
+    True
+    """
+    return TrainingFlags([module for model in models for module in model.modules()])
+
+
+class TrainingFlags:
+    """The training flag of each of some modules now: :meth:`put_back` sets each back to it, directly (a module's own
+    ``train()``, which may empty a cache or reach its children, is not called)."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = list(modules)
+        self.flags = [module.training for module in self.modules]
+
+    def put_back(self) -> None:
+        for module, training in zip(self.modules, self.flags):
+            if module.training != training:
+                module.training = training
 
 
 def _version(tensor: torch.Tensor) -> Optional[int]:

@@ -101,7 +101,7 @@ from .progress import progress_bar
 from .deprecation import renamed_keywords, warn_deprecated
 from .errors import CalibrationError, RefineError
 from .history import record_step, required_step
-from .model_state import Containers, caches
+from .model_state import Containers, caches, training_flags
 from .targets import is_norm_layer
 from .unwrap import unwrapped
 from .walk import find_modules, model_device
@@ -616,8 +616,7 @@ class _State:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, selected: list[nn.Parameter], run: Placement) -> None:
         self.student, self.teacher, self.selected, self.run = student, teacher, selected, run
-        self.student_flags = [(m, m.training) for m in student.modules()]
-        self.teacher_flags = [(m, m.training) for m in teacher.modules()]
+        self.student_flags, self.teacher_flags = training_flags(student), training_flags(teacher)
         self.requires_grad = [(p, p.requires_grad) for p in student.parameters()]
         self.home = model_device(student)
         self.initial = [p.detach().clone() for p in selected]
@@ -638,7 +637,7 @@ class _State:
         teacher_devices = {t.device for t in (*self.teacher.parameters(), *self.teacher.buffers())}
         if teacher_devices and teacher_devices != {self.run.device}:
             self.teacher_on_device = copy.deepcopy(self.teacher).to(self.run.device)
-        for module, _ in self.teacher_flags:
+        for module in self.teacher_flags.modules:
             module.training = False
         self.teacher_on_device.eval()
         self.student_caches, self.teacher_caches = caches(self.student), caches(self.teacher)
@@ -665,10 +664,8 @@ class _State:
         for kept in (self.student_caches, self.teacher_caches):
             if kept is not None:
                 kept.put_back()
-        for module, training in self.student_flags:
-            module.training = training
-        for module, training in self.teacher_flags:
-            module.training = training
+        self.student_flags.put_back()
+        self.teacher_flags.put_back()
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
             p.grad = None

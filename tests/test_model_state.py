@@ -15,7 +15,7 @@ import normswap
 from normswap.compare import compare
 from normswap.data import call_model, main_output
 from normswap.fold import plan_fold
-from normswap.model_state import restored
+from normswap.model_state import restored, training_flags
 from tests.helpers import randomize_norm_layers
 
 
@@ -136,3 +136,14 @@ def test_operations_that_change_a_training_levit_leave_no_attention_cache_behind
     model, as_input = random_levit(levit, training=True)
     changed = CHANGES[change](model, as_input(torch.randn(2, 3, 64, 64)))
     assert changed.training and attention_caches(changed) and not any(attention_caches(changed))
+
+
+def test_training_flags_are_put_back_directly_not_through_a_modules_own_train():
+    model, as_input = random_levit("transformers LeViT", training=True)
+    flags = training_flags(model)
+    model.eval()
+    with torch.no_grad():
+        call_model(model, as_input(torch.randn(1, 3, 64, 64)))  # (fills the attention caches)
+    flags.put_back()
+    assert all(module.training for module in model.modules())
+    assert all(attention_caches(model))  # LeViT's own train(True) would have emptied them

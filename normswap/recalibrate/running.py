@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..data import call_model, model_failures
-from ..model_state import Containers
+from ..model_state import Containers, TrainingFlags
 from ..placement import Placement
 from ..walk import parameters_and_buffers
 from .statistics import Layer
@@ -30,7 +30,7 @@ class Snapshot:
 
     def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
         modules = self.modules = list(model.modules())
-        self.training = [(module, module.training) for module in modules]
+        self.training = TrainingFlags(modules)
         self.buffers = [(module, dict(module._buffers)) for module in modules]
         self.caches = Containers(modules, attributes=False)
         self.parameters: list[tuple[nn.Parameter, torch.Tensor]] = []  # filled by place(), where it moves them
@@ -42,9 +42,7 @@ class Snapshot:
 
     def restore(self) -> None:
         self.caches.put_back()
-        for module, training in self.training:
-            if module.training != training:
-                module.training = training
+        self.training.put_back()
         for module, buffers in self.buffers:
             module._buffers.update(buffers)
         for parameter, data in self.parameters:
