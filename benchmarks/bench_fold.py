@@ -273,12 +273,12 @@ def planning_ratio(name: str) -> tuple[float, float]:
 
 
 def settle_the_allocator() -> None:
-    """Free one 31 MB block first, as a process that has loaded a checkpoint has: glibc's malloc sets its thresholds
-    from the largest block freed so far (up to 32 MB), and until one is freed it hands memory back to the system
-    whenever 128 KB-4 MB lie free at the top of its heap. A process that builds its model at random has freed no
-    large block, and then every forward and every plan gives back and faults in again the pages of its activations
-    (thousands of page faults a round, 5-15% of LeViT's forward); which processes do depends on what happened to be
-    freed while the model was built. Both the forward and the plan run in the settled state."""
+    """Free one 31 MB block first, as a process that has loaded a checkpoint has. glibc's malloc sets its thresholds
+    from the largest block freed so far (up to 32 MB) and hands memory back to the system whenever more than twice
+    that lies free at the top of its heap. A process that builds its model at random may have freed no large block;
+    then every forward and every plan gives back the pages of its activations and faults them in again (thousands of
+    page faults a round: LeViT's planning figure 1.54-1.57 where it is 1.44-1.49 otherwise), and which processes do
+    depends on what happened to be freed while the model was built. The forwards and the plans both run settled."""
     torch.empty(31 * 2**20 // 4).fill_(0)
 
 

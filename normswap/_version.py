@@ -6,4 +6,4 @@ package root (``pyproject.toml`` reads it from here too).
 2
 """
 
-__version__ = "0.6.2"
+__version__ = "0.6.3"
