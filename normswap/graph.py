@@ -1022,6 +1022,7 @@ _FUNCTION_NAMES: dict[Any, str] = {}
 """The name of every torch function and method a recorded forward called, kept for the next capture
 (``torch.overrides.resolve_name`` takes 3-70 µs a function): one entry per function, a few hundred in practice."""
 
+
 def _flat_tensors(args: tuple, kwargs: Optional[dict] = None) -> list[torch.Tensor]:
     """The tensors among a call's arguments, as :func:`normswap.data.output_tensors` finds them, without its walk
     where the arguments are tensors, scalars, or tuples and lists of those (an index, a shape, the tensors ``cat``
@@ -1047,4 +1048,3 @@ def _bool_index(args: tuple) -> bool:
     index = args[1] if len(args) > 1 else None
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
-

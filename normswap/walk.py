@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["FoundModule", "every_name", "find_modules", "get_module", "model_device", "parameters_and_buffers", "replace_module"]
+__all__ = ["FoundModule", "every_name", "find_modules", "get_module", "model_device", "parameters_and_buffers",
+           "replace_module"]
 
 
 @dataclass
